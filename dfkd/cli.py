@@ -1,0 +1,155 @@
+"""Command line: ``dfkd teacher | distill | eval | list``.
+
+Config overrides follow the config name, either as ``key.path=value`` or ``--key.path value``::
+
+    dfkd teacher --config teacher/lenet5-fmnist train.epochs=4 --optim.lr 0.05
+
+Errors caused by input (config, checkpoint, dataset, name) print one line and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DfkdError
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """Turn leftover arguments into ``key=value`` overrides (``--a.b v`` and ``--a.b=v`` too)."""
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(extra):
+                out.append(f"{key}={extra[i + 1]}")
+                i += 1
+            else:
+                raise DfkdError(f"option '{arg}' needs a value")
+        elif "=" in arg:
+            out.append(arg)
+        else:
+            raise DfkdError(f"unexpected argument '{arg}' (overrides look like key.path=value)")
+        i += 1
+    return out
+
+
+def _player_shortcuts(overrides: list[str], player: str) -> list[str]:
+    """``optim.lr=...`` / ``sched.*`` / ``net.*`` without a player prefix address the trained model."""
+    return [f"players.{player}.{o}" if o.split(".")[0] in ("optim", "sched", "net") else o for o in overrides]
+
+
+def _run(args, extra: list[str], task: str) -> int:
+    from .config import load_config
+    from .engine import Engine
+
+    player = "model" if task == "teacher" else "student"
+    overrides = _player_shortcuts(_overrides(extra), player)
+    if getattr(args, "teacher", None):
+        overrides.append(f"teacher.checkpoint={args.teacher}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.out:
+        overrides.append(f"output.root={args.out}")
+    config = load_config(args.config, overrides)
+    if config.task != task:
+        raise DfkdError(f"config '{args.config}' is a {config.task} config; run it with `dfkd {config.task}`")
+    engine = Engine(config, resume=args.resume)
+    print(f"run folder: {engine.run_dir}", file=sys.stderr)
+    summary = engine.fit()
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval(args, extra: list[str]) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .data import TensorLoader, load_dataset
+    from .engine import resolve_device
+
+    device = resolve_device(args.device)
+    model, meta = load_model(args.checkpoint, device)
+    dataset = load_dataset(args.data or meta["dataset"], args.split, args.root)
+    if dataset.info.num_classes != meta["arch"]["num_classes"]:
+        raise DfkdError(f"{args.checkpoint} predicts {meta['arch']['num_classes']} classes; "
+                        f"'{dataset.info.name}' has {dataset.info.num_classes}")
+    correct = n = 0
+    with torch.no_grad():
+        for images, labels in TensorLoader(dataset, args.batch_size, device=device):
+            correct += int((model(images).argmax(1) == labels).sum())
+            n += labels.numel()
+    result = {"checkpoint": args.checkpoint, "dataset": dataset.info.name, "split": args.split,
+              "acc": round(100.0 * correct / n, 2), "n": n, "recorded_acc": meta.get("accuracy"),
+              "sha256": meta.get("sha256")}
+    print(json.dumps(result))
+    return 0
+
+
+def _list(args, extra: list[str]) -> int:
+    from . import config, data, losses, models
+
+    tables = {"configs": config.named_configs, "models": models.list_models, "datasets": data.DATASETS.names,
+              "losses": losses.LOSSES.names}
+    try:
+        import generators
+
+        tables["generators"] = generators.GENERATORS.names
+    except ImportError:
+        pass
+    for what in [args.what] if args.what else tables:
+        print(f"{what}: {', '.join(tables[what]())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfkd", description="Data-free and adversarial knowledge distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def training(name: str, help: str, default: str):
+        p = sub.add_parser(name, help=help, description=help + " Extra arguments are config overrides.")
+        p.add_argument("--config", default=default, help=f"shipped config name or YAML path (default: {default})")
+        p.add_argument("--resume", metavar="CKPT", help="continue a run from its ckpt/last.pt")
+        p.add_argument("--seed", type=int, help="shortcut for seed=N")
+        p.add_argument("--out", help="output root (shortcut for output.root=DIR)")
+        return p
+
+    training("teacher", "Train a teacher on a real dataset.", "teacher/lenet5-digits")
+    p = training("distill", "Distil a teacher into a student.", "datafree/dfad-digits")
+    p.add_argument("--teacher", metavar="CKPT", help="teacher model file (shortcut for teacher.checkpoint=...)")
+
+    p = sub.add_parser("eval", help="Evaluate a model file on a dataset split.")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset name (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--root", help="dataset root folder")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("list", help="List shipped configs, models, datasets, loss terms, generators.")
+    p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "generators"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    handlers = {"teacher": lambda: _run(args, extra, "teacher"), "distill": lambda: _run(args, extra, "distill"),
+                "eval": lambda: _eval(args, extra), "list": lambda: _list(args, extra)}
+    if extra and args.command in ("eval", "list"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return handlers[args.command]()
+    except DfkdError as exc:
+        print(f"dfkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfkd: interrupted; the last checkpoint is in the run folder's ckpt/", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

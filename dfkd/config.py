@@ -1,0 +1,386 @@
+"""Experiment configs: YAML files with ``_base_`` inheritance, dotted command-line overrides,
+and validation into typed dataclasses.
+
+Every key is traced back to the file (or the command line) that set it, so a validation
+error names both the key and where it came from::
+
+    dfkd: error: teacher/lenet5-fmnist.yaml: unknown key 'optim.lrr' (did you mean 'lr'?)
+
+Named configs ship inside the package (``dfkd/configs/<group>/<name>.yaml``) so that
+``--config teacher/lenet5-fmnist`` works after a pip install.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+from .registry import nearest
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+COMMAND_LINE = "command line"
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: Optional[str] = None          # where the dataset's files are; None: the dataset's default places
+    download: bool = False              # let torchvision download a missing dataset (needs internet)
+    batch_size: int = 128               # batch of real data (teacher training, real-data KD)
+    eval_batch_size: int = 1000
+    augment: bool = True                # the dataset's standard train augmentation, if it has one
+    eval: bool = True                   # evaluate on the test split; False: the run reads no real data at all
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Optional[float] = None   # max global gradient norm, None: no clipping
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["constant", "cosine", "multistep"] = "cosine"
+    warmup_steps: int = 0               # linear warm-up, in optimizer steps of this player
+    milestones: list[float] = field(default_factory=list)  # multistep: fractions of the run, e.g. [0.5, 0.75]
+    gamma: float = 0.1
+    min_lr: float = 0.0                 # cosine floor
+
+
+@dataclass
+class NetConfig:
+    """A network: a registered architecture, or a checkpoint that records its own architecture."""
+
+    name: Optional[str] = None
+    checkpoint: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlayerConfig:
+    """A trained participant of the loop: its network, optimizer and schedule."""
+
+    kind: Literal["model", "generator", "discriminator"] = "model"
+    net: NetConfig = field(default_factory=NetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+
+@dataclass
+class PhaseConfig:
+    """One step type of an iteration: which player is updated, on which batch, with which losses.
+
+    ``batch``: ``real`` (the training split; never used by data-free methods), ``fresh`` (a new
+    synthetic batch each step), ``same`` (the synthetic batch of the phase before, detached) or
+    ``pool`` (replay of the synthetic image pool).
+    ``losses``: term name → weight, or term name → {weight: w, <term parameters>}.
+    """
+
+    player: str = "student"
+    steps: int = 1
+    batch: Literal["real", "fresh", "same", "pool"] = "real"
+    losses: dict[str, Any] = field(default_factory=dict)
+    name: Optional[str] = None          # defaults to the player's name; used in log tags
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    iters_per_epoch: Optional[int] = None   # None: one pass over the real training split
+    eval_every: int = 1                     # epochs
+    log_every: int = 50                     # iterations
+    eval_player: Optional[str] = None       # None: "student" if present, else the first model player
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, off on CPU
+    channels_last: Union[bool, Literal["auto"]] = "auto"   # auto: on for CUDA
+    num_threads: Optional[int] = None       # torch intra-op threads on CPU; None: torch's default
+    progress: Union[bool, Literal["auto"]] = "auto"        # auto: a bar only on an interactive terminal
+    deterministic: bool = False
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"
+    save_every: int = 1                     # epochs between full-state checkpoints
+    tensorboard: bool = True
+    image_every: int = 1                    # epochs between synthetic sample grids
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    task: Literal["teacher", "distill"] = "teacher"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: Optional[NetConfig] = None
+    players: dict[str, PlayerConfig] = field(default_factory=dict)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Loading: files, _base_, overrides
+# --------------------------------------------------------------------------------------
+def named_configs() -> list[str]:
+    """Names of the configs shipped with the package, e.g. ``teacher/lenet5-fmnist``."""
+    return sorted(
+        p.relative_to(CONFIG_DIR).with_suffix("").as_posix()
+        for p in CONFIG_DIR.rglob("*.yaml")
+        if not p.name.startswith("_") and not any(part.startswith("_") for part in p.relative_to(CONFIG_DIR).parts)
+    )
+
+
+def resolve_config_path(name: str, relative_to: Path | None = None) -> Path:
+    """A config file path from a path or a shipped name (with or without ``.yaml``)."""
+    candidates = []
+    if relative_to is not None:
+        candidates.append(relative_to / name)
+    candidates += [Path(name), CONFIG_DIR / name]
+    for base in list(candidates):
+        candidates.append(base.with_name(base.name + ".yaml"))
+    for path in candidates:
+        if path.is_file():
+            return path
+    close = nearest(name, named_configs())
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped configs: {', '.join(named_configs())}"
+    raise ConfigError(f"config '{name}' not found (neither a file nor a shipped config){hint}")
+
+
+def _display(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(CONFIG_DIR.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{_display(path)}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_display(path)}: a config must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key → leaf value; list items are addressed by index (``phases.0.steps``)."""
+    out: dict[str, Any] = {}
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
+    if items is None or not data:
+        return {prefix: data} if prefix else {}
+    for key, value in items:
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """Deep merge; the child wins. Lists are replaced, not merged (a phase list is a unit)."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not value.pop("_replace_", False):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_file(path: Path, origin: dict[str, str], chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{_display(path)}: _base_ cycle: {' -> '.join(_display(p) for p in (*chain, path))}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict = {}
+    for base in bases:
+        merged = _merge(merged, _load_file(resolve_config_path(base, path.parent), origin, (*chain, path)))
+    for key in _flatten(data):
+        origin[key] = _display(path)
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=0.05`` → (["optim", "lr"], 0.05); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # a plain string that YAML can't read, e.g. "a: b"
+    return key.strip().split("."), value
+
+
+def _set_dotted(data: dict, keys: list[str], value: Any, text: str) -> None:
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override '{text}': '{'.'.join(keys[:i])}' has {len(node)} items, no index {key}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{text}': '{'.'.join(keys[:i])}' is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def load_config_dict(name: str, overrides: list[str] = ()) -> tuple[dict, dict[str, str]]:
+    """The merged raw config and the origin (file or command line) of every dotted key."""
+    origin: dict[str, str] = {}
+    data = _load_file(resolve_config_path(name), origin)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(data, keys, value, text)
+        for key in _flatten(value, ".".join(keys)) or {".".join(keys): None}:
+            origin[key] = COMMAND_LINE
+    return data, origin
+
+
+def load_config(name: str, overrides: list[str] = ()) -> Config:
+    data, origin = load_config_dict(name, overrides)
+    return config_from_dict(data, origin, default_origin=_display(resolve_config_path(name)))
+
+
+# --------------------------------------------------------------------------------------
+# Validation into dataclasses
+# --------------------------------------------------------------------------------------
+class _Validator:
+    def __init__(self, origin: dict[str, str], default_origin: str):
+        self.origin = origin
+        self.default_origin = default_origin
+
+    def where(self, key: str) -> str:
+        # the origin of the key itself, else of the first key below it (a whole section set in one file)
+        if key in self.origin:
+            return self.origin[key]
+        for k, v in self.origin.items():
+            if k.startswith(key + "."):
+                return v
+        return self.default_origin
+
+    def fail(self, key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.where(key)}: {message}")
+
+    def build(self, tp: Any, value: Any, key: str) -> Any:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if tp is Any:
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.build_dataclass(tp, value, key)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            errors = []
+            for arg in (a for a in args if a is not type(None)):
+                try:
+                    return self.build(arg, value, key)
+                except ConfigError as exc:
+                    errors.append(exc)
+            raise errors[0]
+        if origin is Literal:
+            if value not in args:
+                self.fail(key, f"'{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+            return value
+        if origin is list:
+            if not isinstance(value, list):
+                self.fail(key, f"'{key}' must be a list, got {type(value).__name__} {value!r}")
+            return [self.build(args[0], v, f"{key}.{i}") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                self.fail(key, f"'{key}' must be a mapping, got {type(value).__name__} {value!r}")
+            return {str(k): self.build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if tp in (int, float, str, bool):
+            if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+                return value
+            self.fail(key, f"'{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        raise TypeError(f"unsupported config type {tp} at {key}")
+
+    def build_dataclass(self, cls: type, value: Any, key: str) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail(key, f"'{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in value:
+            if k not in names:
+                full = f"{key}.{k}" if key else str(k)
+                close = nearest(str(k), names)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(names)})"
+                self.fail(full, f"unknown key '{full}'{hint}")
+        kwargs = {k: self.build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        return cls(**kwargs)
+
+
+def config_from_dict(data: dict, origin: dict[str, str] | None = None, default_origin: str = "config") -> Config:
+    validator = _Validator(origin or {}, default_origin)
+    config = validator.build_dataclass(Config, data, "")
+    check_config(config, validator)
+    return config
+
+
+def check_config(config: Config, validator: _Validator | None = None) -> None:
+    """Cross-field checks that types alone can't express."""
+    v = validator or _Validator({}, "config")
+    for i, phase in enumerate(config.phases):
+        if phase.player not in config.players:
+            v.fail(f"phases.{i}.player", f"phases.{i}.player '{phase.player}' is not a player "
+                                         f"(players: {', '.join(config.players) or 'none'})")
+        if phase.steps < 1:
+            v.fail(f"phases.{i}.steps", f"phases.{i}.steps must be >= 1, got {phase.steps}")
+        if not phase.losses:
+            v.fail(f"phases.{i}.losses", f"phases.{i} has no loss terms")
+    for name, player in config.players.items():
+        if player.net.name is None and player.net.checkpoint is None:
+            v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
+    if config.train.epochs < 1:
+        v.fail("train.epochs", f"train.epochs must be >= 1, got {config.train.epochs}")
+    if config.task == "distill" and config.teacher is None:
+        v.fail("teacher", "a distill config needs a 'teacher' (name and checkpoint)")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,334 @@
+"""Model zoo: the teachers and students of the data-free KD literature.
+
+Every model returns logits ``(N, num_classes)`` and contains BatchNorm, because
+data-free methods match the teacher's BN running statistics. Models take no
+"return features" flags: their submodules have meaningful paths (``conv1``,
+``layer3``, ``layer3.1.bn2``, ``fc``) and features are read with the hooks in
+:mod:`dfkd.taps`. No ReLU is in-place, so a hooked BN output is not overwritten
+by the activation that follows it.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from collections import OrderedDict
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from .errors import ConfigError, ShapeError, UnknownNameError
+from .registry import Registry, unknown_name_message
+
+MODELS = Registry("model")
+
+TORCHVISION_PREFIX = "tv:"
+WRN_PATTERN = re.compile(r"wrn[_-]?(\d+)[_-](\d+)")  # wrn16_2, wrn_16_2, wrn-16-2
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convolutions and identity BatchNorm, as in the ResNet papers."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    # No bias: every convolution here feeds a BatchNorm, whose shift makes a bias redundant.
+    return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+
+class LeNet5(nn.Sequential):
+    """LeNet-5 with BatchNorm after each convolution (the MNIST teacher of DAFL, DFAD ...).
+
+    Paths: ``conv1 bn1 relu1 pool1 conv2 bn2 relu2 pool2 conv3 bn3 relu3 fc1 relu4 fc2``;
+    ``relu3`` is the 120-d penultimate feature map, ``relu4`` the 84-d hidden layer.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
+                 channels: tuple[int, int, int, int] = (6, 16, 120, 84)):
+        if not 28 <= image_size <= 32:
+            raise ShapeError(f"LeNet-5 takes 28..32 pixel images (conv3 needs a 5x5 map), got image_size={image_size}")
+        c1, c2, c3, hidden = channels
+        # Padding ceil((32 - size) / 2) brings every size in 28..32 to the 5x5 map conv3 expects
+        # (28 -> 2, the classic MNIST LeNet); floor would leave odd sizes one pixel short.
+        padding = (33 - image_size) // 2
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(in_channels, c1, 5, padding=padding, bias=False), bn1=nn.BatchNorm2d(c1),
+            relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(c1, c2, 5, bias=False), bn2=nn.BatchNorm2d(c2), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+            conv3=nn.Conv2d(c2, c3, 5, bias=False), bn3=nn.BatchNorm2d(c3), relu3=nn.ReLU(),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(c3, hidden), relu4=nn.ReLU(), fc2=nn.Linear(hidden, num_classes),
+        ))
+        init_weights(self)
+
+
+class _StagedNet(nn.Module):
+    """Stem, then stages registered as ``layer1`` .. ``layerK`` so paths read like ``layer2.0.conv1``."""
+
+    def _add_stages(self, stages: list[nn.Module]) -> None:
+        self.num_stages = len(stages)
+        for index, stage in enumerate(stages, start=1):
+            self.add_module(f"layer{index}", stage)
+
+    def _run_stages(self, x: torch.Tensor) -> torch.Tensor:
+        for index in range(1, self.num_stages + 1):
+            x = self.get_submodule(f"layer{index}")(x)
+        return x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a residual; a 1x1 conv + BN projects the shortcut when the shape changes (option B)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        projected = stride != 1 or in_planes != planes
+        self.shortcut = nn.Sequential(conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes)) if projected else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(_StagedNet):
+    """CIFAR ResNet: 3x3 stride-1 stem without max-pool, BasicBlock stages (the first keeps the
+    resolution, the others halve it), global average pool and ``fc``. Works for any input >= 8 pixels.
+    """
+
+    def __init__(self, blocks_per_stage: list[int], widths: list[int], in_channels: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        stages, in_planes = [], widths[0]
+        for index, (blocks, planes) in enumerate(zip(blocks_per_stage, widths)):
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride),
+                                        *(BasicBlock(planes, planes) for _ in range(blocks - 1))))
+            in_planes = planes
+        self._add_stages(stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._run_stages(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class PreActBlock(nn.Module):
+    """Wide-ResNet block: (BN, ReLU, conv) twice, optional dropout between the convolutions."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(planes, planes)
+        self.shortcut = conv1x1(in_planes, planes, stride) if stride != 1 or in_planes != planes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = F.relu(self.bn1(x))
+        # As in the reference WRN, a projection shortcut reads the pre-activated input.
+        skip = x if self.shortcut is None else self.shortcut(activated)
+        out = self.conv1(activated)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        return out + skip
+
+
+class WideResNet(_StagedNet):
+    """WRN-depth-width (Zagoruyko & Komodakis): three pre-activation stages of width 16k, 32k, 64k,
+    then ``bn``, ReLU, global average pool and ``fc``.
+    """
+
+    def __init__(self, depth: int, width: int, in_channels: int = 3, num_classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
+            raise ConfigError(f"wrn{depth}_{width}: depth must be 6n+4 with n >= 1 (16, 22, 28, 40 ...) "
+                              f"and width >= 1")
+        blocks = (depth - 4) // 6
+        self.conv1 = conv3x3(in_channels, 16)
+        stages, in_planes = [], 16
+        for index, planes in enumerate((16 * width, 32 * width, 64 * width)):
+            stride = 1 if index == 0 else 2
+            stages.append(nn.Sequential(PreActBlock(in_planes, planes, stride, dropout),
+                                        *(PreActBlock(planes, planes, 1, dropout) for _ in range(blocks - 1))))
+            in_planes = planes
+        self._add_stages(stages)
+        self.bn = nn.BatchNorm2d(in_planes)  # pre-activation blocks end un-normalised
+        self.relu = nn.ReLU()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self._run_stages(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _make_divisible(channels: float, divisor: int = 8) -> int:
+    """Round to a multiple of ``divisor`` without losing more than 10% (the MobileNet rule)."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection; residual when shapes match."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = in_planes * expansion
+        self.expand = (nn.Sequential(conv1x1(in_planes, hidden), nn.BatchNorm2d(hidden), nn.ReLU6())
+                       if expansion != 1 else nn.Identity())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.ReLU6())
+        self.project = nn.Sequential(conv1x1(hidden, planes), nn.BatchNorm2d(planes))
+        self.residual = stride == 1 and in_planes == planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class MobileNetV2(_StagedNet):
+    """CIFAR MobileNetV2: one stage ``layerI`` per row of the paper's (t, c, n, s) table."""
+
+    # The paper's table with the second stage's stride set to 1; with the stride-1 stem a 32x32 input
+    # reaches the head at 4x4 instead of the 1x1 the ImageNet strides would leave.
+    STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width_mult: float = 1.0):
+        super().__init__()
+        in_planes = _make_divisible(32 * width_mult)
+        self.conv1 = conv3x3(in_channels, in_planes)
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU6()
+        stages = []
+        for expansion, channels, blocks, stride in self.STAGES:
+            planes = _make_divisible(channels * width_mult)
+            stages.append(nn.Sequential(*(InvertedResidual(in_planes if i == 0 else planes, planes,
+                                                           stride if i == 0 else 1, expansion)
+                                          for i in range(blocks))))
+            in_planes = planes
+        self._add_stages(stages)
+        head = _make_divisible(1280 * max(1.0, width_mult))  # the head is never thinned
+        self.conv2 = conv1x1(in_planes, head)
+        self.bn2 = nn.BatchNorm2d(head)
+        self.relu2 = nn.ReLU6()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(head, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._run_stages(self.relu1(self.bn1(self.conv1(x))))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# Factories share the signature (in_channels, num_classes, image_size, **options) so that
+# create_model can check options before building; models that adapt to any size ignore image_size.
+
+@MODELS.register("lenet5")
+def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size)
+
+
+@MODELS.register("lenet5_half", "lenet5-half")
+def lenet5_half(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size, channels=(3, 8, 60, 42))
+
+
+def _register_resnet(name: str, blocks_per_stage: list[int], widths: list[int]) -> None:
+    def factory(in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+        return ResNet(blocks_per_stage, widths, in_channels, num_classes)
+
+    MODELS.register(name)(factory)
+
+
+for _depth in (8, 20, 32, 56):
+    _register_resnet(f"resnet{_depth}", [(_depth - 2) // 6] * 3, [16, 32, 64])
+_register_resnet("resnet18", [2, 2, 2, 2], [64, 128, 256, 512])
+_register_resnet("resnet34", [3, 4, 6, 3], [64, 128, 256, 512])
+
+
+@MODELS.register("mobilenetv2")
+def mobilenetv2(in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
+                width_mult: float = 1.0) -> nn.Module:
+    return MobileNetV2(in_channels, num_classes, width_mult)
+
+
+def _wide_resnet(depth: int, width: int, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
+                 dropout: float = 0.0) -> nn.Module:
+    return WideResNet(depth, width, in_channels, num_classes, dropout)
+
+
+def _torchvision_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
+                       **options) -> nn.Module:
+    """A torchvision classifier built without weights unless ``weights=`` is given; if ``in_channels``
+    differs from the model's, its first convolution is replaced by a freshly initialised one
+    (pretrained first-layer weights cannot carry over to another channel count).
+    """
+    available = torchvision.models.list_models(module=torchvision.models)  # classifiers only
+    if name not in available:
+        raise UnknownNameError(unknown_name_message("torchvision model", name, available))
+    options.setdefault("weights", None)
+    model = torchvision.models.get_model(name, num_classes=num_classes, **options)
+    # Every torchvision classifier starts with a Conv2d (a stem or a ViT/Swin patch embedding).
+    path, first = next((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if first.in_channels != in_channels:
+        replacement = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding,
+                                first.dilation, first.groups, first.bias is not None, first.padding_mode)
+        init_weights(replacement)
+        parent, _, attribute = path.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, replacement)
+    return model
+
+
+def list_models() -> list[str]:
+    """Registered names plus the two parsed families."""
+    return MODELS.names() + ["wrn<depth>_<width>", f"{TORCHVISION_PREFIX}<torchvision name>"]
+
+
+def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
+                 **kwargs) -> nn.Module:
+    """Build a model by name: a registered name, ``wrn<depth>_<width>`` or ``tv:<torchvision name>``.
+
+    ``kwargs`` are model options (``width_mult``, ``dropout``, ``weights`` ...); an option the
+    model does not take is a ConfigError.
+    """
+    if name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_model(name[len(TORCHVISION_PREFIX):], in_channels, num_classes, image_size, **kwargs)
+    wrn = WRN_PATTERN.fullmatch(name)
+    if wrn:
+        factory = partial(_wide_resnet, int(wrn[1]), int(wrn[2]))
+    elif name in MODELS:
+        factory = MODELS.get(name)
+    else:
+        raise UnknownNameError(unknown_name_message("model", name, list_models()))
+    arguments = dict(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+    try:
+        inspect.signature(factory).bind(**arguments)
+    except TypeError as error:
+        raise ConfigError(f"model '{name}': {error}") from None
+    return factory(**arguments)

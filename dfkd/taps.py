@@ -1,0 +1,116 @@
+"""Forward hooks addressed by module path, so methods read features without editing models.
+
+Paths are those of ``model.named_modules()``: ``"layer3"``, ``"layer3.1.bn2"``, ``"fc"``.
+Recorded tensors keep their autograd graph, so losses computed from them backpropagate.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError
+from .registry import nearest
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``; an unknown path is a ConfigError naming the nearest valid paths."""
+    modules = {name: module for name, module in model.named_modules() if name}
+    if path in modules:
+        return modules[path]
+    close = nearest(path, modules) or [name for name, _ in model.named_children()]
+    raise ConfigError(f"no module '{path}' in {type(model).__name__}; nearest: {', '.join(close)}")
+
+
+class _Hooks:
+    """Owns hook handles; ``remove()`` or leaving a ``with`` block detaches them."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+class FeatureTap(_Hooks):
+    """Records the outputs of the modules at ``paths`` in ``features[path]``, replaced on every forward.
+
+    >>> with FeatureTap(model, ["layer2", "layer3"]) as tap:
+    ...     logits = model(x)
+    ...     f3 = tap.features["layer3"]
+    """
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        super().__init__()
+        # Resolve every path before hooking any, so a typo leaves the model untouched.
+        modules = {path: resolve_module(model, path) for path in paths}
+        self.paths = list(modules)
+        self.features: dict[str, torch.Tensor] = {}
+        for path, module in modules.items():
+            self._handles.append(module.register_forward_hook(self._recorder(path)))
+
+    def _recorder(self, path: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.features[path] = output
+        return hook
+
+    def clear(self) -> None:
+        self.features.clear()
+
+
+class BNStats(NamedTuple):
+    name: str
+    mean: torch.Tensor  # per-channel batch mean of the layer's input (with graph)
+    var: torch.Tensor  # per-channel biased batch variance of the layer's input (with graph)
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+
+class BNStatsTap(_Hooks):
+    """Per-channel batch statistics of the input of every BatchNorm layer that tracks running stats,
+    next to those running stats: what DeepInversion-style BN-statistics losses compare.
+
+    ``stats`` lists the layers in module order, each as of its latest forward. Set ``enabled = False``
+    to skip the computation in forwards that do not need it (the previous stats then stay).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        # Only layers with running statistics have something to match the batch against.
+        bn_layers = [(name, module) for name, module in model.named_modules()
+                     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_mean is not None]
+        if not bn_layers:
+            raise ConfigError(f"model {type(model).__name__} has no BatchNorm layers; "
+                              "the BN-statistics loss needs a teacher with BatchNorm")
+        self.layers = [name for name, _ in bn_layers]
+        self.enabled = True
+        # Indexed by layer rather than appended, so the order is module order whatever the execution order.
+        self._stats: list[BNStats | None] = [None] * len(bn_layers)
+        for index, (name, module) in enumerate(bn_layers):
+            self._handles.append(module.register_forward_pre_hook(self._recorder(index, name)))
+
+    def _recorder(self, index: int, name: str):
+        def hook(module: nn.BatchNorm1d | nn.BatchNorm2d, inputs: tuple) -> None:
+            if not self.enabled:
+                return
+            x = inputs[0]
+            dims = [d for d in range(x.dim()) if d != 1]  # all but channels: (N,), (N, L) or (N, H, W)
+            var, mean = torch.var_mean(x, dims, correction=0)
+            self._stats[index] = BNStats(name, mean, var, module.running_mean, module.running_var)
+        return hook
+
+    @property
+    def stats(self) -> list[BNStats]:
+        return [s for s in self._stats if s is not None]
+
+    def clear(self) -> None:
+        self._stats = [None] * len(self.layers)

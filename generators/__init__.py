@@ -1,0 +1,99 @@
+"""Image generators for data-free distillation.
+
+A generator maps latents ``z`` of shape ``(N, nz)`` (and, if conditional, labels ``y``) to images
+``(N, C, H, W)`` in the teacher's *normalised* input space: each ends in an affine-free BatchNorm
+(DAFL's design), so in training mode its output has zero mean and unit variance per channel, as
+normalised real data would.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dfkd.errors import ShapeError
+from dfkd.registry import Registry
+
+__all__ = ["GENERATORS", "create_generator", "DCGANGenerator", "DeepDCGANGenerator", "ConditionalGenerator"]
+
+GENERATORS = Registry("generator")
+
+
+@GENERATORS.register("dcgan")
+class DCGANGenerator(nn.Module):
+    """The DAFL / DFAD generator: a linear layer to ``2*ngf`` maps at 1/4 of the image size, then two
+    (upsample x2, conv3x3, BN, LeakyReLU) blocks with ``2*ngf`` and ``ngf`` channels, then conv3x3 to
+    ``C`` channels, tanh, and BatchNorm2d(C, affine=False).
+
+    ``forward(z, y=None)`` ignores ``y``, so a training loop can call every generator the same way.
+    """
+
+    conditional = False
+    width_multipliers: tuple[int, ...] = (2, 1)  # of ngf; one upsampling block per entry
+
+    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64):
+        super().__init__()
+        if len(img_shape) != 3:
+            raise ShapeError(f"{type(self).__name__}: img_shape must be (C, H, W), got {tuple(img_shape)}")
+        channels, height, width = img_shape
+        factor = 2 ** len(self.width_multipliers)
+        if height % factor or width % factor:
+            raise ShapeError(f"{type(self).__name__} needs image height and width divisible by {factor}, "
+                             f"got img_shape {tuple(img_shape)}")
+        self.nz, self.img_shape, self.num_classes = nz, tuple(img_shape), num_classes
+        widths = [m * ngf for m in self.width_multipliers]
+        self.init_shape = (widths[0], height // factor, width // factor)
+        self.project = nn.Linear(nz, widths[0] * (height // factor) * (width // factor))
+        blocks: list[nn.Module] = [nn.BatchNorm2d(widths[0])]
+        in_planes = widths[0]
+        for planes in widths:
+            blocks += [nn.Upsample(scale_factor=2), nn.Conv2d(in_planes, planes, 3, padding=1),
+                       nn.BatchNorm2d(planes), nn.LeakyReLU(0.2)]
+            in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.Tanh(),
+                                      nn.BatchNorm2d(channels, affine=False))
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        if z.dim() != 2 or z.shape[1] != self.nz:
+            raise ShapeError(f"{type(self).__name__} expects z of shape (N, {self.nz}), got {tuple(z.shape)}")
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_latent(z)
+        return self._decode(z)
+
+
+@GENERATORS.register("dcgan_deep")
+class DeepDCGANGenerator(DCGANGenerator):
+    """One stage deeper than ``dcgan`` for 32x32 and larger images: starts at 1/8 of the image size
+    with three upsampling blocks of ``4*ngf``, ``2*ngf`` and ``ngf`` channels.
+    """
+
+    width_multipliers = (4, 2, 1)
+
+
+@GENERATORS.register("conditional")
+class ConditionalGenerator(DCGANGenerator):
+    """GDFQ-style conditional generator: ``z`` is multiplied elementwise by a learned embedding of
+    the label ``y`` before the ``dcgan`` body, so each class gets its own region of latent space.
+    """
+
+    conditional = True
+
+    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64):
+        super().__init__(nz, img_shape, num_classes, ngf)
+        self.embedding = nn.Embedding(num_classes, nz)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            raise ValueError("ConditionalGenerator needs class labels: call generator(z, y) with y of shape (N,)")
+        self._check_latent(z)
+        return self._decode(z * self.embedding(y))
+
+
+def create_generator(name: str, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10,
+                     **kwargs) -> nn.Module:
+    """Build a registered generator; ``kwargs`` are its options (``ngf``)."""
+    return GENERATORS.get(name)(nz=nz, img_shape=tuple(img_shape), num_classes=num_classes, **kwargs)

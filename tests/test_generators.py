@@ -1,0 +1,77 @@
+import re
+
+import pytest
+import torch
+
+from dfkd.errors import ShapeError, UnknownNameError
+from generators import GENERATORS, ConditionalGenerator, DCGANGenerator, DeepDCGANGenerator, create_generator
+
+SHAPES = [(1, 28, 28), (1, 32, 32), (3, 32, 32)]
+
+
+@pytest.mark.parametrize("img_shape", SHAPES)
+@pytest.mark.parametrize("name", ["dcgan", "conditional"])
+def test_output_shape(name, img_shape):
+    generator = create_generator(name, nz=16, img_shape=img_shape, num_classes=10, ngf=8)
+    z, y = torch.randn(4, 16), torch.randint(0, 10, (4,))
+    assert generator(z, y).shape == (4, *img_shape)
+    assert (generator.nz, generator.img_shape, generator.num_classes) == (16, img_shape, 10)
+
+
+@pytest.mark.parametrize("img_shape", [(1, 32, 32), (3, 32, 32), (3, 64, 48)])
+def test_deep_generator_output_shape(img_shape):
+    generator = create_generator("dcgan_deep", nz=16, img_shape=img_shape, ngf=8)
+    assert isinstance(generator, DeepDCGANGenerator)
+    assert generator(torch.randn(2, 16)).shape == (2, *img_shape)
+    ups = [m for m in generator.modules() if isinstance(m, torch.nn.Upsample)]
+    assert len(ups) == 3
+
+
+def test_registry_and_flags():
+    assert set(GENERATORS.names()) == {"dcgan", "dcgan_deep", "conditional"}
+    assert isinstance(create_generator("dcgan", 8, (1, 28, 28)), DCGANGenerator)
+    assert not create_generator("dcgan", 8, (1, 28, 28)).conditional
+    assert create_generator("conditional", 8, (1, 28, 28)).conditional
+
+
+def test_output_is_normalised_per_channel_in_train_mode():
+    torch.manual_seed(0)
+    generator = create_generator("dcgan", nz=32, img_shape=(3, 32, 32), ngf=16).train()
+    images = generator(torch.randn(16, 32))
+    mean = images.mean(dim=(0, 2, 3))
+    var = images.var(dim=(0, 2, 3), correction=0)
+    assert torch.allclose(mean, torch.zeros(3), atol=1e-4)
+    assert torch.allclose(var, torch.ones(3), atol=1e-2)
+    assert generator.to_image[-1].weight is None  # affine-free: nothing can undo the normalisation
+
+
+def test_conditional_needs_labels_and_uses_them():
+    torch.manual_seed(0)
+    generator = create_generator("conditional", nz=16, img_shape=(1, 28, 28), ngf=8).eval()
+    z = torch.randn(1, 16).repeat(2, 1)
+    with pytest.raises(ValueError, match="needs class labels"):
+        generator(z)
+    images = generator(z, torch.tensor([3, 7]))
+    assert not torch.allclose(images[0], images[1])
+    same = generator(z, torch.tensor([3, 3]))
+    assert torch.allclose(same[0], same[1])
+    assert isinstance(generator, ConditionalGenerator)
+
+
+@pytest.mark.parametrize("name, img_shape, factor", [
+    ("dcgan", (1, 30, 30), 4), ("conditional", (3, 32, 30), 4), ("dcgan_deep", (1, 28, 28), 8)])
+def test_indivisible_sizes_are_shape_errors(name, img_shape, factor):
+    message = f"Generator needs image height and width divisible by {factor}, got img_shape {img_shape}"
+    with pytest.raises(ShapeError, match=re.escape(message)):
+        create_generator(name, nz=8, img_shape=img_shape)
+
+
+def test_wrong_latent_size_is_a_shape_error():
+    generator = create_generator("dcgan", nz=8, img_shape=(1, 28, 28))
+    with pytest.raises(ShapeError, match="z of shape \\(N, 8\\)"):
+        generator(torch.randn(2, 9))
+
+
+def test_unknown_generator():
+    with pytest.raises(UnknownNameError, match="did you mean 'dcgan'"):
+        create_generator("dcgn", nz=8, img_shape=(1, 28, 28))
