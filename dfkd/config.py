@@ -99,6 +99,34 @@ class PhaseConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Differentiable augmentation of synthetic batches before the teacher sees them."""
+
+    crop_padding: int = 0               # random crop after zero padding by this many pixels
+    flip: bool = False                  # random horizontal flip
+    jitter: int = 0                     # random roll by up to this many pixels (DeepInversion)
+
+
+@dataclass
+class SynthesisConfig:
+    """Where data-free batches come from (see dfkd/synthesis.py)."""
+
+    kind: Literal["none", "generator", "inversion", "reinit", "meta"] = "none"
+    generator: str = "generator"        # kind=generator: the player that generates
+    net: NetConfig = field(default_factory=lambda: NetConfig(name="dcgan", kwargs={"nz": 256}))  # reinit / meta
+    batch_size: int = 256               # synthetic batch, and replay batch from the pool
+    labels: Literal["none", "random", "balanced"] = "none"  # classes to ask for (conditional G, onehot_ce)
+    inner: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.1, betas=[0.5, 0.999]))
+    latent_lr: Optional[float] = None   # reinit / meta: learning rate of the latents (default: inner.lr)
+    outer: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, betas=[0.5, 0.999]))
+    meta: Literal["reptile", "fomaml"] = "reptile"
+    keep: Literal["last", "best"] = "last"   # which batch of the inner loop enters the pool
+    pool_size: int = 0                  # synthetic images kept for replay; 0: no pool
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    warmup_epochs: int = 0              # epochs of synthesis alone before the other phases start
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     iters_per_epoch: Optional[int] = None   # None: one pass over the real training split
@@ -133,6 +161,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: Optional[NetConfig] = None
     players: dict[str, PlayerConfig] = field(default_factory=dict)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -361,14 +390,29 @@ def config_from_dict(data: dict, origin: dict[str, str] | None = None, default_o
 def check_config(config: Config, validator: _Validator | None = None) -> None:
     """Cross-field checks that types alone can't express."""
     v = validator or _Validator({}, "config")
+    syn = config.synthesis
+    per_batch = syn.kind in ("inversion", "reinit", "meta")
     for i, phase in enumerate(config.phases):
-        if phase.player not in config.players:
+        if phase.player == "synthesizer":
+            if not per_batch:
+                v.fail(f"phases.{i}.player", f"phases.{i}: the 'synthesizer' phase needs synthesis.kind inversion, "
+                                             f"reinit or meta (it is '{syn.kind}')")
+        elif phase.player not in config.players:
             v.fail(f"phases.{i}.player", f"phases.{i}.player '{phase.player}' is not a player "
                                          f"(players: {', '.join(config.players) or 'none'})")
         if phase.steps < 1:
             v.fail(f"phases.{i}.steps", f"phases.{i}.steps must be >= 1, got {phase.steps}")
         if not phase.losses:
             v.fail(f"phases.{i}.losses", f"phases.{i} has no loss terms")
+        if phase.batch in ("fresh", "same") and phase.player != "synthesizer" and syn.kind != "generator":
+            v.fail(f"phases.{i}.batch", f"phases.{i}.batch '{phase.batch}' needs synthesis.kind 'generator' "
+                                        f"(it is '{syn.kind}')")
+        if phase.batch == "pool" and not syn.pool_size:
+            v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'pool' needs synthesis.pool_size > 0")
+    if syn.kind == "generator" and config.players.get(syn.generator, PlayerConfig()).kind != "generator":
+        v.fail("synthesis.generator", f"synthesis.generator '{syn.generator}' is not a generator player")
+    if syn.pool_size < 0 or syn.batch_size < 1:
+        v.fail("synthesis", "synthesis.pool_size must be >= 0 and synthesis.batch_size >= 1")
     for name, player in config.players.items():
         if player.net.name is None and player.net.checkpoint is None:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")

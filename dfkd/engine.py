@@ -27,12 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import Config, OptimConfig, PhaseConfig, PlayerConfig, SchedConfig, config_to_dict, dump_config
-from .data import TensorLoader, dataset_info, load_dataset
-from .errors import CheckpointError, ConfigError, DfkdError
+from .config import (Config, NetConfig, OptimConfig, PhaseConfig, PlayerConfig, SchedConfig, config_to_dict,
+                     dump_config)
+from .data import TensorLoader, dataset_info, denormalize, load_dataset
+from .errors import CheckpointError, ConfigError, DfkdError, ShapeError
 from .losses import WeightedTerm, build_terms
 from .models import create_model
 from .runs import MetricLogger, is_main_process, new_run_dir, rank
+from .synthesis import SYNTHESIZER, Synthesizer
+from .taps import BNStatsTap, FeatureTap
 
 
 class DivergenceError(DfkdError):
@@ -225,9 +228,47 @@ class StepContext:
 
     @cached_property
     def teacher_logits(self) -> torch.Tensor:
-        # gradients flow through the frozen teacher only when the images themselves are trained
-        with torch.set_grad_enabled(self.images.requires_grad):
-            return self.engine.forward(self.engine.teacher, self.images)
+        logits, self._teacher_embedding = self._teacher_pass(self.images, record=True)
+        return logits
+
+    def _teacher_pass(self, images: torch.Tensor, record: bool = False):
+        """One teacher forward; gradients flow through the frozen teacher only when the images
+        themselves are being trained. ``record``: keep this pass's BN statistics and taps."""
+        engine = self.engine
+        if engine.bn_tap is not None:
+            engine.bn_tap.enabled = record and self.engine.phase_needs_bn(self.phase)
+        with torch.set_grad_enabled(images.requires_grad):
+            logits = engine.forward(engine.teacher, images)
+        embedding = engine.teacher_embedding.pop("x", None)
+        if record:
+            self._teacher_bn = list(engine.bn_tap.stats) if engine.bn_tap and engine.bn_tap.enabled else []
+            self._teacher_features = dict(engine.teacher_taps.features) if engine.teacher_taps else {}
+        return logits, embedding
+
+    @property
+    def teacher_bn(self) -> list:
+        self.teacher_logits
+        return self._teacher_bn
+
+    @property
+    def teacher_embedding(self) -> torch.Tensor:
+        self.teacher_logits
+        return self._teacher_embedding
+
+    @property
+    def teacher_features(self) -> dict[str, torch.Tensor]:
+        self.teacher_logits
+        return self._teacher_features
+
+    @property
+    def student_features(self) -> dict[str, torch.Tensor]:
+        self.student_logits
+        return dict(self.engine.student_taps.features) if self.engine.student_taps else {}
+
+    def teacher_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits and penultimate features of other images (e.g. augmented views)."""
+        self.teacher_logits  # the batch's own pass first, so its recorded statistics stay its own
+        return self._teacher_pass(images)
 
 
 # --------------------------------------------------------------------------------------
@@ -254,6 +295,7 @@ class Engine:
         self.terms: dict[int, list[WeightedTerm]] = {
             i: build_terms(p.losses, f"phases.{i}.losses") for i, p in enumerate(self.phases)}
         self._check_needs()
+        self._install_taps()
 
         # Real data: the training split is read only if some phase trains on it. A data-free
         # config never touches it; the test split is read for evaluation only, and not at all
@@ -277,6 +319,10 @@ class Engine:
         self.total_iters = tc.epochs * self.iters_per_epoch
 
         self.players = {name: self._build_player(name, pc) for name, pc in config.players.items()}
+        self.synth = Synthesizer(config.synthesis, self) if config.synthesis.kind != "none" else None
+        self.term_optimizers = self._build_term_modules()
+        if self.student_taps_paths:
+            self.student_taps = FeatureTap(self.players[self._student_name()].module, self.student_taps_paths)
         eval_name = tc.eval_player or ("student" if "student" in self.players else next(
             (n for n, p in self.players.items() if p.kind == "model"), None))
         if eval_name not in self.players or self.players[eval_name].kind != "model":
@@ -329,9 +375,78 @@ class Engine:
         steps = self.total_iters * sum(p.steps for p in self.phases if p.player == name)
         if pc.kind == "model":
             module = self._build_model(pc)
+        elif pc.kind == "generator":
+            module = self.build_generator(pc.net)
         else:
             raise ConfigError(f"players.{name}.kind '{pc.kind}' is not available in this build")
         return Player(name, pc, self._prepare(module), steps)
+
+    def build_generator(self, net: NetConfig) -> nn.Module:
+        from generators import create_generator
+
+        kwargs = {"nz": 256, **net.kwargs}
+        generator = create_generator(net.name, img_shape=self.info.shape, num_classes=self.info.num_classes,
+                                     **kwargs)
+        with torch.no_grad():  # a generator must make what the teacher takes
+            y = torch.zeros(2, dtype=torch.long) if getattr(generator, "conditional", False) else None
+            shape = tuple(generator(torch.randn(2, generator.nz), y).shape[1:])
+        if shape != tuple(self.info.shape):
+            raise ShapeError(f"generator '{net.name}' makes {shape} images; the teacher and dataset "
+                             f"'{self.info.name}' take {tuple(self.info.shape)}")
+        return generator.to(self.device)
+
+    def _student_name(self) -> str:
+        tc = self.config.train
+        return tc.eval_player or ("student" if "student" in self.config.players else next(
+            (n for n, p in self.config.players.items() if p.kind == "model"), ""))
+
+    def _install_taps(self) -> None:
+        """Hooks on the teacher: BN statistics (when a term needs them), the input of its last
+        linear layer (its embedding), and the feature paths terms ask for."""
+        self.bn_tap = self.teacher_taps = self.student_taps = None
+        self.teacher_embedding: dict[str, torch.Tensor] = {}
+        self.student_taps_paths: list[str] = []
+        if self.teacher is None:
+            return
+        if any(self.phase_needs_bn(p) for p in self.phases):
+            self.bn_tap = BNStatsTap(self.teacher)
+        last_linear = [m for m in self.teacher.modules() if isinstance(m, nn.Linear)]
+        if last_linear:
+            last_linear[-1].register_forward_pre_hook(lambda m, inp: self.teacher_embedding.__setitem__("x", inp[0]))
+        teacher_paths, student_paths = [], []
+        for terms in self.terms.values():
+            for term in terms:
+                taps = getattr(term.fn, "taps", None)
+                wanted = taps(term.params) if taps else {}
+                teacher_paths += [p for p in wanted.get("teacher", []) if p not in teacher_paths]
+                student_paths += [p for p in wanted.get("student", []) if p not in student_paths]
+        if teacher_paths:
+            self.teacher_taps = FeatureTap(self.teacher, teacher_paths)
+        self.student_taps_paths = student_paths
+
+    def phase_needs_bn(self, phase: PhaseConfig) -> bool:
+        index = self.phases.index(phase)
+        return any("teacher_bn" in getattr(t.fn, "needs", ()) for t in self.terms[index])
+
+    def _build_term_modules(self) -> dict[str, torch.optim.Optimizer]:
+        """Stateful terms (nn.Module) live on the device; those with parameters (e.g. the
+        contrastive projection head) get an Adam optimizer of their own, stepped with their phase."""
+        optimizers = {}
+        for i, terms in self.terms.items():
+            for term in terms:
+                if isinstance(term.fn, nn.Module):
+                    term.fn.to(self.device)
+                    if hasattr(term.fn, "build") and self.teacher is not None:
+                        with torch.no_grad():
+                            self.forward(self.teacher, torch.zeros((2, *self.info.shape), device=self.device))
+                        term.fn.build(self.teacher_embedding.pop("x").shape[1])
+                        term.fn.to(self.device)
+                    params = [p for p in term.fn.parameters() if p.requires_grad]
+                    if params:
+                        lr = (self.config.synthesis.inner.lr if self.phases[i].player == SYNTHESIZER
+                              else self.config.players[self.phases[i].player].optim.lr)
+                        optimizers[f"{i}.{term.name}"] = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+        return optimizers
 
     def _build_model(self, pc: PlayerConfig) -> nn.Module:
         C, H, _ = self.info.shape
@@ -342,13 +457,16 @@ class Engine:
                             **pc.net.kwargs)
 
     def _check_needs(self) -> None:
+        syn = self.config.synthesis
         for i, phase in enumerate(self.phases):
             for term in self.terms[i]:
-                if "teacher" in term.fn.needs and self.config.teacher is None:
+                needs = getattr(term.fn, "needs", ())
+                if ({"teacher", "teacher_bn"} & set(needs)) and self.config.teacher is None:
                     raise ConfigError(f"phases.{i}.losses.{term.name} needs a teacher, and the config has none")
-                if "labels" in term.fn.needs and phase.batch != "real":
-                    raise ConfigError(f"phases.{i}.losses.{term.name} needs labels, and '{phase.batch}' "
-                                      f"batches have none")
+                has_labels = phase.batch == "real" or syn.labels != "none"
+                if "labels" in needs and not has_labels:
+                    raise ConfigError(f"phases.{i}.losses.{term.name} needs labels, and '{phase.batch}' batches "
+                                      f"have none (set synthesis.labels to random or balanced)")
 
     # ---------------------------------------------------------------- forward passes
     def autocast(self):
@@ -366,23 +484,52 @@ class Engine:
     def next_batch(self, phase: PhaseConfig) -> Batch:
         if phase.batch == "real":
             return self.real.next()
-        raise ConfigError(f"phase '{phase.name}': batch source '{phase.batch}' needs a synthesizer")
+        if phase.batch == "pool":
+            return self.synth.replay()
+        if phase.batch == "same":
+            return self.synth.same()
+        gen_name = self.config.synthesis.generator
+        return self.synth.fresh(self.players[gen_name].module, train_generator=phase.player == gen_name)
 
-    def run_phase_step(self, index: int, phase: PhaseConfig) -> None:
-        player = self.players[phase.player]
-        with only_trainable(self.players, phase.player):
-            batch = self.next_batch(phase)
-            ctx = StepContext(self, phase, batch)
-            values = {t.name: t(ctx) for t in self.terms[index]}
-            total = sum(t.weight * values[t.name] for t in self.terms[index])
-            if not torch.isfinite(total):
-                bad = [k for k, v in values.items() if not torch.isfinite(v)]
-                last = self.run_dir / "ckpt" / "last.pt" if self.run_dir else None
-                hint = f"; the last good state is {last} (resume with --resume)" if last and last.exists() else ""
-                raise DivergenceError(f"iteration {self.step}, phase '{phase.name}': loss "
-                                      f"{', '.join(bad) or 'total'} is {float(total)}{hint}")
-            player.step(total, self.scaler)
+    def phase_loss(self, index: int, phase: PhaseConfig, batch: Batch) -> torch.Tensor:
+        """Σ weight × term on ``batch``, with a NaN guard; records the terms for logging."""
+        ctx = StepContext(self, phase, batch)
+        values = {t.name: t(ctx) for t in self.terms[index]}
+        total = sum(t.weight * values[t.name] for t in self.terms[index])
+        if not torch.isfinite(total):
+            bad = [k for k, v in values.items() if not torch.isfinite(v)]
+            last = self.run_dir / "ckpt" / "last.pt" if self.run_dir else None
+            hint = f"; the last good state is {last} (resume with --resume)" if last and last.exists() else ""
+            raise DivergenceError(f"iteration {self.step}, phase '{phase.name}': loss "
+                                  f"{', '.join(bad) or 'total'} is {float(total.detach())}{hint}")
         self._record(phase.name, {**{k: v.detach() for k, v in values.items()}, "total": total.detach()})
+        return total
+
+    def _step_term_optimizers(self, index: int, before: bool) -> None:
+        for key, opt in self.term_optimizers.items():
+            if key.split(".", 1)[0] == str(index):
+                opt.zero_grad(set_to_none=True) if before else opt.step()
+
+    def run_phase(self, index: int, phase: PhaseConfig) -> None:
+        """All of a phase's steps in this iteration."""
+        if phase.player == SYNTHESIZER:
+            t0 = time.perf_counter()
+            with only_trainable(self.players, SYNTHESIZER):
+                def inner_step(batch: Batch) -> torch.Tensor:
+                    self._step_term_optimizers(index, before=True)
+                    return self.phase_loss(index, phase, batch)
+
+                self.synth.synthesize(inner_step, phase.steps, after_backward=lambda: self._step_term_optimizers(
+                    index, before=False))
+            self.timers["synthesis"] += time.perf_counter() - t0
+            return
+        player = self.players[phase.player]
+        for _ in range(phase.steps):
+            with only_trainable(self.players, phase.player):
+                self._step_term_optimizers(index, before=True)
+                total = self.phase_loss(index, phase, self.next_batch(phase))
+                player.step(total, self.scaler)
+                self._step_term_optimizers(index, before=False)
 
     def _record(self, phase: str, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
@@ -404,9 +551,10 @@ class Engine:
         try:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
+                warming_up = self.step < self.config.synthesis.warmup_epochs * self.iters_per_epoch
                 for i, phase in enumerate(self.phases):
-                    for _ in range(phase.steps):
-                        self.run_phase_step(i, phase)
+                    if not warming_up or phase.player == SYNTHESIZER:
+                        self.run_phase(i, phase)
                 self.step += 1
                 self.timers["train"] += time.perf_counter() - t0
                 bar.update(1)
@@ -426,8 +574,43 @@ class Engine:
     def _flush_losses(self) -> None:
         values = {k: sum(v) / len(v) for k, v in self._accum.items() if v}
         values.update({f"lr/{name}": p.lr for name, p in self.players.items()})
+        values.update({f"time/{k}_s": v for k, v in self.timers.items()})
+        if self.synth is not None and self.synth.last is not None and self.teacher is not None:
+            values.update(self.inspect_synthetic(self.synth.last.images))
         self.logger.scalars(self.step, values)
         self._accum.clear()
+
+    @torch.no_grad()
+    def inspect_synthetic(self, images: torch.Tensor, grids: bool = False) -> dict[str, float]:
+        """What the teacher makes of a synthetic batch: class histogram, confidence histogram,
+        per-layer BN-statistics distance; with ``grids``, sample grids (all, and one row per
+        class the teacher predicts). Returns the scalars; histograms and images go to TensorBoard."""
+        if self.logger.writer is None:
+            return {}
+        tap = self.bn_tap or BNStatsTap(self.teacher)
+        tap.enabled = True
+        probs = F.softmax(self.forward(self.teacher, images).float(), dim=1)
+        stats = list(tap.stats)
+        if tap is not self.bn_tap:
+            tap.remove()
+        pred = probs.argmax(1)
+        self.logger.histogram(self.step, "synthetic/teacher_class", pred, bins=self.info.num_classes)
+        self.logger.histogram(self.step, "synthetic/teacher_confidence", probs.max(1).values)
+        scalars = {f"bn_distance/{s.name}": float((s.mean - s.running_mean).norm() + (s.var - s.running_var).norm())
+                   for s in stats}
+        counts = torch.bincount(pred, minlength=self.info.num_classes).float()
+        scalars["synthetic/classes_present"] = float((counts > 0).sum())
+        scalars["synthetic/teacher_confidence"] = float(probs.max(1).values.mean())
+        if grids:
+            shown = denormalize(images[:64].float(), self.info)
+            self.logger.image_grid(self.step, "synthetic/samples", shown, nrow=8)
+            per_class = []  # up to 8 samples per predicted class, one row each, blank where fewer
+            blank = torch.ones_like(shown[0])
+            for k in range(self.info.num_classes):
+                picked = denormalize(images[pred == k][:8].float(), self.info)
+                per_class += list(picked) + [blank] * (8 - len(picked))
+            self.logger.image_grid(self.step, "synthetic/by_teacher_class", torch.stack(per_class), nrow=8)
+        return scalars
 
     def end_of_epoch(self, epoch: int) -> None:
         tc, oc = self.config.train, self.config.output
@@ -444,6 +627,9 @@ class Engine:
                                             "eval/best_acc": self.best_acc, "epoch": epoch})
             if improved and self.run_dir is not None:
                 self.save_model("best.pt", result["acc"], epoch)
+        if self.synth is not None and self.synth.last is not None and self.teacher is not None \
+                and (epoch % oc.image_every == 0 or last_epoch):
+            self.inspect_synthetic(self.synth.last.images, grids=True)
         self.history.append(record)
         if self.run_dir is not None:
             if last_epoch:
@@ -503,7 +689,11 @@ class Engine:
                 "step": self.step, "best_acc": self.best_acc, "history": self.history, "timers": self.timers,
                 "players": {n: p.state_dict() for n, p in self.players.items()},
                 "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "real": self.real.state_dict() if self.real else None}
+                "real": self.real.state_dict() if self.real else None,
+                "synthesis": self.synth.state_dict() if self.synth else None,
+                "terms": {f"{i}.{t.name}": t.fn.state_dict() for i, ts in self.terms.items() for t in ts
+                          if isinstance(t.fn, nn.Module)},
+                "term_optimizers": {k: o.state_dict() for k, o in self.term_optimizers.items()}}
 
     def save_state(self) -> Path:
         return ckpt_io.atomic_save(self.state_dict(), self.run_dir / "ckpt" / "last.pt")
@@ -530,6 +720,14 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         if self.real is not None:
             self.real.load_state_dict(state["real"])
+        if self.synth is not None:
+            self.synth.load_state_dict(state["synthesis"])
+        for i, terms in self.terms.items():
+            for t in terms:
+                if isinstance(t.fn, nn.Module):
+                    t.fn.load_state_dict(state["terms"][f"{i}.{t.name}"])
+        for key, opt in self.term_optimizers.items():
+            opt.load_state_dict(state["term_optimizers"][key])
         self.step, self.best_acc = state["step"], state["best_acc"]
         self.history, self.timers = list(state["history"]), dict(state["timers"])
         set_rng_state(state["rng"])

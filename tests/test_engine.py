@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+
+from dfkd import losses
+from dfkd.checkpoint import load_model, safe_load
+from dfkd.config import load_config
+from dfkd.engine import DivergenceError, Engine, lr_factor
+from dfkd.config import SchedConfig
+from dfkd.errors import CheckpointError
+from dfkd.runs import read_metrics
+
+
+def teacher_config(tmp_path, *overrides):
+    return load_config("teacher/lenet5-digits", [f"output.root={tmp_path}", "train.log_every=5", *overrides])
+
+
+def state_of(engine):
+    return {k: v.clone() for k, v in engine.student.module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_teacher_training_on_digits_end_to_end(tmp_path):
+    engine = Engine(teacher_config(tmp_path, "train.epochs=6"))
+    summary = engine.fit()
+    run = engine.run_dir
+    assert summary["final_acc"] > 94.0, summary          # 450 held-out digits
+    assert summary["best_acc"] >= summary["final_acc"]
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {p.name for p in run.iterdir()}
+    assert any(p.name.startswith("events.out.tfevents") for p in run.iterdir())
+    assert {"last.pt", "final.pt", "best.pt"} <= {p.name for p in (run / "ckpt").iterdir()}
+    assert run.parent.name == "teacher-lenet5-digits" and run.name.endswith("_s0")
+
+    model, meta = load_model(run / "ckpt" / "final.pt")
+    assert meta["dataset"] == "digits" and meta["arch"]["name"] == "lenet5"
+    assert meta["accuracy"] == pytest.approx(summary["final_acc"])
+    assert meta["config"]["experiment"] == "teacher-lenet5-digits" and len(meta["sha256"]) == 64
+
+    metrics = read_metrics(run)
+    evals = [m for m in metrics if "eval/acc" in m]
+    assert [m["step"] for m in evals] == [21 * e for e in range(1, 7)]  # global step = iteration, 21 per epoch
+    assert any("loss/model/ce" in m for m in metrics)
+    losses_logged = [m["loss/model/ce"] for m in metrics if "loss/model/ce" in m]
+    assert losses_logged[-1] < losses_logged[0] / 3
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = ["train.epochs=3", "train.iters_per_epoch=4", "runtime.deterministic=true"]
+    full = Engine(teacher_config(tmp_path / "a", *cfg), write=False)
+    full.fit()
+    expected = state_of(full)
+
+    # the same run killed right after its epoch-2 checkpoint
+    killed = Engine(teacher_config(tmp_path / "b", *cfg))
+    original = Engine.end_of_epoch
+
+    def die_after_epoch_2(self, epoch):
+        original(self, epoch)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "end_of_epoch", die_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    monkeypatch.setattr(Engine, "end_of_epoch", original)
+    last = killed.run_dir / "ckpt" / "last.pt"
+    assert safe_load(last)["step"] == 8
+
+    resumed = Engine(teacher_config(tmp_path / "b", *cfg), resume=last)
+    assert resumed.run_dir == killed.run_dir and resumed.step == 8
+    resumed.fit()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed.student.module.state_dict()[name]), name
+    assert resumed.players["model"].optimizer.state_dict()["state"].keys() == \
+        full.players["model"].optimizer.state_dict()["state"].keys()
+    steps = [m["step"] for m in read_metrics(resumed.run_dir) if "eval/acc" in m]
+    assert steps == [4, 8, 12]  # the resumed run appends; nothing logged twice
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    engine = Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=2"))
+    engine.fit()
+    with pytest.raises(CheckpointError, match=r"from another config; differs in players\.model\.optim\.lr"):
+        Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=2", "optim.lr=0.3".replace(
+            "optim", "players.model.optim")), resume=engine.run_dir / "ckpt" / "last.pt")
+    with pytest.raises(CheckpointError, match="not a training state"):
+        Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=2"),
+               resume=engine.run_dir / "ckpt" / "final.pt")
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    @losses.register("test_nan_after_3")
+    def nan_after(ctx):
+        nan_after.calls = getattr(nan_after, "calls", 0) + 1
+        value = ctx.student_logits.mean() * 0
+        return value + (float("nan") if nan_after.calls > 3 else 0.0)
+
+    try:
+        engine = Engine(teacher_config(tmp_path, "train.epochs=2", "train.iters_per_epoch=2",
+                                       "phases.0.losses={ce: 1.0, test_nan_after_3: 1.0}"))
+        with pytest.raises(DivergenceError) as err:
+            engine.fit()
+        msg = str(err.value)
+        assert "iteration 3" in msg and "test_nan_after_3 is nan" in msg and "last.pt" in msg
+        assert safe_load(engine.run_dir / "ckpt" / "last.pt")["step"] == 2  # the epoch-1 state is intact
+    finally:
+        losses.LOSSES._items.pop("test_nan_after_3")
+
+
+def test_learning_rate_schedules():
+    cos = SchedConfig(name="cosine", warmup_steps=10)
+    assert lr_factor(cos, 0, 110, 0.1) == pytest.approx(0.1)
+    assert lr_factor(cos, 9, 110, 0.1) == pytest.approx(1.0)
+    assert lr_factor(cos, 60, 110, 0.1) == pytest.approx(0.5)
+    assert lr_factor(cos, 110, 110, 0.1) == pytest.approx(0.0)
+    step = SchedConfig(name="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_factor(step, s, 100, 0.1) for s in (0, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_summary_is_written(tmp_path):
+    engine = Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=3"))
+    engine.fit()
+    summary = json.loads((engine.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_acc"] is not None and summary["time_total_s"] > 0
