@@ -139,7 +139,7 @@ class TrainConfig:
 class RuntimeConfig:
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, off on CPU
-    channels_last: Union[bool, Literal["auto"]] = "auto"   # auto: on for CUDA
+    channels_last: Union[bool, Literal["auto"]] = "auto"   # auto: on for CUDA and for synthesis
     num_threads: Optional[int] = None       # torch intra-op threads on CPU; None: torch's default
     progress: Union[bool, Literal["auto"]] = "auto"        # auto: a bar only on an interactive terminal
     deterministic: bool = False

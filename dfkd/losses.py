@@ -10,31 +10,52 @@ use only. A phase's loss is ``Σ weight × term`` over the terms its config name
       ce: 0.1
 
 Terms that need something a run might lack say so in ``needs`` so that a config asking for
-them fails at start-up, not after an hour.
+them fails at start-up, not after an hour. Terms that read intermediate features say which in
+``taps(params) -> {"teacher": [paths], "student": [paths]}``.
+
+A term with state across steps (a memory bank, a trainable head) is a registered ``nn.Module``
+class: its config params go to ``__init__`` and the instance is called as ``term(ctx)``.
 """
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from kornia.augmentation import RandomResizedCrop
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .registry import Registry, nearest
 
 LOSSES: Registry[Callable] = Registry("loss term")
 
 
-def register(name: str, needs: tuple[str, ...] = ()):
-    """Register a loss term; ``needs`` ⊂ {"teacher", "teacher_bn", "labels", "generator"}."""
+def no_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {"teacher": [], "student": []}
 
-    def decorator(fn):
-        fn.needs = needs
-        return LOSSES.register(name)(fn)
+
+def register(name: str, needs: tuple[str, ...] = (), taps: Callable[[dict], dict[str, list[str]]] = no_taps):
+    """Register a loss term, a function or an ``nn.Module`` class; ``needs`` ⊂ {"teacher",
+    "teacher_bn", "labels", "generator"}; ``taps(params)`` names the module paths it reads."""
+
+    def decorator(term):
+        term.needs = needs
+        # On a class, a plain function attribute would become a method bound to each instance.
+        term.taps = staticmethod(taps) if inspect.isclass(term) else taps
+        return LOSSES.register(name)(term)
 
     return decorator
+
+
+def _option(options: dict[str, Any], value: str, where: str):
+    """``options[value]``, or a ConfigError listing the valid values."""
+    if value not in options:
+        raise ConfigError(f"{where} must be one of {', '.join(options)}, got {value!r}")
+    return options[value]
 
 
 # --------------------------------------------------------------------------------------
@@ -44,30 +65,37 @@ def register(name: str, needs: tuple[str, ...] = ()):
 class WeightedTerm:
     name: str
     weight: float
-    fn: Callable
+    fn: Callable  # a function term, or the instance of a class term
     params: dict[str, Any]
 
     def __call__(self, ctx) -> torch.Tensor:
-        return self.fn(ctx, **self.params)
+        # A class term's instance was built with its params already.
+        return self.fn(ctx) if isinstance(self.fn, nn.Module) else self.fn(ctx, **self.params)
 
 
 def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
     """``{name: weight}`` or ``{name: {weight: w, **params}}`` → terms, parameters checked
-    against each term's signature so a misspelt parameter fails here, naming its key."""
+    against each term's signature (a class term's ``__init__``) so a misspelt or missing
+    parameter fails here, naming its key. Class terms are instantiated."""
     terms = []
     for name, value in spec.items():
         base = name.split("@")[0]  # "kd_kl@soft" lets one phase use a term twice with other params
-        fn = LOSSES.get(base)
+        term = LOSSES.get(base)
         params = dict(value) if isinstance(value, dict) else {"weight": value}
         weight = params.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.{name}.weight must be a number, got {weight!r}")
-        accepted = [p for p in inspect.signature(fn).parameters if p != "ctx"]
+        # A class's signature is its __init__'s without self.
+        signature = {n: p for n, p in inspect.signature(term).parameters.items() if n != "ctx"}
         for key in params:
-            if key not in accepted:
-                close = nearest(key, accepted)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; it takes {', '.join(accepted) or 'none'}"
+            if key not in signature:
+                close = nearest(key, signature)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; it takes {', '.join(signature) or 'none'}"
                 raise ConfigError(f"{where}.{name}: loss term '{base}' has no parameter '{key}'{hint}")
+        missing = [n for n, p in signature.items() if p.default is p.empty and n not in params]
+        if missing:
+            raise ConfigError(f"{where}.{name}: loss term '{base}' needs parameter {', '.join(missing)}")
+        fn = term(**params) if inspect.isclass(term) else term
         terms.append(WeightedTerm(name, float(weight), fn, params))
     return terms
 
@@ -81,12 +109,17 @@ def ce(ctx, label_smoothing: float = 0.0) -> torch.Tensor:
     return F.cross_entropy(ctx.student_logits, ctx.labels, label_smoothing=label_smoothing)
 
 
+def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(p_T ‖ p_S) of each sample at temperature T, shape (N,), in float32."""
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)
+
+
 def kd_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
     """KL(p_T ‖ p_S) at temperature T, batch mean, times T² so that gradients keep their scale
     as T changes (Hinton et al. 2015)."""
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
+    return kl_per_sample(student_logits, teacher_logits, T).mean() * T * T
 
 
 @register("kd_kl", needs=("teacher",))
@@ -104,3 +137,216 @@ def l1_logits(ctx) -> torch.Tensor:
 @register("mse_logits", needs=("teacher",))
 def mse_logits(ctx) -> torch.Tensor:
     return F.mse_loss(ctx.student_logits.float(), ctx.teacher_logits.float())
+
+
+# --------------------------------------------------------------------------------------
+# Feature-based KD terms
+# --------------------------------------------------------------------------------------
+def _attention_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {"student": [s for s, _ in params["pairs"]], "teacher": [t for _, t in params["pairs"]]}
+
+
+@register("attention", taps=_attention_taps)
+def attention(ctx, pairs: list[list[str]], p: float = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017): Σ_pairs mean((a_S − a_T)²), where
+    a(f) = mean_c |f|^p over channels, flattened to (N, H·W) and L2-normalized per sample.
+    ``pairs`` lists ``[student_path, teacher_path]``; the two maps of a pair must have the same
+    spatial size. ZSKT weights it β = 250."""
+
+    def attention_map(f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)
+
+    total = 0.0
+    for student_path, teacher_path in pairs:
+        f_s, f_t = ctx.student_features[student_path], ctx.teacher_features[teacher_path]
+        if f_s.shape[2:] != f_t.shape[2:]:
+            raise ShapeError(f"attention: student '{student_path}' has spatial size {tuple(f_s.shape[2:])}, "
+                             f"teacher '{teacher_path}' has {tuple(f_t.shape[2:])}; pair layers of equal resolution")
+        total = total + F.mse_loss(attention_map(f_s), attention_map(f_t))
+    return total
+
+
+# --------------------------------------------------------------------------------------
+# Image priors and teacher-driven synthesis terms
+# --------------------------------------------------------------------------------------
+_BN_DISTANCES = {"l2": lambda a, b: torch.linalg.vector_norm(a - b), "mse": F.mse_loss}
+
+
+@register("bn_stats", needs=("teacher", "teacher_bn"))
+def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
+    """Feature-distribution regularizer of DeepInversion (Yin et al. 2020):
+    Σ_l w_l (‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂) over the teacher's BN layers, μ_l and σ²_l the batch
+    mean and biased variance of layer l's input, μ̂_l and σ̂²_l its running statistics;
+    w_0 = ``first_layer_weight``, the others 1. ``norm="mse"`` uses MSE(μ, μ̂) + MSE(σ², σ̂²)
+    instead (GDFQ, Xu et al. 2020, which averages over layers where this sums).
+
+    DeepInversion weights it 10 on CIFAR-10, and 0.01 with first_layer_weight 10 on ImageNet."""
+    distance = _option(_BN_DISTANCES, norm, "bn_stats.norm")
+    # float32: under autocast the batch statistics may arrive in bf16, too coarse for these differences
+    return sum((first_layer_weight if i == 0 else 1.0)
+               * (distance(s.mean.float(), s.running_mean.float()) + distance(s.var.float(), s.running_var.float()))
+               for i, s in enumerate(ctx.teacher_bn))
+
+
+_TV_NORMS = {"l2": torch.linalg.vector_norm, "l1": lambda d: d.abs().mean()}
+
+
+@register("tv")
+def tv(ctx, norm: str = "l2") -> torch.Tensor:
+    """Total variation prior of DeepInversion: Σ_d ‖Δ_d x‖₂ over the differences of neighbouring
+    pixels in four directions (horizontal, vertical, both diagonals), each norm taken over the
+    whole batch; ``norm="l1"`` sums their mean absolute values instead.
+
+    DeepInversion weights the l2 form 2.5e-5 on CIFAR-10 (up to 1e-3 for smoother images) and
+    1e-4 on ImageNet. Its l1 form also divides by 255; divide its weights by 255 for this one."""
+    measure = _option(_TV_NORMS, norm, "tv.norm")
+    x = ctx.images.float()
+    differences = (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
+                   x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
+    return sum(measure(d) for d in differences)
+
+
+@register("l2_prior")
+def l2_prior(ctx) -> torch.Tensor:
+    """Mean over the batch of each image's L2 norm (DeepInversion; weight 1e-5 on ImageNet,
+    around 3e-8 or off on CIFAR-10)."""
+    return torch.linalg.vector_norm(ctx.images.float().flatten(1), dim=1).mean()
+
+
+_ONEHOT_TARGETS = {"argmax": lambda ctx: ctx.teacher_logits.argmax(1), "labels": lambda ctx: ctx.labels}
+
+
+@register("onehot_ce", needs=("teacher",))
+def onehot_ce(ctx, target: str = "argmax") -> torch.Tensor:
+    """Cross-entropy of the teacher's logits against target classes: the teacher's own argmax
+    (``"argmax"``, DAFL's one-hot loss, Chen et al. 2019) or the classes synthesis sampled
+    (``"labels"``: DeepInversion, CMI, Fast-DFKD, GDFQ; reads ``ctx.labels``). Weight 1 in DAFL
+    on MNIST and in DeepInversion."""
+    targets = _option(_ONEHOT_TARGETS, target, "onehot_ce.target")(ctx)
+    return F.cross_entropy(ctx.teacher_logits.float(), targets)
+
+
+@register("activation_norm", needs=("teacher",))
+def activation_norm(ctx) -> torch.Tensor:
+    """−mean |f_T| of the teacher's penultimate features: DAFL's activation loss, so a positive
+    weight rewards strong activations. DAFL weights it 0.1 on MNIST, 0.01 on CIFAR."""
+    return -ctx.teacher_embedding.float().abs().mean()
+
+
+@register("class_balance", needs=("teacher",))
+def class_balance(ctx) -> torch.Tensor:
+    """KL(p̄ ‖ uniform) = Σ_k p̄_k ln p̄_k + ln K with p̄ the batch mean of the teacher's softmax:
+    DAFL's information-entropy loss, ≥ 0 and zero when the batch's classes are balanced.
+    DAFL's code uses log10, so its weight 5 corresponds to 5 / ln 10 ≈ 2.17 here."""
+    logits = ctx.teacher_logits.float()
+    # ln p̄ from log-probabilities stays finite where a class's mean probability underflows to 0.
+    log_p_mean = torch.logsumexp(F.log_softmax(logits, dim=1), dim=0) - math.log(len(logits))
+    return (log_p_mean.exp() * log_p_mean).sum() + math.log(logits.shape[1])
+
+
+# --------------------------------------------------------------------------------------
+# Adversarial generator objectives (minimized by the generator, so they reward disagreement)
+# --------------------------------------------------------------------------------------
+@register("adv_l1", needs=("teacher",))
+def adv_l1(ctx) -> torch.Tensor:
+    """−mean |z_S − z_T| over logits: DFAD's generator objective (Fang et al. 2019), weight 1."""
+    return -l1_logits(ctx)
+
+
+@register("adv_kl", needs=("teacher",))
+def adv_kl(ctx, T: float = 1.0, agreement_mask: bool = False) -> torch.Tensor:
+    """−KL(p_T ‖ p_S) at temperature T, batch mean, without the T² factor: ZSKT's generator
+    objective (Micaelli & Storkey 2019). With ``agreement_mask`` only samples on which teacher
+    and student predict the same class count (the mean still divides by the whole batch), as in
+    CMI and Fast-DFKD: samples the student already gets wrong need no more pushing."""
+    kl = kl_per_sample(ctx.student_logits, ctx.teacher_logits, T)
+    if agreement_mask:
+        kl = kl * (ctx.student_logits.argmax(1) == ctx.teacher_logits.argmax(1))
+    return -kl.mean()
+
+
+@register("competition", needs=("teacher",))
+def competition(ctx, T: float = 3.0) -> torch.Tensor:
+    """1 − JS(p_T, p_S) at temperature T, natural log, batch mean: Adaptive DeepInversion's
+    competition term (Yin et al. 2020), which rewards images the student classifies differently
+    from the teacher. ADI weights it 0.2 on CIFAR-10. (ADI's code clamps the probabilities and
+    uses KL(M ‖ P) for KL(P ‖ M); this is the textbook JS divergence, ≤ ln 2.)"""
+    log_p_s = F.log_softmax(ctx.student_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(ctx.teacher_logits.float() / T, dim=1)
+    log_m = torch.logaddexp(log_p_s, log_p_t) - math.log(2)
+    js = 0.5 * (F.kl_div(log_m, log_p_t, reduction="none", log_target=True)
+                + F.kl_div(log_m, log_p_s, reduction="none", log_target=True)).sum(1)
+    return 1 - js.mean()
+
+
+# --------------------------------------------------------------------------------------
+# Contrastive model inversion (stateful)
+# --------------------------------------------------------------------------------------
+def info_nce(a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor, T: float) -> torch.Tensor:
+    """InfoNCE over two views of N instances: row i of ``a`` and row i of ``b`` are each other's
+    positive; every other row of either view and every row of ``negatives`` is a negative.
+    Inputs are L2-normalized; the loss is the mean over all 2N anchors."""
+    n = len(a)
+    anchors = torch.cat([a, b])
+    logits = anchors @ torch.cat([anchors, negatives]).T / T
+    # An anchor is not its own candidate: mask the diagonal of the in-batch block.
+    is_self = torch.eye(2 * n, logits.shape[1], dtype=torch.bool, device=logits.device)
+    positives = torch.arange(2 * n, device=logits.device).roll(n)
+    return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), positives)
+
+
+@register("contrastive", needs=("teacher",))
+class Contrastive(nn.Module):
+    """Contrastive model inversion (CMI, Fang et al. 2021): makes synthetic images
+    distinguishable from each other, and from earlier batches, in the teacher's feature space.
+
+    The teacher's penultimate embedding of each image (global view) and of a random resized crop
+    of it (local view, ``local_scale`` of its area) go through a projection MLP (D → ``hidden``
+    → ``dim``) and are L2-normalized; the loss is InfoNCE at temperature T whose negatives are
+    the batch's other instances in both views plus a FIFO bank of the last ``bank_size`` global
+    projections (detached). CMI weights it 0.8.
+
+    The engine calls ``build(D)`` once the embedding width D is known, before moving the term to
+    the device, adding its parameters to the optimizer, or loading its state. The bank is a
+    buffer, so it is saved in ``state_dict`` with the projection head.
+    """
+
+    def __init__(self, T: float = 0.2, bank_size: int = 4096, dim: int = 128, hidden: int = 256,
+                 local_scale: tuple[float, float] = (0.25, 1.0)):
+        super().__init__()
+        if T <= 0:
+            raise ConfigError(f"contrastive.T must be positive, got {T}")
+        if bank_size < 1:
+            raise ConfigError(f"contrastive.bank_size must be at least 1, got {bank_size}")
+        self.T, self.dim, self.hidden, self.local_scale = T, dim, hidden, tuple(local_scale)
+        self.head: nn.Sequential | None = None
+        self.register_buffer("bank", torch.zeros(bank_size, dim))
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row to overwrite
+        self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
+
+    def build(self, embedding_dim: int) -> None:
+        self.head = nn.Sequential(nn.Linear(embedding_dim, self.hidden), nn.ReLU(),
+                                  nn.Linear(self.hidden, self.dim)).to(self.bank.device)
+
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(embedding.float()).float(), dim=1)
+
+    def forward(self, ctx) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("contrastive: call build(embedding_dim) before the first step")
+        images = ctx.images
+        crop = RandomResizedCrop(size=tuple(images.shape[-2:]), scale=self.local_scale)
+        _, local_embedding = ctx.teacher_embed(crop(images))
+        z_global, z_local = self.project(ctx.teacher_embedding), self.project(local_embedding)
+        loss = info_nce(z_global, z_local, self.bank[:int(self.bank_filled)], self.T)
+        self._enqueue(z_global.detach())
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, z: torch.Tensor) -> None:
+        size = len(self.bank)
+        z = z[-size:]  # a batch larger than the bank keeps its newest rows
+        rows = (self.bank_ptr + torch.arange(len(z), device=z.device)) % size
+        self.bank[rows] = z
+        self.bank_ptr.copy_((self.bank_ptr + len(z)) % size)
+        self.bank_filled.copy_((self.bank_filled + len(z)).clamp(max=size))

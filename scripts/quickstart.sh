@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on the embedded default dataset (scikit-learn's digits): train a LeNet-5
+# teacher, then distil it into LeNet-5-half without reading a single training image.
+# Installs into .venv first if needed. METHOD picks the data-free method (default: dfad).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$repo"
+out="${DFKD_OUT:-runs}"
+method="${METHOD:-dfad}"
+summary=$(dfkd teacher --config teacher/lenet5-digits --out "$out")
+echo "teacher: $summary"
+teacher="$(python -c 'import json, sys; print(json.loads(sys.argv[1])["run_dir"])' "$summary")/ckpt/final.pt"
+echo "student: $(dfkd distill --config "datafree/$method-digits" --teacher "$teacher" --out "$out")"
+echo "inspect: .venv/bin/tensorboard --logdir $out"

@@ -1,0 +1,252 @@
+"""Each loss term against a value worked out by hand on a few numbers."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfkd.errors import ConfigError, ShapeError
+from dfkd.losses import (Contrastive, activation_norm, adv_kl, adv_l1, attention, bn_stats, build_terms,
+                         class_balance, competition, info_nce, kd_kl, l2_prior, onehot_ce, tv)
+from dfkd.taps import BNStats
+
+LN3 = math.log(3)
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def approx(value):
+    return pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------- response-based terms
+def test_kd_kl_hand_example():
+    # At T=2, teacher logits (2 ln 3, 0) give p_t = (3/4, 1/4); student (0, 0) gives (1/2, 1/2).
+    # The second sample's logits are identical, so its KL is 0.
+    ctx = SimpleNamespace(teacher_logits=t([2 * LN3, 0.0], [1.0, 2.0]), student_logits=t([0.0, 0.0], [1.0, 2.0]))
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kd_kl(ctx, T=2).item() == approx(2 * 2 * kl / 2)
+    same = SimpleNamespace(teacher_logits=t([3.0, -1.0, 0.5]), student_logits=t([3.0, -1.0, 0.5]))
+    assert kd_kl(same, T=4).item() == approx(0.0)
+
+
+def test_onehot_ce_targets():
+    # Softmax of (ln 2, 0, 0) is (1/2, 1/4, 1/4); of (0, ln 3, 0) it is (1/5, 3/5, 1/5).
+    ctx = SimpleNamespace(teacher_logits=t([math.log(2), 0.0, 0.0], [0.0, LN3, 0.0]), labels=torch.tensor([2, 0]))
+    assert onehot_ce(ctx).item() == approx((math.log(2) + math.log(5 / 3)) / 2)
+    assert onehot_ce(ctx, target="labels").item() == approx((math.log(4) + math.log(5)) / 2)
+    with pytest.raises(ConfigError, match="onehot_ce.target must be one of argmax, labels"):
+        onehot_ce(ctx, target="max")
+
+
+def test_activation_norm():
+    ctx = SimpleNamespace(teacher_embedding=t([1.0, -2.0], [3.0, -4.0]))
+    assert activation_norm(ctx).item() == approx(-2.5)
+
+
+def test_class_balance():
+    # Softmax rows (3/4, 1/4) and (1/4, 3/4) average to uniform: zero.
+    balanced = SimpleNamespace(teacher_logits=t([LN3, 0.0], [0.0, LN3]))
+    assert class_balance(balanced).item() == approx(0.0)
+    skewed = SimpleNamespace(teacher_logits=t([LN3, 0.0], [LN3, 0.0]))
+    assert class_balance(skewed).item() == approx(0.75 * math.log(0.75) + 0.25 * math.log(0.25) + math.log(2))
+    # A class whose mean probability underflows to 0 contributes 0, not NaN.
+    certain = SimpleNamespace(teacher_logits=t([1000.0, 0.0], [1000.0, 0.0]))
+    assert class_balance(certain).item() == approx(math.log(2))
+
+
+def test_adv_l1_value_and_gradient_to_images():
+    images = t([1.0, 2.0]).requires_grad_()
+    # student = x·I = (1, 2), teacher = x·2I = (2, 4): mean |s − t| = 1.5.
+    ctx = SimpleNamespace(student_logits=images @ torch.eye(2), teacher_logits=images @ (2 * torch.eye(2)))
+    loss = adv_l1(ctx)
+    assert loss.item() == approx(-1.5)
+    loss.backward()
+    # d/dx of −½ Σ_k |x_k − 2 x_k| = −½ Σ_k |x_k| is −½ sign(x).
+    assert torch.allclose(images.grad, t([-0.5, -0.5]))
+
+
+def test_adv_kl_and_agreement_mask():
+    # Teacher (3/4, 1/4) on both samples; student (2/3, 1/3) agrees on the first, (1/3, 2/3) disagrees on the second.
+    teacher = t([LN3, 0.0], [LN3, 0.0])
+    student = t([math.log(2), 0.0], [0.0, math.log(2)])
+    kl_agree = 0.75 * math.log(0.75 / (2 / 3)) + 0.25 * math.log(0.25 / (1 / 3))
+    kl_disagree = 0.75 * math.log(0.75 / (1 / 3)) + 0.25 * math.log(0.25 / (2 / 3))
+    ctx = SimpleNamespace(teacher_logits=teacher, student_logits=student)
+    assert adv_kl(ctx).item() == approx(-(kl_agree + kl_disagree) / 2)
+    assert adv_kl(ctx, agreement_mask=True).item() == approx(-kl_agree / 2)
+    # Doubled logits at T=2 give the same distributions, and no T² factor.
+    hot = SimpleNamespace(teacher_logits=2 * teacher, student_logits=2 * student)
+    assert adv_kl(hot, T=2).item() == approx(adv_kl(ctx).item())
+
+
+def test_competition():
+    # At T=3, teacher (3 ln 3, 0) gives P = (3/4, 1/4), student (0, 0) gives Q = (1/2, 1/2); M = (5/8, 3/8).
+    ctx = SimpleNamespace(teacher_logits=t([3 * LN3, 0.0]), student_logits=t([0.0, 0.0]))
+    js = 0.5 * (0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375)) \
+        + 0.5 * (0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375))
+    assert competition(ctx).item() == approx(1 - js)
+    same = SimpleNamespace(teacher_logits=t([1.0, 2.0, 3.0]), student_logits=t([1.0, 2.0, 3.0]))
+    assert competition(same).item() == approx(1.0)
+
+
+# ---------------------------------------------------------------- features and images
+def test_attention_hand_example():
+    # Student channels (1, 0) and (1, 2): mean of squares (1, 2) → (1, 2)/√5. Teacher (3, 0) → (1, 0).
+    student = {"s1": torch.tensor([[[[1.0, 0.0]], [[1.0, 2.0]]]]), "s2": torch.ones(1, 4, 2, 2)}
+    teacher = {"t1": torch.tensor([[[[3.0, 0.0]]]]), "t2": torch.full((1, 2, 2, 2), 5.0)}
+    ctx = SimpleNamespace(student_features=student, teacher_features=teacher)
+    pairs = [["s1", "t1"], ["s2", "t2"]]  # the second pair has equal (uniform) maps: contributes 0
+    expected = ((1 / math.sqrt(5) - 1) ** 2 + (2 / math.sqrt(5)) ** 2) / 2
+    assert attention(ctx, pairs).item() == approx(expected)
+    assert attention.taps({"pairs": pairs}) == {"student": ["s1", "s2"], "teacher": ["t1", "t2"]}
+
+
+def test_attention_shape_mismatch_names_both_layers():
+    ctx = SimpleNamespace(student_features={"layer1": torch.ones(1, 2, 4, 4)},
+                          teacher_features={"layer2": torch.ones(1, 2, 2, 2)})
+    with pytest.raises(ShapeError, match=r"student 'layer1' has spatial size \(4, 4\), teacher 'layer2' has \(2, 2\)"):
+        attention(ctx, [["layer1", "layer2"]])
+
+
+def bn_layer(name, mean, var, running_mean, running_var, dtype=torch.float32):
+    return BNStats(name, torch.tensor(mean, dtype=dtype), torch.tensor(var, dtype=dtype),
+                   torch.tensor(running_mean), torch.tensor(running_var))
+
+
+def test_bn_stats_two_layers():
+    layers = [bn_layer("bn1", [1.0, 2.0], [1.0, 1.0], [1.0, 0.0], [4.0, 1.0]),
+              bn_layer("bn2", [3.0], [2.0], [0.0], [2.0])]
+    ctx = SimpleNamespace(teacher_bn=layers)
+    # l2: layer 1 ‖(0, 2)‖ + ‖(−3, 0)‖ = 5, layer 2 ‖3‖ + 0 = 3.
+    assert bn_stats(ctx).item() == approx(5 + 3)
+    assert bn_stats(ctx, first_layer_weight=10).item() == approx(10 * 5 + 3)
+    # mse: layer 1 (0 + 4)/2 + (9 + 0)/2 = 6.5, layer 2 9 + 0.
+    assert bn_stats(ctx, first_layer_weight=10, norm="mse").item() == approx(10 * 6.5 + 9)
+    with pytest.raises(ConfigError, match="bn_stats.norm must be one of l2, mse"):
+        bn_stats(ctx, norm="l1")
+
+
+def test_bn_stats_zero_at_running_stats_and_float32_from_bf16():
+    matched = SimpleNamespace(teacher_bn=[bn_layer("bn", [0.5, -1.0], [2.0, 0.25], [0.5, -1.0], [2.0, 0.25])])
+    assert bn_stats(matched).item() == 0.0
+    bf16 = SimpleNamespace(teacher_bn=[bn_layer("bn", [1.0], [2.0], [0.0], [1.0], dtype=torch.bfloat16)])
+    loss = bn_stats(bf16)
+    assert loss.dtype == torch.float32 and loss.item() == approx(2.0)
+
+
+def test_tv_both_norms():
+    # One 2×2 image [[1, 2], [4, 8]]: horizontal (−1, −4), vertical (−3, −6), diagonals 4 − 2 and 1 − 8.
+    ctx = SimpleNamespace(images=torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]]))
+    assert tv(ctx).item() == approx(math.sqrt(17) + math.sqrt(45) + 2 + 7)
+    assert tv(ctx, norm="l1").item() == approx(2.5 + 4.5 + 2 + 7)
+    with pytest.raises(ConfigError, match="tv.norm"):
+        tv(ctx, norm="l3")
+
+
+def test_l2_prior():
+    ctx = SimpleNamespace(images=torch.tensor([[[[3.0, 4.0]]], [[[6.0, 8.0]]]]))
+    assert l2_prior(ctx).item() == approx((5 + 10) / 2)
+
+
+# ---------------------------------------------------------------- contrastive
+def test_info_nce_hand_example():
+    # Instances e1 and e2, identical in both views; one bank negative −e1. At T = 1/2 similarities double.
+    e = torch.eye(2)
+    loss = info_nce(e, e, -e[:1], T=0.5)
+    # Anchor e1 sees its other view (sim 1), e2 twice (0) and −e1 (−1); anchor e2 sees e2 (1), e1 twice and −e1 (0).
+    loss_e1 = -math.log(math.exp(2) / (math.exp(2) + 2 + math.exp(-2)))
+    loss_e2 = -math.log(math.exp(2) / (math.exp(2) + 3))
+    assert loss.item() == approx((loss_e1 + loss_e2) / 2)
+
+
+def contrastive_ctx(images, embedding, local_embedding=None):
+    """A fake context whose teacher embeds any other view as ``local_embedding`` (default: the same
+    embedding, i.e. views that agree perfectly)."""
+    local = embedding if local_embedding is None else local_embedding
+    return SimpleNamespace(images=images, teacher_embedding=embedding, teacher_embed=lambda view: (None, local))
+
+
+def test_contrastive_prefers_agreeing_views():
+    torch.manual_seed(0)
+    images, embedding = torch.randn(8, 3, 16, 16), torch.randn(8, 12)
+    losses = []
+    for local in (None, torch.randn(8, 12)):
+        torch.manual_seed(1)
+        term = Contrastive(bank_size=16)
+        term.build(12)
+        losses.append(term(contrastive_ctx(images, embedding, local)))
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert losses[0] < losses[1]
+
+
+def test_contrastive_gradient_reaches_images_through_the_crop():
+    torch.manual_seed(0)
+    images, weight = torch.randn(4, 3, 16, 16, requires_grad=True), torch.randn(3, 6)
+
+    def embed(x):  # a linear "teacher"
+        return None, x.mean((2, 3)) @ weight
+
+    # The global embedding is detached, so any gradient on the images comes through the local crop.
+    ctx = SimpleNamespace(images=images, teacher_embedding=embed(images.detach())[1], teacher_embed=embed)
+    term = Contrastive(dim=4, hidden=8)
+    term.build(6)
+    term(ctx).backward()
+    assert images.grad.abs().sum() > 0 and term.head[0].weight.grad is not None
+
+
+def test_contrastive_bank_fills_and_wraps():
+    torch.manual_seed(0)
+    term = Contrastive(bank_size=5, dim=3, hidden=4)
+    term.build(6)
+    images = torch.randn(2, 3, 8, 8)
+    projections = []
+    for _ in range(3):
+        embedding = torch.randn(2, 6)
+        projections.append(term.project(embedding).detach())
+        term(contrastive_ctx(images, embedding))
+        if len(projections) < 3:
+            assert term.bank_filled.item() == term.bank_ptr.item() == 2 * len(projections)
+    # The third batch writes rows 4 and 0, overwriting the oldest entry.
+    assert term.bank_filled.item() == 5 and term.bank_ptr.item() == 1
+    (a1, b1), (a2, b2), (a3, b3) = projections
+    assert torch.allclose(term.bank, torch.stack([b3, b1, a2, b2, a3]))
+    assert {"bank", "bank_ptr", "bank_filled", "head.0.weight"} <= set(term.state_dict())
+
+
+def test_contrastive_requires_build():
+    with pytest.raises(RuntimeError, match="build"):
+        Contrastive()(contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.zeros(2, 4)))
+
+
+# ---------------------------------------------------------------- build_terms
+def test_build_terms_instantiates_class_terms():
+    (term,) = build_terms({"contrastive": {"weight": 0.8, "T": 0.1, "bank_size": 16}}, "phases.0.losses")
+    assert isinstance(term.fn, Contrastive) and term.weight == 0.8
+    assert term.fn.T == 0.1 and term.fn.bank.shape == (16, 128)
+    assert term.fn.needs == ("teacher",) and term.fn.taps(term.params) == {"teacher": [], "student": []}
+    term.fn.build(4)
+    ctx = contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.randn(2, 4))
+    assert torch.isfinite(term(ctx))  # called as instance(ctx)
+
+
+def test_build_terms_rejects_bad_params_and_weights():
+    with pytest.raises(ConfigError, match="phases.0.losses.contrastive: loss term 'contrastive' has no parameter "
+                                          "'bank_sise'; did you mean 'bank_size'"):
+        build_terms({"contrastive": {"bank_sise": 16}}, "phases.0.losses")
+    with pytest.raises(ConfigError, match="phases.0.losses.kd_kl.weight must be a number, got 'high'"):
+        build_terms({"kd_kl": "high"}, "phases.0.losses")
+    with pytest.raises(ConfigError, match="loss term 'attention' needs parameter pairs"):
+        build_terms({"attention": 250}, "phases.0.losses")
+
+
+def test_build_terms_tagged_duplicates():
+    terms = build_terms({"kd_kl": 1, "kd_kl@soft": {"weight": 0.5, "T": 4}}, "phases.0.losses")
+    assert [(term.name, term.weight, term.params) for term in terms] == [
+        ("kd_kl", 1.0, {}), ("kd_kl@soft", 0.5, {"T": 4})]
+    ctx = SimpleNamespace(teacher_logits=t([2.0, 0.0]), student_logits=t([0.0, 1.0]))
+    assert terms[1](ctx).item() == approx(kd_kl(ctx, T=4).item())
+    assert terms[0](ctx).item() != approx(terms[1](ctx).item())
