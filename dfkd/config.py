@@ -133,6 +133,8 @@ class TrainConfig:
     eval_every: int = 1                     # epochs
     log_every: int = 50                     # iterations
     eval_player: Optional[str] = None       # None: "student" if present, else the first model player
+    on_nan: Literal["stop", "rollback"] = "stop"   # rollback: reload ckpt/last.pt, reseed, go on
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -349,7 +351,10 @@ class _Validator:
         if origin is dict:
             if not isinstance(value, dict):
                 self.fail(key, f"'{key}' must be a mapping, got {type(value).__name__} {value!r}")
-            return {str(k): self.build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+            # a section mapped to null removes what a base config put there (``players: {generator: null}``)
+            drop = dataclasses.is_dataclass(args[1])
+            return {str(k): self.build(args[1], v, f"{key}.{k}") for k, v in value.items()
+                    if not (drop and v is None)}
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string

@@ -334,6 +334,7 @@ class Engine:
 
         self.step = 0
         self.best_acc = -1.0
+        self.rollbacks = 0
         self.history: list[dict] = []
         self.timers = {"train": 0.0, "synthesis": 0.0, "eval": 0.0}
         self._accum: dict[str, list[float]] = {}
@@ -558,9 +559,13 @@ class Engine:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
                 warming_up = self.step < self.config.synthesis.warmup_epochs * self.iters_per_epoch
-                for i, phase in enumerate(self.phases):
-                    if not warming_up or phase.player == SYNTHESIZER:
-                        self.run_phase(i, phase)
+                try:
+                    for i, phase in enumerate(self.phases):
+                        if not warming_up or phase.player == SYNTHESIZER:
+                            self.run_phase(i, phase)
+                except DivergenceError as exc:
+                    self._roll_back(exc)
+                    continue
                 self.step += 1
                 self.timers["train"] += time.perf_counter() - t0
                 bar.update(1)
@@ -576,6 +581,22 @@ class Engine:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
         return summary
+
+    def _roll_back(self, exc: DivergenceError) -> None:
+        """With ``train.on_nan: rollback``, return to the last checkpoint and continue with other
+        random draws; otherwise (or when out of rollbacks, or with no checkpoint) re-raise."""
+        last = self.run_dir / "ckpt" / "last.pt" if self.run_dir else None
+        tc = self.config.train
+        if tc.on_nan != "rollback" or not (last and last.exists()) or self.rollbacks >= tc.max_rollbacks:
+            raise exc
+        self.rollbacks += 1
+        self._load_state(ckpt_io.safe_load(last, map_location=self.device))
+        seed_everything(self.config.seed + rank() + 1000 * self.rollbacks)  # the same draws would diverge again
+        self._accum.clear()
+        self.logger.scalars(self.step, {"nan/rollbacks": self.rollbacks})
+        self.logger.text(self.step, "nan/rollback", f"{exc}; rolled back to iteration {self.step}")
+        print(f"dfkd: {exc}; rolled back to iteration {self.step} ({self.rollbacks}/{tc.max_rollbacks})",
+              file=sys.stderr)
 
     def _flush_losses(self) -> None:
         values = {k: sum(v) / len(v) for k, v in self._accum.items() if v}

@@ -123,3 +123,19 @@ def test_summary_is_written(tmp_path):
     engine.fit()
     summary = json.loads((engine.run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["final_acc"] is not None and summary["time_total_s"] > 0
+
+
+def test_nan_rollback_returns_to_the_last_checkpoint_and_finishes(tmp_path):
+    @losses.register("test_nan_once")
+    def nan_once(ctx):
+        nan_once.calls = getattr(nan_once, "calls", 0) + 1
+        return ctx.student_logits.mean() * 0 + (float("nan") if nan_once.calls == 3 else 0.0)
+
+    try:
+        engine = Engine(teacher_config(tmp_path, "train.epochs=2", "train.iters_per_epoch=2", "train.on_nan=rollback",
+                                       "phases.0.losses={ce: 1.0, test_nan_once: 1.0}"))
+        summary = engine.fit()
+        assert summary["steps"] == 4 and engine.rollbacks == 1
+        assert any(m.get("nan/rollbacks") == 1 for m in read_metrics(engine.run_dir))
+    finally:
+        losses.LOSSES._items.pop("test_nan_once")
