@@ -96,6 +96,7 @@ def run_sweep(args: argparse.Namespace, results: Path) -> None:
             elif config.teacher.checkpoint is None:
                 raise ConfigError(f"{name} distils a teacher: pass --teacher PATH (a model file)")
         plans.append((name, overrides))
+    results.parent.mkdir(parents=True, exist_ok=True)
 
     done = {(r.get("config"), r["seed"]) for r in read_jsonl(results)} if args.skip_done else set()
     for name, overrides in plans:
@@ -118,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sweep: error: {results} not found", file=sys.stderr)
             return 2
     else:
-        out = Path(args.out or f"runs/sweeps/{time.strftime('%Y%m%d-%H%M%S')}")
-        out.mkdir(parents=True, exist_ok=True)
-        results = out / "results.jsonl"
+        results = Path(args.out or f"runs/sweeps/{time.strftime('%Y%m%d-%H%M%S')}") / "results.jsonl"
         from dfkd.errors import DfkdError
 
         try:

@@ -1,0 +1,118 @@
+"""scripts/sweep.py and scripts/benchmark.py: the table arithmetic, and both end to end on tiny budgets."""
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfkd.config import load_config
+from dfkd.engine import Engine
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    """Scripts are not a package: import one from its path."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = load_script("sweep")
+benchmark = load_script("benchmark")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread: faster than two on a busy small CPU; restored so other tests keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_torch_thread():  # the scripts and the engine may set the thread count themselves
+        yield
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """A barely trained digits teacher: the scripts need a model file, not a good one."""
+    root = tmp_path_factory.mktemp("teacher")
+    with one_torch_thread():
+        summary = Engine(load_config("teacher/lenet5-digits", [
+            f"output.root={root}", "train.epochs=1", "train.iters_per_epoch=3", "output.tensorboard=false"])).fit()
+    return str(Path(summary["run_dir"]) / "ckpt" / "final.pt")
+
+
+def row(config, seed, final, best, **extra):
+    return {"config": config, "experiment": config.split("/")[-1], "seed": seed, "final_acc": final,
+            "best_acc": best, "teacher_acc": 98.0, "time_synthesis_s": 10.0 + seed, "time_total_s": 20.0 + seed,
+            **extra}
+
+
+def test_render_table_aggregates_seeds():
+    rows = [row("datafree/dfad-digits", s, f, b) for s, f, b in [(0, 90.0, 91.0), (1, 92.0, 95.0), (2, 94.0, 96.0)]]
+    rows.append(row("datafree/dfq-digits", 0, 85.5, 86.25))
+    lines = sweep.render_table(rows).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| method / experiment | teacher acc | final acc | best (on eval")
+    dfad = [c.strip() for c in lines[2].strip("|").split("|")]
+    # final 90/92/94: mean 92, sample std 2; best 91/95/96: mean 94, std sqrt(7) = 2.6458
+    assert dfad == ["datafree/dfad-digits", "98.00", "92.00 ± 2.00", "94.00 ± 2.65", "3", "11.0", "21.0", "0, 1, 2"]
+    dfq = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert dfq[2:5] == ["85.50", "86.25", "1"]  # one seed: the mean alone, no ±
+
+
+def test_render_table_counts_a_rerun_once_with_its_latest_result():
+    rows = [row("a", 0, 50.0, 50.0), row("a", 1, 70.0, 70.0), row("a", 0, 60.0, 60.0)]
+    cells = [c.strip() for c in sweep.render_table(rows).splitlines()[2].strip("|").split("|")]
+    assert cells[2] == "65.00 ± 7.07" and cells[4] == "2"
+
+
+def test_sweep_end_to_end_and_report(tmp_path, teacher, capsys):
+    out = tmp_path / "sweep"
+    args = ["--configs", "datafree/dfad-digits", "--seeds", "0", "1", "--teacher", teacher, "--out", str(out),
+            "--set", "train.epochs=1", "train.iters_per_epoch=2", "synthesis.batch_size=32",
+            "output.tensorboard=false", "runtime.num_threads=1"]
+    assert sweep.main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["config"], r["seed"], r["steps"]) for r in rows] == [("datafree/dfad-digits", 0, 2),
+                                                                   ("datafree/dfad-digits", 1, 2)]
+    table = (out / "results.md").read_text()
+    assert table in capsys.readouterr().out
+    line = next(line for line in table.splitlines() if line.startswith("| datafree/dfad-digits"))
+    assert "± " in line and line.rstrip().endswith("| 0, 1 |")
+
+    # a restart with --skip-done runs nothing new; --from-jsonl only renders
+    assert sweep.main([*args, "--skip-done"]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert sweep.main(["--from-jsonl", str(out / "results.jsonl"), "--table", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text() == table
+
+
+def test_sweep_without_teacher_fails_in_one_line(tmp_path, capsys):
+    assert sweep.main(["--configs", "datafree/dfad-digits", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--teacher" in err
+
+
+def test_benchmark_runs_both_variants(tmp_path, teacher, capsys):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--teacher", teacher, "--iters", "4", "--eval-every", "2", "--warmup", "1",
+                           "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("engine", "inline"):
+        v = report[name]
+        assert {"time_s", "final_acc", "student_teacher_ratio", "time_to_99pct_s", "iter_to_99pct"} <= v.keys()
+        assert [p["iter"] for p in v["runs"][0]["curve"]] == [2, 4] and v["time_s"] > 0
+    assert {"teacher_acc", "overhead_pct", "max_weight_diff"} <= report.keys()
+    # the same seed and the same computation: the two students agree (bitwise on CPU)
+    assert report["max_weight_diff"] < 1e-4 and report["engine"]["final_acc"] == report["inline"]["final_acc"]
+    assert "| engine |" in capsys.readouterr().out
