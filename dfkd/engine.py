@@ -303,7 +303,7 @@ class Engine:
         # Real data: the training split is read only if some phase trains on it. A data-free
         # config never touches it; the test split is read for evaluation only, and not at all
         # when data.eval is false.
-        uses_real = any(p.batch == "real" for p in self.phases)
+        uses_real = any(p.batch == "real" and p.player != SYNTHESIZER for p in self.phases)
         self.real = RealStream(TensorLoader(
             load_dataset(config.data.name, "train", config.data.root, config.data.download),
             config.data.batch_size, shuffle=True, augment=config.data.augment, drop_last=True,
@@ -363,6 +363,13 @@ class Engine:
             raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher`)")
         teacher, meta = ckpt_io.load_model(tc.checkpoint, self.device)
         arch = meta["arch"]
+        try:
+            with torch.no_grad():
+                teacher(torch.zeros((2, *self.info.shape), device=self.device))
+        except RuntimeError:
+            raise ShapeError(f"teacher {tc.checkpoint} ({arch['name']}, {arch.get('image_size')} px, trained on "
+                             f"{meta.get('dataset')}) does not take dataset '{self.info.name}' images of shape "
+                             f"{tuple(self.info.shape)}") from None
         if arch["num_classes"] != self.info.num_classes or arch["in_channels"] != self.info.shape[0]:
             raise ConfigError(f"teacher {tc.checkpoint} takes {arch['in_channels']} channels and predicts "
                               f"{arch['num_classes']} classes; dataset '{self.info.name}' has "
@@ -389,8 +396,11 @@ class Engine:
         from generators import create_generator
 
         kwargs = {"nz": 256, **net.kwargs}
-        generator = create_generator(net.name, img_shape=self.info.shape, num_classes=self.info.num_classes,
-                                     **kwargs)
+        try:
+            generator = create_generator(net.name, img_shape=self.info.shape, num_classes=self.info.num_classes,
+                                         **kwargs)
+        except ShapeError as exc:
+            raise ShapeError(f"generator '{net.name}' cannot make dataset '{self.info.name}' images: {exc}") from None
         with torch.no_grad():  # a generator must make what the teacher takes
             y = torch.zeros(2, dtype=torch.long) if getattr(generator, "conditional", False) else None
             shape = tuple(generator(torch.randn(2, generator.nz), y).shape[1:])
@@ -467,7 +477,7 @@ class Engine:
                 needs = getattr(term.fn, "needs", ())
                 if ({"teacher", "teacher_bn"} & set(needs)) and self.config.teacher is None:
                     raise ConfigError(f"phases.{i}.losses.{term.name} needs a teacher, and the config has none")
-                has_labels = phase.batch == "real" or syn.labels != "none"
+                has_labels = (phase.batch == "real" and phase.player != SYNTHESIZER) or syn.labels != "none"
                 if "labels" in needs and not has_labels:
                     raise ConfigError(f"phases.{i}.losses.{term.name} needs labels, and '{phase.batch}' batches "
                                       f"have none (set synthesis.labels to random or balanced)")
@@ -608,10 +618,9 @@ class Engine:
         self._accum.clear()
 
     @torch.no_grad()
-    def inspect_synthetic(self, images: torch.Tensor, grids: bool = False) -> dict[str, float]:
-        """What the teacher makes of a synthetic batch: class histogram, confidence histogram,
-        per-layer BN-statistics distance; with ``grids``, sample grids (all, and one row per
-        class the teacher predicts). Returns the scalars; histograms and images go to TensorBoard."""
+    def inspect_synthetic(self, images: torch.Tensor) -> dict[str, float]:
+        """What the teacher makes of a synthetic batch: class and confidence histograms (to
+        TensorBoard) and the per-layer BN-statistics distance (returned as scalars)."""
         if self.logger.writer is None:
             return {}
         tap = self.bn_tap or BNStatsTap(self.teacher)
@@ -627,17 +636,23 @@ class Engine:
                    for s in stats}
         counts = torch.bincount(pred, minlength=self.info.num_classes).float()
         scalars["synthetic/classes_present"] = float((counts > 0).sum())
-        scalars["synthetic/teacher_confidence"] = float(probs.max(1).values.mean())
-        if grids:
-            shown = denormalize(images[:64].float(), self.info)
-            self.logger.image_grid(self.step, "synthetic/samples", shown, nrow=8)
-            per_class = []  # up to 8 samples per predicted class, one row each, blank where fewer
-            blank = torch.ones_like(shown[0])
-            for k in range(self.info.num_classes):
-                picked = denormalize(images[pred == k][:8].float(), self.info)
-                per_class += list(picked) + [blank] * (8 - len(picked))
-            self.logger.image_grid(self.step, "synthetic/by_teacher_class", torch.stack(per_class), nrow=8)
+        scalars["synthetic/teacher_confidence_mean"] = float(probs.max(1).values.mean())
         return scalars
+
+    @torch.no_grad()
+    def log_sample_grids(self, images: torch.Tensor) -> None:
+        """Synthetic samples, all together and one row per class the teacher predicts."""
+        if self.logger.writer is None:
+            return
+        pred = self.forward(self.teacher, images).argmax(1)
+        shown = denormalize(images[:64].float(), self.info)
+        self.logger.image_grid(self.step, "synthetic/samples", shown, nrow=8)
+        per_class = []  # up to 8 samples per predicted class, one row each, blank where fewer
+        blank = torch.ones_like(shown[0])
+        for k in range(self.info.num_classes):
+            picked = denormalize(images[pred == k][:8].float(), self.info)
+            per_class += list(picked) + [blank] * (8 - len(picked))
+        self.logger.image_grid(self.step, "synthetic/by_teacher_class", torch.stack(per_class), nrow=8)
 
     def end_of_epoch(self, epoch: int) -> None:
         tc, oc = self.config.train, self.config.output
@@ -656,7 +671,7 @@ class Engine:
                 self.save_model("best.pt", result["acc"], epoch)
         if self.synth is not None and self.synth.last is not None and self.teacher is not None \
                 and (epoch % oc.image_every == 0 or last_epoch):
-            self.inspect_synthetic(self.synth.last.images, grids=True)
+            self.log_sample_grids(self.synth.last.images)
         self.history.append(record)
         if self.run_dir is not None:
             if last_epoch:

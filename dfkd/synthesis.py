@@ -44,7 +44,8 @@ class ImagePool:
         return self.count
 
     def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        images = images.detach()[: self.capacity]
+        images = images.detach()[-self.capacity:]  # a batch larger than the pool keeps its newest images
+        labels = labels[-self.capacity:] if labels is not None else None
         n = images.shape[0]
         index = (self.cursor + torch.arange(n, device=images.device)) % self.capacity
         self.images[index] = images.to(self.images.dtype)
@@ -185,8 +186,9 @@ class Synthesizer:
             optimizer.step()
             after_backward()
             # CMI keeps the best batch of the inner loop, the others the last one
-            if self.cfg.keep == "last" or float(loss) < best_loss:
-                best, best_loss = images.detach(), float(loss)
+            value = loss.item()
+            if self.cfg.keep == "last" or value < best_loss:
+                best, best_loss = images.detach(), value
         if self.cfg.kind == "meta":
             self._meta_update(gen)
         self.last = Batch(best, labels, "synthetic")

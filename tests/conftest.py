@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A LeNet-5 teacher trained on digits once per test session: (path to its ckpt/final.pt, final accuracy).
+
+    One thread: on a busy 2-core machine two threads can take 10x longer (2 s vs 20+ s); the
+    engine sets the thread count process-wide, so it is put back afterwards."""
+    import torch
+
+    from dfkd.config import load_config
+    from dfkd.engine import Engine
+
+    tmp = tmp_path_factory.mktemp("digits-teacher")
+    threads = torch.get_num_threads()
+    try:
+        summary = Engine(load_config("teacher/lenet5-digits", [f"output.root={tmp}", "train.epochs=8",
+                                                               "runtime.num_threads=1"])).fit()
+    finally:
+        torch.set_num_threads(threads)
+    path = Path(summary["run_dir"]) / "ckpt" / "final.pt"
+    assert path.is_file(), path
+    return path, summary["final_acc"]

@@ -1,0 +1,439 @@
+"""Data-free distillation through the engine: learning without real data, never reading the
+training split, what a run shows in TensorBoard (read back by TensorBoard itself), start-up
+errors on bad input, and the synthetic image pool."""
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dfkd.checkpoint
+import dfkd.data
+import dfkd.engine
+from dfkd.checkpoint import load_model, save_model
+from dfkd.config import load_config, named_configs
+from dfkd.engine import Engine
+from dfkd.errors import ConfigError, ShapeError, UnknownNameError
+from dfkd.models import create_model
+from dfkd.runs import read_metrics
+from dfkd.synthesis import ImagePool
+
+DATAFREE_CONFIGS = [n for n in named_configs() if n.startswith("datafree/")]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Runs here set runtime.num_threads=1 (robust on a loaded 2-core machine); the engine sets
+    it process-wide, so give the other tests their thread count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def untrained_teachers(tmp_path_factory):
+    """Model files of untrained LeNet-5s, one per dataset shape: a teacher that fits the data,
+    for tests that exercise the plumbing rather than learning."""
+    folder = tmp_path_factory.mktemp("untrained-teachers")
+    files = {}
+    for dataset, size in (("digits", 32), ("fashion-mnist", 28)):
+        torch.manual_seed(0)
+        arch = {"name": "lenet5", "in_channels": 1, "num_classes": 10, "image_size": size, "kwargs": {}}
+        model = create_model("lenet5", in_channels=1, num_classes=10, image_size=size)
+        files[dataset] = save_model(folder / f"{dataset}.pt", model, arch, dataset=dataset, accuracy=None)
+    return files
+
+
+def tiny(name: str, *extra: str) -> list[str]:
+    """Overrides that shrink any shipped data-free config to a couple of cheap iterations."""
+    phases = len(load_config(name).phases)
+    return [*(f"phases.{i}.steps=1" for i in range(phases)), "train.epochs=1", "train.iters_per_epoch=2",
+            "synthesis.batch_size=16", "synthesis.warmup_epochs=0", "runtime.num_threads=1", *extra]
+
+
+def dataset_of(name: str) -> str:
+    return load_config(name).data.name
+
+
+# --------------------------------------------------------------------------------------
+# 1. Learning without data
+# --------------------------------------------------------------------------------------
+def test_dfad_student_learns_digits_without_real_data(tmp_path, digits_teacher):
+    teacher_path, teacher_acc = digits_teacher
+    assert teacher_acc > 90.0, f"the fixture teacher is too weak to distill from: {teacher_acc}"
+    # 120 iterations of DFAD (5 student steps on fresh synthetic batches, 1 generator step);
+    # batch 64 and one thread keep it at ~20 s on 2 busy cores. Measured with a 99.6% teacher:
+    # 79.1% (seed 0), 70-82% over seeds 0-4; the threshold leaves room for other CPUs' numerics.
+    cfg = load_config("datafree/dfad-digits", [
+        f"output.root={tmp_path}", f"teacher.checkpoint={teacher_path}", "seed=0",
+        "train.epochs=3", "train.iters_per_epoch=40", "synthesis.batch_size=64", "runtime.num_threads=1"])
+    t0 = time.perf_counter()
+    engine = Engine(cfg)
+    summary = engine.fit()
+    wall = time.perf_counter() - t0
+    print(f"dfad-digits: student {summary['final_acc']:.2f}% (teacher {teacher_acc:.2f}%) in {wall:.1f} s")
+
+    assert summary["final_acc"] > 60.0, summary          # chance is 10%; 450 held-out test digits
+    assert summary["best_acc"] >= summary["final_acc"]
+    assert summary["teacher_acc"] == pytest.approx(teacher_acc)
+    assert summary["steps"] == 120 and summary["time_synthesis_s"] > 0
+
+    metrics = read_metrics(engine.run_dir)
+    assert [m["step"] for m in metrics if "eval/acc" in m] == [40, 80, 120]
+    assert [m["eval/teacher_acc"] for m in metrics if "eval/teacher_acc" in m] == [pytest.approx(teacher_acc)]
+    student, meta = load_model(engine.run_dir / "ckpt" / "final.pt")
+    assert meta["arch"]["name"] == "lenet5_half" and meta["dataset"] == "digits"
+    assert meta["accuracy"] == pytest.approx(summary["final_acc"])
+
+
+# --------------------------------------------------------------------------------------
+# 2. Privacy: the training split is never read
+# --------------------------------------------------------------------------------------
+def guard_load_dataset(monkeypatch) -> list[tuple[str, str]]:
+    """Wrap load_dataset (the engine's imported name and the module's): the train split fails
+    the test on the spot, the test split passes through. Returns the list of calls."""
+    calls: list[tuple[str, str]] = []
+    original = dfkd.data.load_dataset
+
+    def guarded(name, split, *args, **kwargs):
+        calls.append((name, split))
+        if split == "train":
+            raise AssertionError(f"a data-free run read the training split of {name}")
+        return original(name, split, *args, **kwargs)
+
+    monkeypatch.setattr(dfkd.engine, "load_dataset", guarded)
+    monkeypatch.setattr(dfkd.data, "load_dataset", guarded)
+    return calls
+
+
+@pytest.mark.parametrize("name", [n for n in DATAFREE_CONFIGS if dataset_of(n) == "digits"])
+def test_datafree_run_never_reads_the_training_split(name, tmp_path, monkeypatch, untrained_teachers):
+    calls = guard_load_dataset(monkeypatch)
+    cfg = load_config(name, tiny(name, f"output.root={tmp_path}", f"teacher.checkpoint={untrained_teachers['digits']}"))
+    summary = Engine(cfg).fit()
+    assert summary["steps"] == 2
+    assert calls and all(split == "test" for _, split in calls), calls   # read for evaluation only
+    assert summary["final_acc"] is not None
+
+
+@pytest.mark.parametrize("name", DATAFREE_CONFIGS)
+def test_datafree_run_without_eval_reads_no_data_at_all(name, tmp_path, monkeypatch, untrained_teachers):
+    calls = guard_load_dataset(monkeypatch)
+    cfg = load_config(name, tiny(name, f"output.root={tmp_path}", "data.eval=false",
+                                 f"teacher.checkpoint={untrained_teachers[dataset_of(name)]}"))
+    engine = Engine(cfg)
+    summary = engine.fit()
+    assert calls == []
+    assert summary["steps"] == 2
+    assert summary["final_acc"] is None and summary["best_acc"] is None
+    assert not any("eval/acc" in m or "eval/teacher_acc" in m for m in read_metrics(engine.run_dir))
+    assert (engine.run_dir / "ckpt" / "final.pt").is_file()   # the student is still saved
+
+
+# --------------------------------------------------------------------------------------
+# 3. TensorBoard: what a data-free run writes, read back with TensorBoard's own reader
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory, digits_teacher):
+    """A tiny DFAD run: 2 epochs of 5 iterations, losses logged and images drawn every epoch."""
+    root = tmp_path_factory.mktemp("tb-run")
+    cfg = load_config("datafree/dfad-digits", [
+        f"output.root={root}", f"teacher.checkpoint={digits_teacher[0]}", "train.epochs=2",
+        "train.iters_per_epoch=5", "train.log_every=5", "output.image_every=1", "synthesis.batch_size=32",
+        "runtime.num_threads=1"])
+    threads = torch.get_num_threads()   # module scope: set up before the per-test thread guard
+    try:
+        engine = Engine(cfg)
+        engine.fit()
+    finally:
+        torch.set_num_threads(threads)
+    return engine.run_dir
+
+
+def accumulate(run_dir: Path):
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    keep_all = {kind: 0 for kind in (ea.SCALARS, ea.IMAGES, ea.HISTOGRAMS, ea.COMPRESSED_HISTOGRAMS,
+                                     ea.TENSORS, ea.AUDIO)}
+    acc = ea.EventAccumulator(str(run_dir), size_guidance=keep_all)
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_events_of_a_datafree_run(tb_run):
+    acc = accumulate(tb_run)
+    tags = acc.Tags()
+    scalars = set(tags["scalars"])
+    assert {"loss/student/l1_logits", "loss/generator/adv_l1", "eval/acc", "eval/best_acc", "eval/teacher_acc",
+            "time/synthesis_s", "synthetic/classes_present"} <= scalars, sorted(scalars)
+    assert any(t.startswith("bn_distance/") for t in scalars), sorted(scalars)
+    # the global step is the iteration: evaluation after each 5-iteration epoch, the teacher's before any
+    assert [e.step for e in acc.Scalars("eval/acc")] == [5, 10]
+    assert [e.step for e in acc.Scalars("eval/teacher_acc")] == [0]
+    assert [e.step for e in acc.Scalars("loss/student/l1_logits")] == [5, 10]
+    assert all(math.isfinite(e.value) for e in acc.Scalars("loss/generator/adv_l1"))
+    assert all(1 <= e.value <= 10 for e in acc.Scalars("synthetic/classes_present"))
+    # scalars in TensorBoard are the ones in metrics.jsonl
+    jsonl = {m["step"]: m["eval/acc"] for m in read_metrics(tb_run) if "eval/acc" in m}
+    assert {e.step: pytest.approx(e.value, abs=1e-4) for e in acc.Scalars("eval/acc")} == jsonl
+
+    assert {"synthetic/samples", "synthetic/by_teacher_class"} <= set(tags["images"])
+    for tag in ("synthetic/samples", "synthetic/by_teacher_class"):
+        assert [e.step for e in acc.Images(tag)] == [5, 10], tag      # one grid per epoch
+        assert all(e.width > 0 and e.height > 0 and e.encoded_image_string for e in acc.Images(tag))
+    # one row of up to 8 samples per class: 10 rows of 32 px + padding, 8 columns
+    by_class = acc.Images("synthetic/by_teacher_class")[0]
+    assert (by_class.width, by_class.height) == (8 * 33 + 1, 10 * 33 + 1)
+
+    assert {"synthetic/teacher_class", "synthetic/teacher_confidence"} <= set(tags["histograms"])
+    counts = acc.Histograms("synthetic/teacher_class")[-1].histogram_value
+    assert counts.num == 32                                 # one entry per synthetic image
+    confidence = acc.Histograms("synthetic/teacher_confidence")[-1].histogram_value
+    assert 0.1 - 1e-6 <= confidence.min <= confidence.max <= 1.0 + 1e-6
+
+
+def test_no_tag_is_both_a_scalar_and_a_histogram(tb_run):
+    tags = accumulate(tb_run).Tags()
+    assert set(tags["scalars"]) & set(tags["histograms"]) == set()
+
+
+def test_histograms_are_logged_once_per_step(tb_run):
+    steps = [e.step for e in accumulate(tb_run).Histograms("synthetic/teacher_class")]
+    assert steps == sorted(set(steps))
+
+
+# --------------------------------------------------------------------------------------
+# 4. A real TensorBoard server on loopback serves the run
+# --------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tensorboard_server_serves_the_run(tb_run, tmp_path):
+    pytest.importorskip("tensorboard.main", reason="tensorboard is not installed")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    log = (tmp_path / "tensorboard.log").open("w+")
+
+    def get(path: str, **query):
+        url = base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        with opener.open(url, timeout=5) as response:
+            return json.loads(response.read())
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tb_run.parent), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast=false", "--reload_interval=1"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    run = tb_run.name
+    try:
+        deadline, answered = time.monotonic() + 40, False
+        runs = scalar_tags = image_tags = None
+        while time.monotonic() < deadline:
+            if server.poll() is not None and not answered:
+                log.seek(0)
+                pytest.skip(f"tensorboard exited with {server.returncode} before serving: {log.read()[-500:]}")
+            try:
+                runs = get("/data/runs")
+                answered = True
+                scalar_tags = get("/data/plugin/scalars/tags")
+                image_tags = get("/data/plugin/images/tags")
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+                continue
+            if run in runs and "eval/acc" in scalar_tags.get(run, {}) \
+                    and "synthetic/samples" in image_tags.get(run, {}):
+                break
+            time.sleep(0.3)
+        log.seek(0)
+        output = log.read()[-1000:]
+        assert answered, f"tensorboard did not answer on {base} within 40 s: {output}"
+        assert runs == [run], (runs, output)
+        assert {"eval/acc", "eval/teacher_acc", "loss/student/l1_logits"} <= set(scalar_tags[run]), scalar_tags
+        assert {"synthetic/samples", "synthetic/by_teacher_class"} <= set(image_tags[run]), image_tags
+
+        served = get("/data/plugin/scalars/scalars", run=run, tag="eval/acc")   # [[wall_time, step, value], ...]
+        logged = [(m["step"], m["eval/acc"]) for m in read_metrics(tb_run) if "eval/acc" in m]
+        assert [step for _, step, _ in served] == [step for step, _ in logged] == [5, 10]
+        for (_, _, value), (_, expected) in zip(served, logged):
+            assert value == pytest.approx(expected, abs=1e-4)
+        samples = get("/data/plugin/images/images", run=run, tag="synthetic/samples", sample=0)
+        assert [entry["step"] for entry in samples] == [5, 10]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+# --------------------------------------------------------------------------------------
+# 5. Bad input: one-line errors at start-up, nothing deleted
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def output_root(tmp_path):
+    """An output root that already holds things: a sentinel file and an earlier run."""
+    root = tmp_path / "runs"
+    (root / "dfq-digits" / "20200101-000000_s0" / "ckpt").mkdir(parents=True)
+    (root / "SENTINEL").write_text("keep me")
+    (root / "dfq-digits" / "20200101-000000_s0" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (root / "dfq-digits" / "20200101-000000_s0" / "ckpt" / "final.pt").write_bytes(b"weights")
+    before = {p: (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+    yield root
+    after = {p: (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+    assert after == before, "a failed start changed the output root (deleted, altered or left something)"
+
+
+def one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message, repr(message)
+    return message
+
+
+def without_batchnorm(model: nn.Module) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return model
+
+
+def test_bn_stats_loss_with_a_teacher_without_batchnorm(output_root, monkeypatch, digits_teacher):
+    original = dfkd.checkpoint.load_model
+
+    def load_without_batchnorm(*args, **kwargs):
+        model, meta = original(*args, **kwargs)
+        return without_batchnorm(model), meta
+
+    monkeypatch.setattr(dfkd.checkpoint, "load_model", load_without_batchnorm)
+    cfg = load_config("datafree/dfq-digits", [f"output.root={output_root}", f"teacher.checkpoint={digits_teacher[0]}",
+                                              "data.eval=false"])
+    assert "bn_stats" in cfg.phases[0].losses
+    with pytest.raises(ConfigError) as exc_info:
+        Engine(cfg)
+    assert "BatchNorm" in one_line(exc_info)
+
+
+def test_unknown_loss_term(output_root, untrained_teachers):
+    cfg = load_config("datafree/dfad-digits", [f"output.root={output_root}", "phases.0.losses={nope: 1.0}",
+                                               f"teacher.checkpoint={untrained_teachers['digits']}", "data.eval=false"])
+    with pytest.raises(UnknownNameError) as exc_info:
+        Engine(cfg)
+    message = one_line(exc_info)
+    assert "unknown loss term 'nope'" in message and "l1_logits" in message   # lists the known terms
+
+
+def test_unknown_method_config(output_root):
+    with pytest.raises(ConfigError) as exc_info:
+        load_config("datafree/nope-digits", [f"output.root={output_root}"])
+    message = one_line(exc_info)
+    assert "'datafree/nope-digits' not found" in message
+    assert "did you mean" in message and "datafree/" in message.split("did you mean", 1)[1]
+
+
+def test_pool_batch_without_a_pool(output_root):
+    with pytest.raises(ConfigError) as exc_info:
+        load_config("datafree/dfad-digits", [f"output.root={output_root}", "phases.0.batch=pool"])
+    message = one_line(exc_info)
+    assert "phases.0.batch 'pool'" in message and "pool_size" in message
+
+
+def test_generator_that_cannot_make_the_dataset_shape(output_root, untrained_teachers):
+    # dcgan_deep upsamples 3 times, so it needs sides divisible by 8; Fashion-MNIST is 28x28
+    cfg = load_config("datafree/dfad-fmnist", [
+        f"output.root={output_root}", f"teacher.checkpoint={untrained_teachers['fashion-mnist']}",
+        "players.generator.net.name=dcgan_deep", "data.eval=false"])
+    with pytest.raises(ShapeError) as exc_info:
+        Engine(cfg)
+    message = one_line(exc_info)
+    assert "DeepDCGANGenerator" in message or "dcgan_deep" in message
+    assert "(1, 28, 28)" in message
+
+
+def test_teacher_that_does_not_take_the_dataset_shape(tmp_path, untrained_teachers):
+    cfg = load_config("datafree/dfad-fmnist", [f"output.root={tmp_path}", "data.eval=false",
+                                               f"teacher.checkpoint={untrained_teachers['digits']}"])
+    with pytest.raises((ShapeError, ConfigError)):
+        Engine(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Image pool
+# --------------------------------------------------------------------------------------
+def numbered(values, shape=(1, 2, 2)) -> torch.Tensor:
+    """Images whose pixels all equal their number, to tell them apart."""
+    return torch.tensor(values, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, *shape).clone()
+
+
+def ids(pool: ImagePool) -> list[int]:
+    return [int(v) for v in pool.images[: pool.count, 0, 0, 0]]
+
+
+def test_image_pool_is_fifo():
+    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    assert len(pool) == 0
+    pool.add(numbered([0, 1, 2]), torch.tensor([0, 1, 2]))
+    assert len(pool) == 3 and ids(pool) == [0, 1, 2]
+    pool.add(numbered([3, 4, 5, 6]), torch.tensor([3, 4, 5, 6]))
+    assert len(pool) == 5
+    assert sorted(ids(pool)) == [2, 3, 4, 5, 6]             # the oldest two (0, 1) were replaced
+    assert ids(pool) == [5, 6, 2, 3, 4]                     # written in place of 0 and 1
+    assert pool.labels.tolist() == ids(pool)                # labels travel with their images
+    pool.add(numbered([7]))                                 # unlabeled images: label -1
+    assert sorted(ids(pool)) == [3, 4, 5, 6, 7] and pool.labels[ids(pool).index(7)] == -1
+
+
+def test_image_pool_sample():
+    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    pool.add(numbered([10, 11, 12]), torch.tensor([0, 1, 2]))
+    images, labels = pool.sample(8)                         # with replacement, from filled slots only
+    assert images.shape == (8, 1, 2, 2) and labels.shape == (8,) and labels.dtype == torch.long
+    assert set(int(v) for v in images[:, 0, 0, 0]) <= {10, 11, 12}
+    assert all(int(images[i, 0, 0, 0]) - 10 == int(labels[i]) for i in range(8))
+
+
+def test_image_pool_state_dict_round_trip():
+    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    pool.add(numbered([0, 1, 2]), torch.tensor([0, 1, 2]))
+    pool.add(numbered([3, 4, 5, 6]), torch.tensor([3, 4, 5, 6]))
+    state = pool.state_dict()
+    restored = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    restored.load_state_dict(state)
+    assert len(restored) == 5 and restored.cursor == pool.cursor
+    assert torch.equal(restored.images, pool.images) and torch.equal(restored.labels, pool.labels)
+    restored.add(numbered([7]), torch.tensor([7]))          # and it continues where the original was
+    pool.add(numbered([7]), torch.tensor([7]))
+    assert ids(restored) == ids(pool)
+
+    partial = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    partial.add(numbered([8, 9]))
+    again = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    again.load_state_dict(partial.state_dict())
+    assert len(again) == 2 and ids(again) == [8, 9] and again.labels[:2].tolist() == [-1, -1]
+
+
+def test_empty_image_pool_sample_is_a_config_error():
+    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="image pool is empty"):
+        pool.sample(4)
+
+
+def test_image_pool_add_batch_larger_than_capacity():
+    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    pool.add(numbered(range(7)), torch.arange(7))
+    assert len(pool) == 5 and sorted(ids(pool)) == [2, 3, 4, 5, 6]
+    assert sorted(pool.labels.tolist()) == [2, 3, 4, 5, 6]
