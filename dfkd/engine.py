@@ -294,7 +294,7 @@ class Engine:
 
         self.info = dataset_info(config.data.name)
         self.teacher = self._build_teacher()
-        self.phases = [dataclasses.replace(p, name=p.name or p.player) for p in config.phases]
+        self.phases = _named_phases(config.phases)
         self.terms: dict[int, list[WeightedTerm]] = {
             i: build_terms(p.losses, f"phases.{i}.losses") for i, p in enumerate(self.phases)}
         self._check_needs()
@@ -326,8 +326,7 @@ class Engine:
         self.term_optimizers = self._build_term_modules()
         if self.student_taps_paths:
             self.student_taps = FeatureTap(self.players[self._student_name()].module, self.student_taps_paths)
-        eval_name = tc.eval_player or ("student" if "student" in self.players else next(
-            (n for n, p in self.players.items() if p.kind == "model"), None))
+        eval_name = self._student_name()
         if eval_name not in self.players or self.players[eval_name].kind != "model":
             raise ConfigError(f"train.eval_player '{eval_name}' is not a model player")
         self.student = self.players[eval_name]
@@ -418,6 +417,8 @@ class Engine:
         """Hooks on the teacher: BN statistics (when a term needs them), the input of its last
         linear layer (its embedding), and the feature paths terms ask for."""
         self.bn_tap = self.teacher_taps = self.student_taps = None
+        self._bn_phases = {p.name for i, p in enumerate(self.phases)
+                           if any("teacher_bn" in getattr(t.fn, "needs", ()) for t in self.terms[i])}
         self.teacher_embedding: dict[str, torch.Tensor] = {}
         self.student_taps_paths: list[str] = []
         if self.teacher is None:
@@ -439,8 +440,7 @@ class Engine:
         self.student_taps_paths = student_paths
 
     def phase_needs_bn(self, phase: PhaseConfig) -> bool:
-        index = self.phases.index(phase)
-        return any("teacher_bn" in getattr(t.fn, "needs", ()) for t in self.terms[index])
+        return phase.name in self._bn_phases
 
     def _build_term_modules(self) -> dict[str, torch.optim.Optimizer]:
         """Stateful terms (nn.Module) live on the device; those with parameters (e.g. the
@@ -549,8 +549,9 @@ class Engine:
             self.timers["synthesis"] += time.perf_counter() - t0
 
     def _record(self, phase: str, values: dict[str, torch.Tensor]) -> None:
+        # kept as device tensors: converting here would synchronize a GPU once per term and step
         for k, v in values.items():
-            self._accum.setdefault(f"loss/{phase}/{k}", []).append(float(v))
+            self._accum.setdefault(f"loss/{phase}/{k}", []).append(v.float())
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -609,7 +610,7 @@ class Engine:
               file=sys.stderr)
 
     def _flush_losses(self) -> None:
-        values = {k: sum(v) / len(v) for k, v in self._accum.items() if v}
+        values = {k: float(torch.stack(v).mean()) for k, v in self._accum.items() if v}
         values.update({f"lr/{name}": p.lr for name, p in self.players.items()})
         values.update({f"time/{k}_s": v for k, v in self.timers.items()})
         if self.synth is not None and self.synth.last is not None and self.teacher is not None:
@@ -773,6 +774,19 @@ class Engine:
         self.step, self.best_acc = state["step"], state["best_acc"]
         self.history, self.timers = list(state["history"]), dict(state["timers"])
         set_rng_state(state["rng"])
+
+
+def _named_phases(phases: list[PhaseConfig]) -> list[PhaseConfig]:
+    """Phases named after their player unless named in the config; a second phase of the same
+    player becomes ``<player>.2`` so that its losses are logged apart."""
+    named, seen = [], {}
+    for p in phases:
+        base = p.name or p.player
+        seen[base] = seen.get(base, 0) + 1
+        named.append(dataclasses.replace(p, name=base if seen[base] == 1 else f"{base}.{seen[base]}"))
+    if len({p.name for p in named}) != len(named):
+        raise ConfigError(f"phase names must be unique, got {', '.join(p.name for p in named)}")
+    return named
 
 
 def _flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:

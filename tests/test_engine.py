@@ -152,3 +152,13 @@ def test_bf16_autocast_trains(tmp_path):
     losses_logged = [m["loss/model/ce"] for m in read_metrics(engine.run_dir) if "loss/model/ce" in m]
     assert len(losses_logged) == 4 and all(0 < v < 10 for v in losses_logged)
     assert all(p.dtype == torch.float32 for p in engine.student.module.parameters())  # master weights stay fp32
+
+
+def test_two_phases_of_one_player_are_logged_apart(tmp_path):
+    engine = Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=2", "train.log_every=1",
+                                   "phases=[{player: model, losses: {ce: 1.0}}, {player: model, losses: {ce: 0.5}}]"))
+    assert [p.name for p in engine.phases] == ["model", "model.2"]
+    engine.fit()
+    logged = {k for m in read_metrics(engine.run_dir) for k in m}
+    assert {"loss/model/ce", "loss/model.2/ce"} <= logged
+    assert engine.players["model"].steps == 4  # both phases step the same optimizer
