@@ -333,6 +333,7 @@ class Engine:
 
         self.step = 0
         self.best_acc = -1.0
+        self.teacher_acc: float | None = None
         self.rollbacks = 0
         self.history: list[dict] = []
         self.timers = {"train": 0.0, "synthesis": 0.0, "eval": 0.0}
@@ -562,9 +563,9 @@ class Engine:
 
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not (show and is_main_process()),
                    desc=self.config.experiment, dynamic_ncols=True, leave=False)
-        if self.step == 0 and self.teacher is not None and self.test_loader is not None:
-            acc = self.evaluate(self.teacher)["acc"]
-            self.logger.scalars(0, {"eval/teacher_acc": acc})
+        if self.teacher is not None and self.test_loader is not None and self.teacher_acc is None:
+            self.teacher_acc = self.evaluate(self.teacher)["acc"]
+            self.logger.scalars(0, {"eval/teacher_acc": self.teacher_acc})
         t_start = time.perf_counter()
         try:
             while self.step < self.total_iters:
@@ -663,7 +664,7 @@ class Engine:
             t0 = time.perf_counter()
             result = self.evaluate(self.student.module)
             self.timers["eval"] += time.perf_counter() - t0
-            record.update(acc=result["acc"], loss=result["loss"])
+            record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(self.timers["train"], 2))
             improved = result["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, result["acc"])
             self.logger.scalars(self.step, {"eval/acc": result["acc"], "eval/loss": result["loss"],
@@ -696,9 +697,12 @@ class Engine:
 
     def summary(self, wall: float) -> dict:
         final = next((h for h in reversed(self.history) if "acc" in h), {})
+        # time (training, evaluation excluded) to the first evaluation at >= 99% of the teacher
+        reached = next((h for h in self.history if self.teacher_acc and h.get("acc", -1) >= 0.99 * self.teacher_acc),
+                       {})
         return {"experiment": self.config.experiment, "seed": self.config.seed, "steps": self.step,
                 "final_acc": final.get("acc"), "best_acc": self.best_acc if self.best_acc >= 0 else None,
-                "teacher_acc": getattr(self, "teacher_meta", {}).get("accuracy"),
+                "teacher_acc": self.teacher_acc, "time_to_99pct_teacher_s": reached.get("time_train_s"),
                 "time_total_s": round(wall, 2), "time_train_s": round(self.timers["train"], 2),
                 "time_synthesis_s": round(self.timers["synthesis"], 2), "time_eval_s": round(self.timers["eval"], 2),
                 "run_dir": str(self.run_dir) if self.run_dir else None}
@@ -729,7 +733,8 @@ class Engine:
     def state_dict(self) -> dict:
         return {"format": ckpt_io.STATE_FORMAT, "identity": self.identity(),
                 "identity_sha256": hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest(),
-                "step": self.step, "best_acc": self.best_acc, "history": self.history, "timers": self.timers,
+                "step": self.step, "best_acc": self.best_acc, "teacher_acc": self.teacher_acc,
+                "history": self.history, "timers": self.timers,
                 "players": {n: p.state_dict() for n, p in self.players.items()},
                 "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "real": self.real.state_dict() if self.real else None,
@@ -771,7 +776,7 @@ class Engine:
                     t.fn.load_state_dict(state["terms"][f"{i}.{t.name}"])
         for key, opt in self.term_optimizers.items():
             opt.load_state_dict(state["term_optimizers"][key])
-        self.step, self.best_acc = state["step"], state["best_acc"]
+        self.step, self.best_acc, self.teacher_acc = state["step"], state["best_acc"], state["teacher_acc"]
         self.history, self.timers = list(state["history"]), dict(state["timers"])
         set_rng_state(state["rng"])
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 COLUMNS = ["method / experiment", "teacher acc", "final acc", "best (on eval split)", "n seeds",
-           "synthesis s", "total s", "seeds"]
+           "synthesis s", "total s", "to 99% of teacher s", "seeds"]
 
 
 def _mean_std(values: list) -> str:
@@ -35,6 +35,12 @@ def _mean_std(values: list) -> str:
 def _mean(values: list, digits: int) -> str:
     values = [v for v in values if v is not None]
     return f"{statistics.mean(values):.{digits}f}" if values else "–"
+
+
+def _reached(values: list) -> str:
+    """Mean time over the seeds that reached the target, and how many did."""
+    hit = [v for v in values if v is not None]
+    return "–" if not hit else f"{statistics.mean(hit):.1f} ({len(hit)}/{len(values)})"
 
 
 def render_table(rows: list[dict]) -> str:
@@ -52,7 +58,7 @@ def render_table(rows: list[dict]) -> str:
             return [r.get(key) for r in group]
         cells = [name, _mean(col("teacher_acc"), 2), _mean_std(col("final_acc")), _mean_std(col("best_acc")),
                  str(len(group)), _mean(col("time_synthesis_s"), 1), _mean(col("time_total_s"), 1),
-                 ", ".join(str(s) for s in sorted(col("seed")))]
+                 _reached(col("time_to_99pct_teacher_s")), ", ".join(str(s) for s in sorted(col("seed")))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -123,6 +123,7 @@ def test_summary_is_written(tmp_path):
     engine.fit()
     summary = json.loads((engine.run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["final_acc"] is not None and summary["time_total_s"] > 0
+    assert summary["teacher_acc"] is None and summary["time_to_99pct_teacher_s"] is None  # no teacher here
 
 
 def test_nan_rollback_returns_to_the_last_checkpoint_and_finishes(tmp_path):

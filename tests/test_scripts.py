@@ -65,9 +65,18 @@ def test_render_table_aggregates_seeds():
     assert len(lines) == 4 and lines[0].startswith("| method / experiment | teacher acc | final acc | best (on eval")
     dfad = [c.strip() for c in lines[2].strip("|").split("|")]
     # final 90/92/94: mean 92, sample std 2; best 91/95/96: mean 94, std sqrt(7) = 2.6458
-    assert dfad == ["datafree/dfad-digits", "98.00", "92.00 ± 2.00", "94.00 ± 2.65", "3", "11.0", "21.0", "0, 1, 2"]
+    assert dfad == ["datafree/dfad-digits", "98.00", "92.00 ± 2.00", "94.00 ± 2.65", "3", "11.0", "21.0", "–",
+                    "0, 1, 2"]
     dfq = [c.strip() for c in lines[3].strip("|").split("|")]
     assert dfq[2:5] == ["85.50", "86.25", "1"]  # one seed: the mean alone, no ±
+
+
+def test_render_table_time_to_target_counts_the_seeds_that_reached_it():
+    rows = [row("a", s, 99.0, 99.0) for s in range(3)]
+    for r, t in zip(rows, [10.0, None, 20.0]):
+        r["time_to_99pct_teacher_s"] = t
+    cells = [c.strip() for c in sweep.render_table(rows).splitlines()[2].strip("|").split("|")]
+    assert cells[7] == "15.0 (2/3)"
 
 
 def test_render_table_counts_a_rerun_once_with_its_latest_result():
