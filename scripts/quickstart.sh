@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The main job on the embedded default dataset (scikit-learn's digits): train a LeNet-5
 # teacher, then distil it into LeNet-5-half without reading a single training image.
-# Installs into .venv first if needed. METHOD picks the data-free method (default: dfad).
+# Installs into .venv first if needed. METHOD picks the data-free method (default: dfq).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$repo"
 out="${DFKD_OUT:-runs}"
-method="${METHOD:-dfad}"
+method="${METHOD:-dfq}"
 summary=$(dfkd teacher --config teacher/lenet5-digits --out "$out")
 echo "teacher: $summary"
 teacher="$(python -c 'import json, sys; print(json.loads(sys.argv[1])["run_dir"])' "$summary")/ckpt/final.pt"
