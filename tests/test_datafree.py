@@ -437,3 +437,47 @@ def test_image_pool_add_batch_larger_than_capacity():
     pool.add(numbered(range(7)), torch.arange(7))
     assert len(pool) == 5 and sorted(ids(pool)) == [2, 3, 4, 5, 6]
     assert sorted(pool.labels.tolist()) == [2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------------------
+# 7. Resume of data-free runs: generators, pools, memory banks, term optimizers, RNG
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["datafree/dfq-digits", "datafree/cmi-digits", "datafree/fast-digits"])
+def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, monkeypatch, untrained_teachers):
+    overrides = [*tiny(name, "train.epochs=3", "synthesis.pool_size=24", "runtime.deterministic=true",
+                       "output.tensorboard=false", "data.eval=false"),
+                 f"teacher.checkpoint={untrained_teachers['digits']}"]
+    config = lambda root: load_config(name, [f"output.root={root}", *overrides])  # noqa: E731
+
+    full = Engine(config(tmp_path / "full"))
+    full.fit()
+
+    killed = Engine(config(tmp_path / "killed"))
+    original = Engine.end_of_epoch
+
+    def die_after_epoch_1(self, epoch):
+        original(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "end_of_epoch", die_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    monkeypatch.setattr(Engine, "end_of_epoch", original)
+    resumed = Engine(config(tmp_path / "killed"), resume=killed.run_dir / "ckpt" / "last.pt")
+    assert resumed.step == 2
+    resumed.fit()
+
+    def everything(engine):
+        state = {f"{n}.{k}": v for n, p in engine.players.items() for k, v in p.module.state_dict().items()}
+        synth = engine.synth.state_dict()
+        state.update({f"pool.{k}": v for k, v in synth.get("pool", {}).items() if torch.is_tensor(v)})
+        state.update({f"synth_gen.{k}": v for k, v in synth.get("generator", {}).items()})
+        state.update({f"term.{i}.{t.name}.{k}": v for i, ts in engine.terms.items() for t in ts
+                      if isinstance(t.fn, torch.nn.Module) for k, v in t.fn.state_dict().items()})
+        return state
+
+    expected, got = everything(full), everything(resumed)
+    assert expected.keys() == got.keys() and any(k.startswith("pool.") for k in expected)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
