@@ -105,6 +105,8 @@ class AugmentConfig:
     crop_padding: int = 0               # random crop after zero padding by this many pixels
     flip: bool = False                  # random horizontal flip
     jitter: int = 0                     # random roll by up to this many pixels (DeepInversion)
+    brightness: float = 0.0             # random shift of each image by up to this much (normalized units)
+    contrast: float = 0.0               # random scaling of each image around its mean by 1 ± this
 
 
 @dataclass

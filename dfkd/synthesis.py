@@ -72,8 +72,9 @@ class ImagePool:
 
 def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Differentiable augmentation of synthetic batches (gradients flow back to the synthesis
-    variables). kornia's colour jitter is left out: it clamps to [0, 1], and synthesis works in
-    the normalized space."""
+    variables). Brightness and contrast are done here rather than with kornia's ColorJitter,
+    which clamps to [0, 1] (synthesis works in the normalized space) and whose saturation and
+    hue need 3 channels; these two work on any number of channels."""
     import kornia.augmentation as K
 
     ops: list[nn.Module] = []
@@ -87,7 +88,13 @@ def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int]) -> Callable[[
         if cfg.jitter:  # DeepInversion's random roll, the same shift for the whole batch
             dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,)))
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-        return kornia_ops(x) if ops else x
+        x = kornia_ops(x) if ops else x
+        if cfg.brightness or cfg.contrast:
+            n = x.shape[0]
+            u = lambda: torch.rand(n, 1, 1, 1, device=x.device) * 2 - 1  # noqa: E731  U(-1, 1) per image
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * (1 + cfg.contrast * u()) + mean + cfg.brightness * u()
+        return x
 
     return augment
 

@@ -481,3 +481,22 @@ def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, monkeyp
     assert expected.keys() == got.keys() and any(k.startswith("pool.") for k in expected)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_synthesis_augmentation_is_differentiable_and_per_image():
+    from dfkd.config import AugmentConfig
+    from dfkd.synthesis import build_augment
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 28, 28, requires_grad=True)
+    assert torch.equal(build_augment(AugmentConfig(), (1, 28, 28))(x), x)  # nothing asked, nothing done
+    out = build_augment(AugmentConfig(brightness=0.5, contrast=0.3, crop_padding=2, jitter=2), (1, 28, 28))(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # brightness/contrast only: each image's own mean moves by at most 0.5, its spread by at most 30%
+    y = build_augment(AugmentConfig(brightness=0.5, contrast=0.3), (1, 28, 28))(x.detach())
+    shift = (y.mean(dim=(1, 2, 3)) - x.detach().mean(dim=(1, 2, 3))).abs()
+    ratio = y.std(dim=(1, 2, 3)) / x.detach().std(dim=(1, 2, 3))
+    assert shift.max() <= 0.5 + 1e-5 and shift.std() > 0  # differs between images
+    assert ((ratio >= 0.7 - 1e-5) & (ratio <= 1.3 + 1e-5)).all() and ratio.std() > 0
