@@ -125,3 +125,16 @@ def test_benchmark_runs_both_variants(tmp_path, teacher, capsys):
     # the same seed and the same computation: the two students agree (bitwise on CPU)
     assert report["max_weight_diff"] < 1e-4 and report["engine"]["final_acc"] == report["inline"]["final_acc"]
     assert "| engine |" in capsys.readouterr().out
+
+
+def test_benchmark_compares_a_method_with_the_inline_loop(tmp_path, teacher, capsys):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--teacher", teacher, "--iters", "2", "--eval-every", "2", "--warmup", "0",
+                           "--threads", "1", "--out", str(out), "--method", "datafree/dfq-digits", "--method-set",
+                           "train.epochs=1", "train.iters_per_epoch=2", "synthesis.batch_size=16"]) == 0
+    method = json.loads(out.read_text())["method"]
+    assert method["config"] == "datafree/dfq-digits" and method["final_acc"] is not None
+    assert method["target_s"] == pytest.approx(json.loads(out.read_text())["inline"]["time_s"] / 2)
+    assert method["target_met"] == (method["time_to_99pct_s"] is not None
+                                    and method["time_to_99pct_s"] <= method["target_s"])
+    assert "datafree/dfq-digits: final" in capsys.readouterr().out
