@@ -139,6 +139,10 @@ class TensorLoader:
     Each pass over the loader is one epoch. With ``shuffle`` or ``augment``, the
     randomness of epoch ``e`` is a function of ``(seed, e)`` only, so a run
     reproduces even when an epoch is abandoned half-way. Assign ``epoch`` to resume.
+
+    ``shard=(rank, world_size)``: every process draws the same permutation (same seed) and
+    takes every world_size-th sample of it, as torch's DistributedSampler does; the tail that
+    does not divide evenly is dropped so that all ranks run the same number of batches.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class TensorLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -162,17 +167,22 @@ class TensorLoader:
         self.drop_last = drop_last
         self.device = torch.device(device)
         self.seed = seed
+        self.rank, self.world_size = shard
         self.epoch = 0
+
+    def _samples(self) -> int:
+        return len(self.dataset) // self.world_size if self.world_size > 1 else len(self.dataset)
 
     def __len__(self) -> int:
         round_ = math.floor if self.drop_last else math.ceil
-        return round_(len(self.dataset) / self.batch_size)
+        return round_(self._samples() / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
         self.epoch += 1
         n = len(self.dataset)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = order[self.rank :: self.world_size][: self._samples()]
         policy = self.dataset.info.augment if self.augment else "none"
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]

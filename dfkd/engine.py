@@ -10,11 +10,13 @@ The global step that every metric is logged against is the iteration count.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -33,7 +35,7 @@ from .data import TensorLoader, dataset_info, denormalize, load_dataset
 from .errors import CheckpointError, ConfigError, DfkdError, ShapeError
 from .losses import WeightedTerm, build_terms
 from .models import create_model
-from .runs import MetricLogger, is_main_process, new_run_dir, rank
+from .runs import MetricLogger, is_main_process, new_run_dir, rank, world_size
 from .synthesis import SYNTHESIZER, Synthesizer
 from .taps import BNStatsTap, FeatureTap
 
@@ -107,6 +109,7 @@ class Player:
     def __init__(self, name: str, cfg: PlayerConfig, module: nn.Module, total_steps: int):
         self.name, self.cfg, self.module = name, cfg, module
         self.kind = cfg.kind
+        self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
         self.optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg.optim)
         self.total_steps = max(1, total_steps)
         self.steps = 0
@@ -224,7 +227,7 @@ class StepContext:
 
     @cached_property
     def student_logits(self) -> torch.Tensor:
-        return self.engine.forward(self.engine.student.module, self.images)
+        return self.engine.forward(self.engine.module_of(self.engine.student), self.images)
 
     @cached_property
     def teacher_logits(self) -> torch.Tensor:
@@ -280,6 +283,7 @@ class Engine:
         self.config = config
         rt = config.runtime
         self.device = resolve_device(rt.device)
+        self.owns_process_group = self._init_distributed()
         if rt.num_threads:
             torch.set_num_threads(rt.num_threads)
         if rt.deterministic:
@@ -307,7 +311,7 @@ class Engine:
         self.real = RealStream(TensorLoader(
             load_dataset(config.data.name, "train", config.data.root, config.data.download),
             config.data.batch_size, shuffle=True, augment=config.data.augment, drop_last=True,
-            device=self.device, seed=config.seed + rank())) if uses_real else None
+            device=self.device, seed=config.seed, shard=(rank(), world_size()))) if uses_real else None
         self.test_loader = TensorLoader(
             load_dataset(config.data.name, "test", config.data.root, config.data.download),
             config.data.eval_batch_size, device=self.device) if config.data.eval else None
@@ -322,6 +326,8 @@ class Engine:
         self.total_iters = tc.epochs * self.iters_per_epoch
 
         self.players = {name: self._build_player(name, pc) for name, pc in config.players.items()}
+        self._wrap_for_ddp()
+        self.active: str | None = None  # the player of the phase being run
         self.synth = Synthesizer(config.synthesis, self) if config.synthesis.kind != "none" else None
         self.term_optimizers = self._build_term_modules()
         if self.student_taps_paths:
@@ -349,6 +355,7 @@ class Engine:
             (self.run_dir / "config.yaml").write_text(dump_config(config))
         else:
             self.run_dir = None
+        self.shared_run_dir = self._broadcast_run_dir()
         if resume_state is not None:
             self._load_state(resume_state)
         self.logger = MetricLogger(self.run_dir, config.output.tensorboard,
@@ -377,6 +384,44 @@ class Engine:
         self.teacher_meta = meta
         teacher.requires_grad_(False)
         return self._prepare(teacher).eval()
+
+    def _init_distributed(self) -> bool:
+        """Join the process group that torchrun describes in the environment (WORLD_SIZE,
+        RANK, LOCAL_RANK, MASTER_ADDR/PORT); one GPU per process, gloo on CPU."""
+        if world_size() == 1 or torch.distributed.is_initialized():
+            return False
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        # one group for the life of the process: a second engine in the same job (teacher, then
+        # student) reuses it, since re-creating a group against torchrun's store hangs
+        atexit.register(torch.distributed.destroy_process_group)
+        return True
+
+    def _wrap_for_ddp(self) -> None:
+        """Under torchrun every trained player gets a DistributedDataParallel wrapper (which also
+        broadcasts rank 0's initial weights). Only the active player of a phase is called through
+        it: the others run unwrapped, since their parameters take no gradients in that phase."""
+        if world_size() == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        for player in self.players.values():
+            player.ddp = DistributedDataParallel(player.module, device_ids=ids)
+
+    def module_of(self, player: Player) -> nn.Module:
+        return player.ddp if player.ddp is not None and player.name == self.active else player.module
+
+    def _broadcast_run_dir(self) -> Path | None:
+        """Every rank learns rank 0's run folder (to read ckpt/last.pt on a rollback); only rank
+        0 writes to it."""
+        if world_size() == 1:
+            return self.run_dir
+        shared = [str(self.run_dir) if self.run_dir else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        return Path(shared[0]) if shared[0] else None
 
     def _prepare(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)
@@ -504,14 +549,17 @@ class Engine:
         if phase.batch == "same":
             return self.synth.same()
         gen_name = self.config.synthesis.generator
-        return self.synth.fresh(self.players[gen_name].module, train_generator=phase.player == gen_name)
+        return self.synth.fresh(self.module_of(self.players[gen_name]), train_generator=phase.player == gen_name)
 
     def phase_loss(self, index: int, phase: PhaseConfig, batch: Batch) -> torch.Tensor:
         """Σ weight × term on ``batch``, with a NaN guard; records the terms for logging."""
         ctx = StepContext(self, phase, batch)
         values = {t.name: t(ctx) for t in self.terms[index]}
         total = sum(t.weight * values[t.name] for t in self.terms[index])
-        if not torch.isfinite(total):
+        finite = torch.isfinite(total.detach()).float()
+        if world_size() > 1:  # every rank must take the same branch, or the next collective hangs
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite:
             bad = [k for k, v in values.items() if not torch.isfinite(v)]
             last = self.run_dir / "ckpt" / "last.pt" if self.run_dir else None
             hint = f"; the last good state is {last} (resume with --resume)" if last and last.exists() else ""
@@ -527,6 +575,7 @@ class Engine:
 
     def run_phase(self, index: int, phase: PhaseConfig) -> None:
         """All of a phase's steps in this iteration."""
+        self.active = phase.player
         if phase.player == SYNTHESIZER:
             t0 = time.perf_counter()
             with only_trainable(self.players, SYNTHESIZER):
@@ -557,7 +606,7 @@ class Engine:
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
         tc = self.config.train
-        show = sys.stderr.isatty() and "CI" not in __import__("os").environ if self.config.runtime.progress == "auto" \
+        show = sys.stderr.isatty() and "CI" not in os.environ if self.config.runtime.progress == "auto" \
             else bool(self.config.runtime.progress)
         from tqdm import tqdm
 
@@ -597,7 +646,7 @@ class Engine:
     def _roll_back(self, exc: DivergenceError) -> None:
         """With ``train.on_nan: rollback``, return to the last checkpoint and continue with other
         random draws; otherwise (or when out of rollbacks, or with no checkpoint) re-raise."""
-        last = self.run_dir / "ckpt" / "last.pt" if self.run_dir else None
+        last = self.shared_run_dir / "ckpt" / "last.pt" if self.shared_run_dir else None
         tc = self.config.train
         if tc.on_nan != "rollback" or not (last and last.exists()) or self.rollbacks >= tc.max_rollbacks:
             raise exc

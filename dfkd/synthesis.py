@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from .checkpoint import unwrap
 from .config import AugmentConfig, SynthesisConfig
 from .errors import ConfigError
 
@@ -142,10 +143,11 @@ class Synthesizer:
 
         n = self.cfg.batch_size
         labels = self.sample_labels(n)
-        if getattr(generator, "conditional", False) and labels is None:
+        net = unwrap(generator)  # the network's attributes, not the DDP wrapper's
+        if getattr(net, "conditional", False) and labels is None:
             labels = torch.randint(self.num_classes, (n,), device=self.device)
         with torch.set_grad_enabled(train_generator), self.engine.autocast():
-            images = generator(self.latents(generator, n), labels).float()
+            images = generator(self.latents(net, n), labels).float()
         batch = Batch(self.augment(images) if train_generator else images, labels, "synthetic")
         self.last = Batch(images.detach(), labels, "synthetic")
         return batch

@@ -454,3 +454,15 @@ def test_infinite_without_batches_is_an_error():
     loader = data.TensorLoader(toy_dataset(3), batch_size=4, drop_last=True)
     with pytest.raises(ConfigError):
         next(loader.infinite())
+
+
+def test_sharded_loaders_split_each_epoch_between_ranks():
+    import dataclasses
+
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    info = dataclasses.replace(data.dataset_info("digits"), shape=(1, 2, 2))
+    dataset = data.ImageTensorDataset(images, torch.arange(10), info, "train")
+    ranks = [data.TensorLoader(dataset, 2, shuffle=True, seed=3, shard=(r, 3)) for r in range(3)]
+    seen = [torch.cat([labels for _, labels in loader]).tolist() for loader in ranks]
+    assert [len(s) for s in seen] == [3, 3, 3] and [len(loader) for loader in ranks] == [2, 2, 2]
+    assert len(set(sum(seen, []))) == 9  # disjoint; the one sample that does not divide is dropped
