@@ -674,11 +674,15 @@ class Engine:
         TensorBoard) and the per-layer BN-statistics distance (returned as scalars)."""
         if self.logger.writer is None:
             return {}
-        tap = self.bn_tap or BNStatsTap(self.teacher)
-        tap.enabled = True
+        try:
+            tap = self.bn_tap or BNStatsTap(self.teacher)
+        except ConfigError:  # a teacher without BatchNorm: no distances to show
+            tap = None
+        if tap is not None:
+            tap.enabled = True
         probs = F.softmax(self.forward(self.teacher, images).float(), dim=1)
-        stats = list(tap.stats)
-        if tap is not self.bn_tap:
+        stats = list(tap.stats) if tap is not None else []
+        if tap is not None and tap is not self.bn_tap:
             tap.remove()
         pred = probs.argmax(1)
         self.logger.histogram(self.step, "synthetic/teacher_class", pred, bins=self.info.num_classes)

@@ -328,6 +328,17 @@ def test_bn_stats_loss_with_a_teacher_without_batchnorm(output_root, monkeypatch
     assert "BatchNorm" in one_line(exc_info)
 
 
+def test_teacher_without_batchnorm_runs_methods_that_do_not_need_it(tmp_path, monkeypatch, digits_teacher):
+    original = dfkd.checkpoint.load_model
+    monkeypatch.setattr(dfkd.checkpoint, "load_model",
+                        lambda *a, **k: (lambda m, meta: (without_batchnorm(m), meta))(*original(*a, **k)))
+    cfg = load_config("datafree/dfad-digits", [*tiny("datafree/dfad-digits", "train.log_every=1"),
+                                               f"output.root={tmp_path}", f"teacher.checkpoint={digits_teacher[0]}"])
+    summary = Engine(cfg).fit()  # the inspection shows no BN distances rather than failing
+    assert summary["steps"] == 2
+    assert not any(k.startswith("bn_distance/") for m in read_metrics(summary["run_dir"]) for k in m)
+
+
 def test_unknown_loss_term(output_root, untrained_teachers):
     cfg = load_config("datafree/dfad-digits", [f"output.root={output_root}", "phases.0.losses={nope: 1.0}",
                                                f"teacher.checkpoint={untrained_teachers['digits']}", "data.eval=false"])
