@@ -124,14 +124,15 @@ class Player:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> float | None:
-        """Backward, optional clipping, optimizer step, schedule advance. Returns the grad norm."""
+    def step(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+        """Backward, optional clipping, optimizer step, schedule advance. Returns the gradient
+        norm before clipping when clipping is on."""
         self.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         grad_norm = None
         if self.cfg.optim.grad_clip is not None:
             scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip))
+            grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
         scaler.step(self.optimizer)
         scaler.update()
         self.steps += 1
@@ -381,7 +382,6 @@ class Engine:
             raise ConfigError(f"teacher {tc.checkpoint} takes {arch['in_channels']} channels and predicts "
                               f"{arch['num_classes']} classes; dataset '{self.info.name}' has "
                               f"{self.info.shape[0]} and {self.info.num_classes}")
-        self.teacher_meta = meta
         teacher.requires_grad_(False)
         return self._prepare(teacher).eval()
 
@@ -593,7 +593,9 @@ class Engine:
             with only_trainable(self.players, phase.player):
                 self._step_term_optimizers(index, before=True)
                 total = self.phase_loss(index, phase, self.next_batch(phase))
-                player.step(total, self.scaler)
+                grad_norm = player.step(total, self.scaler)
+                if grad_norm is not None:
+                    self._accum.setdefault(f"grad_norm/{phase.name}", []).append(grad_norm.detach().float())
                 self._step_term_optimizers(index, before=False)
         if player.kind == "generator":  # training the generator is synthesis time
             self.timers["synthesis"] += time.perf_counter() - t0
