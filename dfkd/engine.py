@@ -643,6 +643,8 @@ class Engine:
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.close()
+        if world_size() > 1:  # no rank goes on (e.g. to load ckpt/final.pt) before rank 0 has written it
+            torch.distributed.barrier()
         return summary
 
     def _roll_back(self, exc: DivergenceError) -> None:

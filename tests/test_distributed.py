@@ -33,7 +33,9 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     (tmp_path / "job.py").write_text(JOB)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(tmp_path / "job.py"), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a crash shows rank 1's own traceback, not only rank 0's view of a closed connection
+    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "[rank1]" in line)[-3000:] \
+        or proc.stderr[-3000:]
     for job in ("teacher", "student"):
         a, b = (torch.load(tmp_path / f"{job}_rank{r}.pt", weights_only=True) for r in range(2))
         assert a.keys() == b.keys()
