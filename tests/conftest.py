@@ -24,3 +24,27 @@ def digits_teacher(tmp_path_factory):
     path = Path(summary["run_dir"]) / "ckpt" / "final.pt"
     assert path.is_file(), path
     return path, summary["final_acc"]
+
+
+@pytest.fixture
+def fit_until_killed(monkeypatch):
+    """``fit_until_killed(engine, epoch)``: runs ``engine.fit()`` as if the process were killed
+    right after the checkpoint of ``epoch`` (a KeyboardInterrupt out of ``end_of_epoch``)."""
+    from dfkd.engine import Engine
+
+    def run(engine, epoch: int) -> None:
+        original = Engine.end_of_epoch
+
+        def die_after(self, e):
+            original(self, e)
+            if e == epoch:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(Engine, "end_of_epoch", die_after)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                engine.fit()
+        finally:
+            monkeypatch.setattr(Engine, "end_of_epoch", original)
+
+    return run

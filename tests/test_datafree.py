@@ -454,7 +454,7 @@ def test_image_pool_add_batch_larger_than_capacity():
 # 7. Resume of data-free runs: generators, pools, memory banks, term optimizers, RNG
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["datafree/dfq-digits", "datafree/cmi-digits", "datafree/fast-digits"])
-def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, monkeypatch, untrained_teachers):
+def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, fit_until_killed, untrained_teachers):
     overrides = [*tiny(name, "train.epochs=3", "synthesis.pool_size=24", "runtime.deterministic=true",
                        "output.tensorboard=false", "data.eval=false"),
                  f"teacher.checkpoint={untrained_teachers['digits']}"]
@@ -464,17 +464,7 @@ def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, monkeyp
     full.fit()
 
     killed = Engine(config(tmp_path / "killed"))
-    original = Engine.end_of_epoch
-
-    def die_after_epoch_1(self, epoch):
-        original(self, epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "end_of_epoch", die_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
-    monkeypatch.setattr(Engine, "end_of_epoch", original)
+    fit_until_killed(killed, epoch=1)
     resumed = Engine(config(tmp_path / "killed"), resume=killed.run_dir / "ckpt" / "last.pt")
     assert resumed.step == 2
     resumed.fit()

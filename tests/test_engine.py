@@ -45,7 +45,7 @@ def test_teacher_training_on_digits_end_to_end(tmp_path):
     assert losses_logged[-1] < losses_logged[0] / 3
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, fit_until_killed):
     cfg = ["train.epochs=3", "train.iters_per_epoch=4", "runtime.deterministic=true"]
     full = Engine(teacher_config(tmp_path / "a", *cfg), write=False)
     full.fit()
@@ -53,17 +53,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
 
     # the same run killed right after its epoch-2 checkpoint
     killed = Engine(teacher_config(tmp_path / "b", *cfg))
-    original = Engine.end_of_epoch
-
-    def die_after_epoch_2(self, epoch):
-        original(self, epoch)
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Engine, "end_of_epoch", die_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
-    monkeypatch.setattr(Engine, "end_of_epoch", original)
+    fit_until_killed(killed, epoch=2)
     last = killed.run_dir / "ckpt" / "last.pt"
     assert safe_load(last)["step"] == 8
 
