@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dfkd.errors import ConfigError, ShapeError
 from dfkd.losses import (Contrastive, activation_norm, adv_kl, adv_l1, attention, bn_stats, build_terms,
