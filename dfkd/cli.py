@@ -48,8 +48,9 @@ def _run(args, extra: list[str], task: str) -> int:
 
     player = "model" if task == "teacher" else "student"
     overrides = _player_shortcuts(_overrides(extra), player)
-    if getattr(args, "teacher", None):
-        overrides.append(f"teacher.checkpoint={args.teacher}")
+    teachers = getattr(args, "teacher", None)
+    if teachers:  # one file, or several (an ensemble) as a YAML list
+        overrides.append(f"teacher.checkpoint={teachers[0] if len(teachers) == 1 else json.dumps(teachers)}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     if args.out:
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     training("teacher", "Train a teacher on a real dataset.", "teacher/lenet5-digits")
     p = training("distill", "Distil a teacher into a student.", "datafree/dfad-digits")
-    p.add_argument("--teacher", metavar="CKPT", help="teacher model file (shortcut for teacher.checkpoint=...)")
+    p.add_argument("--teacher", metavar="CKPT", action="append",
+                   help="teacher model file (shortcut for teacher.checkpoint=...); repeat it for an ensemble")
 
     p = sub.add_parser("eval", help="Evaluate a model file on a dataset split.")
     p.add_argument("checkpoint")

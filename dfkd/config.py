@@ -72,10 +72,27 @@ class NetConfig:
 
 
 @dataclass
-class PlayerConfig:
-    """A trained participant of the loop: its network, optimizer and schedule."""
+class TeacherConfig:
+    """The frozen teacher, or an ensemble of them. ``checkpoint`` is one model file or a list;
+    an ensemble's output is, per ``ensemble``: ``mean`` (the averaged soft targets), ``random``
+    (one teacher picked per iteration, as in MEAL) or ``confidence`` (each sample's soft targets
+    averaged with weights ∝ each teacher's top-class probability)."""
 
-    kind: Literal["model", "generator", "discriminator"] = "model"
+    checkpoint: Union[str, list[str], None] = None
+    ensemble: Literal["mean", "random", "confidence"] = "mean"
+
+    @property
+    def checkpoints(self) -> list[str]:
+        c = self.checkpoint
+        return [] if c is None else [c] if isinstance(c, str) else list(c)
+
+
+@dataclass
+class PlayerConfig:
+    """A trained participant of the loop: its network, optimizer and schedule. Discriminators
+    and adapters get their input shapes from the loss terms that use them."""
+
+    kind: Literal["model", "generator", "discriminator", "adapter"] = "model"
     net: NetConfig = field(default_factory=NetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -86,9 +103,12 @@ class PhaseConfig:
     """One step type of an iteration: which player is updated, on which batch, with which losses.
 
     ``batch``: ``real`` (the training split; never used by data-free methods), ``fresh`` (a new
-    synthetic batch each step), ``same`` (the synthetic batch of the phase before, detached) or
-    ``pool`` (replay of the synthetic image pool).
+    synthetic batch each step), ``same`` (the batch an earlier phase drew last; synthetic ones
+    detached and without the generator's augmentation) or ``pool`` (replay of the image pool).
     ``losses``: term name → weight, or term name → {weight: w, <term parameters>}.
+    ``augment`` and ``mixup`` transform the batch before this phase's networks see it (e.g. the
+    student's view of synthetic or replayed images); the generator's own augmentation is
+    ``synthesis.augment``.
     """
 
     player: str = "student"
@@ -96,6 +116,9 @@ class PhaseConfig:
     batch: Literal["real", "fresh", "same", "pool"] = "real"
     losses: dict[str, Any] = field(default_factory=dict)
     name: Optional[str] = None          # defaults to the player's name; used in log tags
+    also: list[str] = field(default_factory=list)  # more players updated by this phase's loss, in one backward
+    augment: Optional[AugmentConfig] = None
+    mixup: float = 0.0                  # Beta(α, α) mixing of each image with another of the batch; 0: off
 
 
 @dataclass
@@ -163,7 +186,7 @@ class Config:
     task: Literal["teacher", "distill"] = "teacher"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: Optional[NetConfig] = None
+    teacher: Optional[TeacherConfig] = None
     players: dict[str, PlayerConfig] = field(default_factory=dict)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     phases: list[PhaseConfig] = field(default_factory=list)
@@ -407,13 +430,21 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         elif phase.player not in config.players:
             v.fail(f"phases.{i}.player", f"phases.{i}.player '{phase.player}' is not a player "
                                          f"(players: {', '.join(config.players) or 'none'})")
+        for other in phase.also:
+            if other not in config.players or other == phase.player:
+                v.fail(f"phases.{i}.also", f"phases.{i}.also: '{other}' is not another player "
+                                           f"(players: {', '.join(config.players) or 'none'})")
         if phase.steps < 1:
             v.fail(f"phases.{i}.steps", f"phases.{i}.steps must be >= 1, got {phase.steps}")
         if not phase.losses:
             v.fail(f"phases.{i}.losses", f"phases.{i} has no loss terms")
-        if phase.batch in ("fresh", "same") and phase.player != "synthesizer" and syn.kind != "generator":
+        if phase.batch == "same" and not any(p.batch != "same" for p in config.phases):
+            v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'same' needs another phase that draws a batch")
+        if phase.batch == "fresh" and phase.player != "synthesizer" and syn.kind != "generator":
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch '{phase.batch}' needs synthesis.kind 'generator' "
                                         f"(it is '{syn.kind}')")
+        if phase.mixup < 0:
+            v.fail(f"phases.{i}.mixup", f"phases.{i}.mixup must be >= 0 (a Beta(α, α) parameter), got {phase.mixup}")
         if phase.batch == "pool" and not syn.pool_size:
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'pool' needs synthesis.pool_size > 0")
     if syn.kind == "generator" and config.players.get(syn.generator, PlayerConfig()).kind != "generator":
@@ -421,12 +452,13 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     if syn.pool_size < 0 or syn.batch_size < 1:
         v.fail("synthesis", "synthesis.pool_size must be >= 0 and synthesis.batch_size >= 1")
     for name, player in config.players.items():
-        if player.net.name is None and player.net.checkpoint is None:
+        if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
     if config.train.epochs < 1:
         v.fail("train.epochs", f"train.epochs must be >= 1, got {config.train.epochs}")
-    if config.task == "distill" and config.teacher is None:
-        v.fail("teacher", "a distill config needs a 'teacher' (name and checkpoint)")
+    if config.task == "distill" and config.teacher is None and sum(
+            p.kind == "model" for p in config.players.values()) < 2:
+        v.fail("teacher", "a distill config needs a 'teacher' (a checkpoint), or peers that learn from each other")
 
 
 def config_to_dict(config: Config) -> dict:

@@ -36,7 +36,7 @@ from .errors import CheckpointError, ConfigError, DfkdError, ShapeError
 from .losses import WeightedTerm, build_terms
 from .models import create_model
 from .runs import MetricLogger, is_main_process, new_run_dir, rank, world_size
-from .synthesis import SYNTHESIZER, Synthesizer
+from .synthesis import SYNTHESIZER, Synthesizer, build_batch_transform
 from .taps import BNStatsTap, FeatureTap
 
 
@@ -124,17 +124,14 @@ class Player:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> torch.Tensor | None:
-        """Backward, optional clipping, optimizer step, schedule advance. Returns the gradient
-        norm before clipping when clipping is on."""
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+    def step(self, scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+        """After the backward: optional clipping, optimizer step, schedule advance. Returns the
+        gradient norm before clipping when clipping is on. The caller updates the scaler."""
         grad_norm = None
         if self.cfg.optim.grad_clip is not None:
             scaler.unscale_(self.optimizer)
             grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
         scaler.step(self.optimizer)
-        scaler.update()
         self.steps += 1
         self._apply_lr()
         return grad_norm
@@ -151,13 +148,14 @@ class Player:
 
 
 @contextlib.contextmanager
-def only_trainable(players: dict[str, "Player"], active: str):
-    """During a phase only the active player's parameters take gradients (saving the backward
-    work for the others) and only it is in train mode; generators always stay in train mode
+def only_trainable(players: dict[str, "Player"], active: str | set[str]):
+    """During a phase only the active players' parameters take gradients (saving the backward
+    work for the others) and only they are in train mode; generators always stay in train mode
     because their last BatchNorm normalizes with batch statistics by design."""
+    active = {active} if isinstance(active, str) else active
     saved = {}
     for name, player in players.items():
-        is_active = name == active
+        is_active = name in active
         for p in player.module.parameters():
             saved[p] = p.requires_grad
             p.requires_grad_(is_active and saved[p])
@@ -214,6 +212,8 @@ class StepContext:
 
     def __init__(self, engine: "Engine", phase: PhaseConfig, batch: Batch):
         self.engine, self.phase, self.batch = engine, phase, batch
+        self.student_name = engine.student_of(phase)
+        self._outputs: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
 
     @property
     def images(self) -> torch.Tensor:
@@ -226,9 +226,33 @@ class StepContext:
                               f"batches have none")
         return self.batch.labels
 
-    @cached_property
+    def _model_pass(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and tapped features of model player ``name`` on this batch, computed once."""
+        if name not in self._outputs:
+            engine = self.engine
+            logits = engine.forward(engine.module_of(engine.players[name]), self.images)
+            tap = engine.model_taps.get(name)
+            self._outputs[name] = (logits, dict(tap.features) if tap else {})
+        return self._outputs[name]
+
+    def logits_of(self, network: str) -> torch.Tensor:
+        """``teacher``, ``student`` (this phase's student) or a model player's name."""
+        if network == "teacher":
+            return self.teacher_logits
+        return self._model_pass(self.student_name if network == "student" else network)[0]
+
+    def features_of(self, network: str) -> dict[str, torch.Tensor]:
+        if network == "teacher":
+            return self.teacher_features
+        return self._model_pass(self.student_name if network == "student" else network)[1]
+
+    @property
     def student_logits(self) -> torch.Tensor:
-        return self.engine.forward(self.engine.module_of(self.engine.student), self.images)
+        return self._model_pass(self.student_name)[0]
+
+    def record(self, tag: str, value: torch.Tensor) -> None:
+        """A diagnostic scalar (not part of the loss), averaged and logged with the losses."""
+        self.engine._accum.setdefault(tag, []).append(value.detach().float())
 
     @cached_property
     def teacher_logits(self) -> torch.Tensor:
@@ -236,18 +260,24 @@ class StepContext:
         return logits
 
     def _teacher_pass(self, images: torch.Tensor, record: bool = False):
-        """One teacher forward; gradients flow through the frozen teacher only when the images
-        themselves are being trained. ``record``: keep this pass's BN statistics and taps."""
+        """The teacher's (or the ensemble's) forward; gradients flow through the frozen teachers
+        only when the images themselves are being trained. ``record``: keep this pass's BN
+        statistics (of every teacher that ran) and taps (of the first that ran)."""
         engine = self.engine
-        if engine.bn_tap is not None:
-            engine.bn_tap.enabled = record and self.engine.phase_needs_bn(self.phase)
+        running = engine.running_teachers()
+        needs_bn = record and engine.phase_needs_bn(self.phase)
+        logits = []
         with torch.set_grad_enabled(images.requires_grad):
-            logits = engine.forward(engine.teacher, images)
-        embedding = engine.teacher_embedding.pop("x", None)
+            for i in running:
+                if engine.bn_taps:
+                    engine.bn_taps[i].enabled = needs_bn
+                logits.append(engine.forward(engine.teachers[i], images))
+        embeddings = [engine.teacher_embedding.pop(i, None) for i in running]
         if record:
-            self._teacher_bn = list(engine.bn_tap.stats) if engine.bn_tap and engine.bn_tap.enabled else []
-            self._teacher_features = dict(engine.teacher_taps.features) if engine.teacher_taps else {}
-        return logits, embedding
+            self._teacher_bn = [s for i in running for s in engine.bn_taps[i].stats] if needs_bn and engine.bn_taps \
+                else []
+            self._teacher_features = dict(engine.teacher_taps[running[0]].features) if engine.teacher_taps else {}
+        return engine.combine_teachers(logits), embeddings[0]
 
     @property
     def teacher_bn(self) -> list:
@@ -266,8 +296,7 @@ class StepContext:
 
     @property
     def student_features(self) -> dict[str, torch.Tensor]:
-        self.student_logits
-        return dict(self.engine.student_taps.features) if self.engine.student_taps else {}
+        return self._model_pass(self.student_name)[1]
 
     def teacher_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits and penultimate features of other images (e.g. augmented views)."""
@@ -298,12 +327,14 @@ class Engine:
         seed_everything(config.seed + rank())  # per-rank seeds: ranks must not draw identical batches
 
         self.info = dataset_info(config.data.name)
-        self.teacher = self._build_teacher()
+        self.teachers = self._build_teachers()
+        self.teacher = self.teachers[0] if self.teachers else None  # the one that shows samples, etc.
+        self.teacher_pick = 0  # ensemble 'random': this iteration's teacher
         self.phases = _named_phases(config.phases)
         self.terms: dict[int, list[WeightedTerm]] = {
             i: build_terms(p.losses, f"phases.{i}.losses") for i, p in enumerate(self.phases)}
+        self.batch_transforms = {i: build_batch_transform(p, self.info.shape) for i, p in enumerate(self.phases)}
         self._check_needs()
-        self._install_taps()
 
         # Real data: the training split is read only if some phase trains on it. A data-free
         # config never touches it; the test split is read for evaluation only, and not at all
@@ -326,13 +357,18 @@ class Engine:
             self.iters_per_epoch = tc.iters_per_epoch
         self.total_iters = tc.epochs * self.iters_per_epoch
 
-        self.players = {name: self._build_player(name, pc) for name, pc in config.players.items()}
+        # networks first, then the taps on them, then what is sized by what the taps see
+        self.players = {name: self._build_player(name, pc) for name, pc in config.players.items()
+                        if pc.kind in ("model", "generator")}
+        self._install_taps()
+        self.players.update(self._build_judges())
+        self.players = {name: self.players[name] for name in config.players}  # config order
         self._wrap_for_ddp()
         self.active: str | None = None  # the player of the phase being run
+        self.active_set: set[str] = set()  # it and the phase's 'also' players
+        self.last_batch: Batch | None = None  # what a 'same' phase reuses
         self.synth = Synthesizer(config.synthesis, self) if config.synthesis.kind != "none" else None
         self.term_optimizers = self._build_term_modules()
-        if self.student_taps_paths:
-            self.student_taps = FeatureTap(self.players[self._student_name()].module, self.student_taps_paths)
         eval_name = self._student_name()
         if eval_name not in self.players or self.players[eval_name].kind != "model":
             raise ConfigError(f"train.eval_player '{eval_name}' is not a model player")
@@ -363,23 +399,27 @@ class Engine:
                                    purge_step=self.step + 1 if resume_state else None)
 
     # ---------------------------------------------------------------- construction
-    def _build_teacher(self) -> nn.Module | None:
+    def _build_teachers(self) -> list[nn.Module]:
         tc = self.config.teacher
         if tc is None:
-            return None
-        if tc.checkpoint is None:
+            return []
+        if not tc.checkpoints:
             raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher`)")
-        teacher, meta = ckpt_io.load_model(tc.checkpoint, self.device)
+        teachers = [self._load_teacher(path) for path in tc.checkpoints]
+        return teachers
+
+    def _load_teacher(self, path: str) -> nn.Module:
+        teacher, meta = ckpt_io.load_model(path, self.device)
         arch = meta["arch"]
         try:
             with torch.no_grad():
                 teacher(torch.zeros((2, *self.info.shape), device=self.device))
         except RuntimeError:
-            raise ShapeError(f"teacher {tc.checkpoint} ({arch['name']}, {arch.get('image_size')} px, trained on "
+            raise ShapeError(f"teacher {path} ({arch['name']}, {arch.get('image_size')} px, trained on "
                              f"{meta.get('dataset')}) does not take dataset '{self.info.name}' images of shape "
                              f"{tuple(self.info.shape)}") from None
         if arch["num_classes"] != self.info.num_classes or arch["in_channels"] != self.info.shape[0]:
-            raise ConfigError(f"teacher {tc.checkpoint} takes {arch['in_channels']} channels and predicts "
+            raise ConfigError(f"teacher {path} takes {arch['in_channels']} channels and predicts "
                               f"{arch['num_classes']} classes; dataset '{self.info.name}' has "
                               f"{self.info.shape[0]} and {self.info.num_classes}")
         teacher.requires_grad_(False)
@@ -412,7 +452,7 @@ class Engine:
             player.ddp = DistributedDataParallel(player.module, device_ids=ids)
 
     def module_of(self, player: Player) -> nn.Module:
-        return player.ddp if player.ddp is not None and player.name == self.active else player.module
+        return player.ddp if player.ddp is not None and player.name in self.active_set else player.module
 
     def _broadcast_run_dir(self) -> Path | None:
         """Every rank learns rank 0's run folder (to read ckpt/last.pt on a rollback); only rank
@@ -427,15 +467,96 @@ class Engine:
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
-    def _build_player(self, name: str, pc: PlayerConfig) -> Player:
-        steps = self.total_iters * sum(p.steps for p in self.phases if p.player == name)
-        if pc.kind == "model":
-            module = self._build_model(pc)
-        elif pc.kind == "generator":
-            module = self.build_generator(pc.net)
-        else:
-            raise ConfigError(f"players.{name}.kind '{pc.kind}' is not available in this build")
+    def _build_player(self, name: str, pc: PlayerConfig, module: nn.Module | None = None) -> Player:
+        steps = self.total_iters * sum(p.steps for p in self.phases if name == p.player or name in p.also)
+        if module is None:
+            module = self._build_model(pc) if pc.kind == "model" else self.build_generator(pc.net)
         return Player(name, pc, self._prepare(module), steps)
+
+    def running_teachers(self) -> list[int]:
+        """The teachers that run on a batch this iteration: all, or the one picked."""
+        if self.config.teacher.ensemble == "random":
+            return [self.teacher_pick]
+        return list(range(len(self.teachers)))
+
+    def combine_teachers(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """One teacher's logits as they are; an ensemble's as the log of its (weighted) mean
+        probabilities, so that softmax(result) is the averaged soft target."""
+        if len(logits) == 1:
+            return logits[0]
+        probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits])  # (teachers, N, classes)
+        if self.config.teacher.ensemble == "confidence":
+            weights = probs.max(dim=2).values                               # each teacher's top-class probability
+            weights = (weights / weights.sum(0, keepdim=True)).unsqueeze(2)
+        else:
+            weights = torch.full_like(probs[:, :, :1], 1.0 / len(logits))
+        return torch.log((weights * probs).sum(0).clamp_min(1e-12))
+
+    def student_of(self, phase: PhaseConfig) -> str:
+        """The network a phase's terms call 'student': the phase's own player when it is a
+        model (a student, or a peer in online distillation), else the evaluated student."""
+        pc = self.config.players.get(phase.player)
+        return phase.player if pc is not None and pc.kind == "model" else self._student_name()
+
+    def _build_judges(self) -> dict[str, Player]:
+        """Discriminators and adapters, sized by probing the layers their terms read: a
+        discriminator by its real side's output, an adapter from the student's layer to the
+        real side's."""
+        uses: dict[str, tuple] = {}  # player -> (kind, (network, layer), (network, layer) | None, where)
+        for i, terms in self.terms.items():
+            for term in terms:
+                for name, use in (term.fn.player_uses() if hasattr(term.fn, "player_uses") else {}).items():
+                    use = tuple((self.student_of(self.phases[i]) if s and s[0] == "student" else s[0], s[1])
+                                if isinstance(s, tuple) else s for s in use)
+                    pc = self.config.players.get(name)
+                    where = f"phases.{i}.losses.{term.name}"
+                    if pc is None or pc.kind != use[0]:
+                        raise ConfigError(f"{where}: '{name}' is not a {use[0]} player "
+                                          f"(players: {', '.join(self.config.players) or 'none'})")
+                    if name in uses and uses[name][1:3] != use[1:3]:
+                        raise ConfigError(f"{where}: {use[0]} '{name}' would see {use[1]}; {uses[name][3]} "
+                                          f"already gives it {uses[name][1]}")
+                    uses[name] = (*use, where)
+        judges = {}
+        for name, pc in self.config.players.items():
+            if pc.kind not in ("discriminator", "adapter"):
+                continue
+            if name not in uses:
+                raise ConfigError(f"players.{name}: no loss term uses {pc.kind} '{name}'")
+            kind, source, target, _ = uses[name]
+            shape = self._probe(*source)
+            if kind == "discriminator" and target is not None and self._probe(*target) != shape:
+                raise ShapeError(f"{uses[name][3]}: discriminator '{name}' compares {target[0]}'s "
+                                 f"{target[1] or 'logits'} {self._probe(*target)} with {source[0]}'s "
+                                 f"{source[1] or 'logits'} {shape}; give the term an 'adapter' player")
+            if kind == "discriminator":
+                from .discriminators import create_discriminator
+
+                module = create_discriminator(pc.net.name or "mlp", shape, self.info.num_classes, **pc.net.kwargs)
+            else:
+                from .discriminators import create_adapter
+
+                module = create_adapter(shape, self._probe(*target))
+            judges[name] = self._build_player(name, pc, module)
+        return judges
+
+    @torch.no_grad()
+    def _probe(self, network: str, layer: str | None) -> tuple[int, ...]:
+        """The shape (without the batch) of ``network``'s logits or of its tapped ``layer``."""
+        if network == "teacher":
+            module, tap = self.teachers[0], self.teacher_taps[0] if self.teacher_taps else None
+        else:
+            module, tap = self.players[network].module, self.model_taps.get(network)
+        was_training = module.training
+        module.eval()  # no running statistics are touched by the dummy batch
+        try:
+            logits = self.forward(module, torch.zeros((2, *self.info.shape), device=self.device))
+        finally:
+            module.train(was_training)
+        self.teacher_embedding.clear()
+        if layer is None:
+            return tuple(logits.shape[1:])
+        return tuple(tap.features[layer].shape[1:])
 
     def build_generator(self, net: NetConfig) -> nn.Module:
         from generators import create_generator
@@ -460,30 +581,42 @@ class Engine:
             (n for n, p in self.config.players.items() if p.kind == "model"), ""))
 
     def _install_taps(self) -> None:
-        """Hooks on the teacher: BN statistics (when a term needs them), the input of its last
-        linear layer (its embedding), and the feature paths terms ask for."""
-        self.bn_tap = self.teacher_taps = self.student_taps = None
+        """Hooks: on each teacher, BN statistics (when a term needs them), the input of its last
+        linear layer (its embedding) and the feature paths terms ask for; on model players, the
+        feature paths terms ask of them ("student" meaning each phase's student)."""
+        self.bn_taps: list[BNStatsTap] = []
+        self.teacher_taps: list[FeatureTap] = []
+        self.model_taps: dict[str, FeatureTap] = {}
         self._bn_phases = {p.name for i, p in enumerate(self.phases)
                            if any("teacher_bn" in getattr(t.fn, "needs", ()) for t in self.terms[i])}
-        self.teacher_embedding: dict[str, torch.Tensor] = {}
-        self.student_taps_paths: list[str] = []
-        if self.teacher is None:
-            return
-        if any(self.phase_needs_bn(p) for p in self.phases):
-            self.bn_tap = BNStatsTap(self.teacher)
-        last_linear = [m for m in self.teacher.modules() if isinstance(m, nn.Linear)]
-        if last_linear:
-            last_linear[-1].register_forward_pre_hook(lambda m, inp: self.teacher_embedding.__setitem__("x", inp[0]))
-        teacher_paths, student_paths = [], []
-        for terms in self.terms.values():
+        self.teacher_embedding: dict[int, torch.Tensor] = {}
+        wanted: dict[str, list[str]] = {}
+        for i, terms in self.terms.items():
             for term in terms:
                 taps = getattr(term.fn, "taps", None)
-                wanted = taps(term.params) if taps else {}
-                teacher_paths += [p for p in wanted.get("teacher", []) if p not in teacher_paths]
-                student_paths += [p for p in wanted.get("student", []) if p not in student_paths]
-        if teacher_paths:
-            self.teacher_taps = FeatureTap(self.teacher, teacher_paths)
-        self.student_taps_paths = student_paths
+                for network, paths in (taps(term.params) if taps else {}).items():
+                    network = self.student_of(self.phases[i]) if network == "student" else network
+                    wanted.setdefault(network, [])
+                    wanted[network] += [p for p in paths if p not in wanted[network]]
+        for network, paths in wanted.items():
+            if not paths or network == "teacher":
+                continue
+            player = self.players.get(network)
+            if player is None or player.kind != "model":
+                raise ConfigError(f"a loss term taps '{network}', which is neither the teacher nor a model player "
+                                  f"(model players: {', '.join(n for n, p in self.players.items() if p.kind == 'model')})")
+            self.model_taps[network] = FeatureTap(player.module, paths)
+        if not self.teachers:
+            return
+        if any(self.phase_needs_bn(p) for p in self.phases):
+            self.bn_taps = [BNStatsTap(t) for t in self.teachers]
+        for i, teacher in enumerate(self.teachers):
+            last_linear = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+            if last_linear:
+                last_linear[-1].register_forward_pre_hook(
+                    lambda m, inp, i=i: self.teacher_embedding.__setitem__(i, inp[0]))
+        if wanted.get("teacher"):
+            self.teacher_taps = [FeatureTap(t, wanted["teacher"]) for t in self.teachers]
 
     def phase_needs_bn(self, phase: PhaseConfig) -> bool:
         return phase.name in self._bn_phases
@@ -499,7 +632,8 @@ class Engine:
                     if hasattr(term.fn, "build") and self.teacher is not None:
                         with torch.no_grad():
                             self.forward(self.teacher, torch.zeros((2, *self.info.shape), device=self.device))
-                        term.fn.build(self.teacher_embedding.pop("x").shape[1])
+                        term.fn.build(self.teacher_embedding.pop(0).shape[1])
+                        self.teacher_embedding.clear()
                         term.fn.to(self.device)
                     params = [p for p in term.fn.parameters() if p.requires_grad]
                     if params:
@@ -523,7 +657,10 @@ class Engine:
                 needs = getattr(term.fn, "needs", ())
                 if ({"teacher", "teacher_bn"} & set(needs)) and self.config.teacher is None:
                     raise ConfigError(f"phases.{i}.losses.{term.name} needs a teacher, and the config has none")
-                has_labels = (phase.batch == "real" and phase.player != SYNTHESIZER) or syn.labels != "none"
+                source = phase
+                if phase.batch == "same":  # the batch of the nearest earlier phase that draws one
+                    source = next(p for p in reversed(self.phases[i + 1:] + self.phases[:i]) if p.batch != "same")
+                has_labels = (source.batch == "real" and source.player != SYNTHESIZER) or syn.labels != "none"
                 if "labels" in needs and not has_labels:
                     raise ConfigError(f"phases.{i}.losses.{term.name} needs labels, and '{phase.batch}' batches "
                                       f"have none (set synthesis.labels to random or balanced)")
@@ -542,14 +679,24 @@ class Engine:
 
     # ---------------------------------------------------------------- one step
     def next_batch(self, phase: PhaseConfig) -> Batch:
-        if phase.batch == "real":
-            return self.real.next()
-        if phase.batch == "pool":
-            return self.synth.replay()
+        """A batch from the phase's source. ``same`` is the batch an earlier phase drew last
+        (a synthetic one without the generator's augmentation, and detached)."""
         if phase.batch == "same":
-            return self.synth.same()
+            if self.last_batch is None:
+                raise ConfigError(f"phase '{phase.name}': a 'same' batch needs an earlier phase that draws one")
+            return self.last_batch
+        if phase.batch == "real":
+            batch = self.real.next()
+            self.last_batch = batch
+            return batch
+        if phase.batch == "pool":
+            batch = self.synth.replay()
+            self.last_batch = batch
+            return batch
         gen_name = self.config.synthesis.generator
-        return self.synth.fresh(self.module_of(self.players[gen_name]), train_generator=phase.player == gen_name)
+        batch = self.synth.fresh(self.module_of(self.players[gen_name]), train_generator=phase.player == gen_name)
+        self.last_batch = self.synth.last
+        return batch
 
     def phase_loss(self, index: int, phase: PhaseConfig, batch: Batch) -> torch.Tensor:
         """Σ weight × term on ``batch``, with a NaN guard; records the terms for logging."""
@@ -570,12 +717,22 @@ class Engine:
 
     def _step_term_optimizers(self, index: int, before: bool) -> None:
         for key, opt in self.term_optimizers.items():
-            if key.split(".", 1)[0] == str(index):
-                opt.zero_grad(set_to_none=True) if before else opt.step()
+            if key.split(".", 1)[0] != str(index):
+                continue
+            if before:
+                opt.zero_grad(set_to_none=True)
+                continue
+            if world_size() > 1:  # term modules are not DDP-wrapped: average their gradients here
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= world_size()
+            opt.step()
 
     def run_phase(self, index: int, phase: PhaseConfig) -> None:
         """All of a phase's steps in this iteration."""
-        self.active = phase.player
+        self.active, self.active_set = phase.player, {phase.player, *phase.also}
         if phase.player == SYNTHESIZER:
             t0 = time.perf_counter()
             with only_trainable(self.players, SYNTHESIZER):
@@ -585,17 +742,28 @@ class Engine:
 
                 self.synth.synthesize(inner_step, phase.steps, after_backward=lambda: self._step_term_optimizers(
                     index, before=False))
+            self.last_batch = self.synth.last
             self.timers["synthesis"] += time.perf_counter() - t0
             return
         player = self.players[phase.player]
+        updated = [player] + [self.players[name] for name in phase.also]
         t0 = time.perf_counter()
         for _ in range(phase.steps):
-            with only_trainable(self.players, phase.player):
+            with only_trainable(self.players, self.active_set):
                 self._step_term_optimizers(index, before=True)
-                total = self.phase_loss(index, phase, self.next_batch(phase))
-                grad_norm = player.step(total, self.scaler)
-                if grad_norm is not None:
-                    self._accum.setdefault(f"grad_norm/{phase.name}", []).append(grad_norm.detach().float())
+                batch = self.next_batch(phase)
+                if self.batch_transforms[index] is not None:
+                    batch = self.batch_transforms[index](batch)
+                total = self.phase_loss(index, phase, batch)
+                for p in updated:
+                    p.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(total).backward()
+                for p in updated:
+                    grad_norm = p.step(self.scaler)
+                    if grad_norm is not None:
+                        tag = f"grad_norm/{phase.name}" + ("" if p is player else f"/{p.name}")
+                        self._accum.setdefault(tag, []).append(grad_norm.detach().float())
+                self.scaler.update()
                 self._step_term_optimizers(index, before=False)
         if player.kind == "generator":  # training the generator is synthesis time
             self.timers["synthesis"] += time.perf_counter() - t0
@@ -615,13 +783,18 @@ class Engine:
         bar = tqdm(total=self.total_iters, initial=self.step, disable=not (show and is_main_process()),
                    desc=self.config.experiment, dynamic_ncols=True, leave=False)
         if self.teacher is not None and self.test_loader is not None and self.teacher_acc is None:
-            self.teacher_acc = self.evaluate(self.teacher)["acc"]
+            self.teacher_acc = self.evaluate(self.teacher if len(self.teachers) == 1 else _Ensemble(self))["acc"]
             self.logger.scalars(0, {"eval/teacher_acc": self.teacher_acc})
         t_start = time.perf_counter()
         try:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
                 warming_up = self.step < self.config.synthesis.warmup_epochs * self.iters_per_epoch
+                if len(self.teachers) > 1 and self.config.teacher.ensemble == "random":
+                    self.teacher_pick = int(torch.randint(len(self.teachers), ()))
+                    for i in range(len(self.teachers)):
+                        self._accum.setdefault(f"teacher/picked_{i}", []).append(
+                            torch.tensor(float(i == self.teacher_pick)))
                 try:
                     for i, phase in enumerate(self.phases):
                         if not warming_up or phase.player == SYNTHESIZER:
@@ -646,6 +819,12 @@ class Engine:
         if world_size() > 1:  # no rank goes on (e.g. to load ckpt/final.pt) before rank 0 has written it
             torch.distributed.barrier()
         return summary
+
+    def warn(self, tag: str, message: str) -> None:
+        """A problem worth a human's look that does not stop the run: stderr and TensorBoard."""
+        if is_main_process():
+            print(f"dfkd: warning: {message}", file=sys.stderr)
+        self.logger.text(self.step, tag, message)
 
     def _roll_back(self, exc: DivergenceError) -> None:
         """With ``train.on_nan: rollback``, return to the last checkpoint and continue with other
@@ -679,14 +858,14 @@ class Engine:
         if self.logger.writer is None:
             return {}
         try:
-            tap = self.bn_tap or BNStatsTap(self.teacher)
+            tap = self.bn_taps[0] if self.bn_taps else BNStatsTap(self.teacher)
         except ConfigError:  # a teacher without BatchNorm: no distances to show
             tap = None
         if tap is not None:
             tap.enabled = True
         probs = F.softmax(self.forward(self.teacher, images).float(), dim=1)
         stats = list(tap.stats) if tap is not None else []
-        if tap is not None and tap is not self.bn_tap:
+        if tap is not None and tap not in self.bn_taps:
             tap.remove()
         pred = probs.argmax(1)
         self.logger.histogram(self.step, "synthetic/teacher_class", pred, bins=self.info.num_classes)
@@ -836,6 +1015,20 @@ class Engine:
         self.step, self.best_acc, self.teacher_acc = state["step"], state["best_acc"], state["teacher_acc"]
         self.history, self.timers = list(state["history"]), dict(state["timers"])
         set_rng_state(state["rng"])
+
+
+class _Ensemble(nn.Module):
+    """A teacher ensemble as one model, for evaluation: every teacher, combined as in training
+    (``random`` is evaluated as the mean)."""
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.engine.combine_teachers([t(images) for t in self.engine.teachers])
+        self.engine.teacher_embedding.clear()
+        return logits
 
 
 def _named_phases(phases: list[PhaseConfig]) -> list[PhaseConfig]:

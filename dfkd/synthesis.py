@@ -1,7 +1,7 @@
 """Synthesis strategies: where data-free batches come from.
 
 ``generator``  a generator *player* trained adversarially by the engine's phases (DAFL, DFAD,
-               ZSKT, DFQ); ``fresh`` batches are new samples, ``same`` reuses the last one.
+               ZSKT, DFQ); ``fresh`` batches are new samples.
 ``inversion``  pixels of a batch optimized for k steps from noise (DeepInversion, ADI); the
                result enters the image pool.
 ``reinit``     a generator and its latents re-initialized for every batch and optimized for k
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import unwrap
-from .config import AugmentConfig, SynthesisConfig
+from .config import AugmentConfig, PhaseConfig, SynthesisConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -100,6 +100,30 @@ def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int]) -> Callable[[
     return augment
 
 
+def build_batch_transform(phase: PhaseConfig, shape: tuple[int, int, int]) -> Callable[["Batch"], "Batch"] | None:
+    """The per-phase view of a batch: ``phase.augment`` then ``phase.mixup``; None when neither is
+    set. Mixup pairs each image with another of the same batch, weighted by λ ~ Beta(α, α) per
+    image; the mixed batch has no labels, since its targets come from the teacher."""
+    if phase.augment is None and not phase.mixup:
+        return None
+    augment = build_augment(phase.augment, shape) if phase.augment is not None else None
+    beta = torch.distributions.Beta(phase.mixup, phase.mixup) if phase.mixup else None
+
+    def transform(batch: "Batch") -> "Batch":
+        from .engine import Batch
+
+        images, labels, source = batch.images, batch.labels, batch.source
+        if augment is not None:
+            images = augment(images)
+        if beta is not None:
+            lam = beta.sample((images.shape[0], 1, 1, 1)).to(images.device, images.dtype)
+            partner = images[torch.randperm(images.shape[0], device=images.device)]
+            images, labels, source = lam * images + (1 - lam) * partner, None, f"{source}+mixup"
+        return Batch(images, labels, source)
+
+    return transform
+
+
 def reset_parameters(module: nn.Module) -> None:
     for m in module.modules():
         if m is not module and hasattr(m, "reset_parameters"):
@@ -150,12 +174,9 @@ class Synthesizer:
             images = generator(self.latents(net, n), labels).float()
         batch = Batch(self.augment(images) if train_generator else images, labels, "synthetic")
         self.last = Batch(images.detach(), labels, "synthetic")
+        if self.pool is not None and not train_generator:  # what the student saw, kept for replay
+            self.pool.add(self.last.images, labels)
         return batch
-
-    def same(self) -> "Batch":
-        if self.last is None:
-            raise ConfigError("a 'same' batch needs an earlier phase that made a fresh synthetic batch")
-        return self.last
 
     def replay(self) -> "Batch":
         from .engine import Batch

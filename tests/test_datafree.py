@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import dfkd.checkpoint
+import dfkd.config
 import dfkd.data
 import dfkd.engine
 from dfkd.checkpoint import load_model, save_model
@@ -501,3 +502,37 @@ def test_synthesis_augmentation_is_differentiable_and_per_image():
     ratio = y.std(dim=(1, 2, 3)) / x.detach().std(dim=(1, 2, 3))
     assert shift.max() <= 0.5 + 1e-5 and shift.std() > 0  # differs between images
     assert ((ratio >= 0.7 - 1e-5) & (ratio <= 1.3 + 1e-5)).all() and ratio.std() > 0
+
+
+def test_phase_mixup_mixes_pairs_of_the_batch_and_drops_labels():
+    from dfkd.config import PhaseConfig
+    from dfkd.engine import Batch
+    from dfkd.synthesis import build_batch_transform
+
+    assert build_batch_transform(PhaseConfig(), (1, 2, 2)) is None  # nothing asked, no transform
+    torch.manual_seed(0)
+    images = numbered(range(64))  # image k is constant k: a mix of images a and b is constant λa + (1-λ)b
+    out = build_batch_transform(PhaseConfig(mixup=0.4), (1, 2, 2))(Batch(images, torch.zeros(64).long(), "pool"))
+    assert out.images.shape == images.shape and out.labels is None and out.source == "pool+mixup"
+    values = out.images.flatten(1)[:, 0]
+    assert torch.equal(out.images, values.view(-1, 1, 1, 1).expand_as(images))
+    # each image k becomes λk + (1-λ)·partner: it stays inside [0, 63] and most move (λ ~ Beta(0.4, 0.4))
+    assert values.min() >= 0 and values.max() <= 63 and (values != torch.arange(64.0)).float().mean() > 0.8
+
+
+def test_negative_mixup_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"phases.1.mixup must be >= 0"):
+        load_config("datafree/dfq-digits", ["phases.1.mixup=-1"])
+
+
+def test_generator_batches_for_the_student_fill_the_pool_and_replay_is_augmented(tmp_path, untrained_teachers):
+    config = load_config("datafree/dfq-digits", tiny("datafree/dfq-digits", "synthesis.pool_size=256",
+                                                     f"teacher.checkpoint={untrained_teachers['digits']}"))
+    config.phases[1].steps = 3
+    config.phases.append(dfkd.config.PhaseConfig(player="student", batch="pool", losses={"kd_kl": 1.0},
+                                                 augment=dfkd.config.AugmentConfig(flip=True), name="replay"))
+    engine = Engine(config, run_dir=tmp_path / "run")
+    engine.fit()
+    # 2 iterations x 3 student batches of 16 entered the pool; the generator's own batches did not
+    assert len(engine.synth.pool) == 2 * 3 * 16
+    assert any(k.startswith("loss/replay/") for row in read_metrics(tmp_path / "run") for k in row)
