@@ -91,10 +91,10 @@ def _eval(args, extra: list[str]) -> int:
 
 
 def _list(args, extra: list[str]) -> int:
-    from . import config, data, losses, models
+    from . import config, data, discriminators, losses, models
 
     tables = {"configs": config.named_configs, "models": models.list_models, "datasets": data.DATASETS.names,
-              "losses": losses.LOSSES.names}
+              "losses": losses.LOSSES.names, "discriminators": discriminators.DISCRIMINATORS.names}
     try:
         import generators
 
@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("list", help="List shipped configs, models, datasets, loss terms, generators.")
-    p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "generators"])
+    p = sub.add_parser("list", help="List shipped configs, models, datasets, loss terms, discriminators, generators.")
+    p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",
+                                               "generators"])
     return parser
 
 

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", help="shipped config names or YAML paths")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--teacher", metavar="PATH", help="teacher model file for distill configs")
+    p.add_argument("--teacher", metavar="PATH", nargs="+",
+                   help="teacher model file for distill configs; several make an ensemble")
     p.add_argument("--out", help="sweep folder (default: runs/sweeps/<stamp>)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--table", help="where to write the markdown table (default: results.md beside results.jsonl)")
@@ -98,7 +99,8 @@ def run_sweep(args: argparse.Namespace, results: Path) -> None:
         config = load_config(name, overrides)
         if config.teacher is not None:
             if args.teacher:
-                overrides.append(f"teacher.checkpoint={args.teacher}")
+                teacher = args.teacher[0] if len(args.teacher) == 1 else json.dumps(args.teacher)
+                overrides.append(f"teacher.checkpoint={teacher}")
             elif config.teacher.checkpoint is None:
                 raise ConfigError(f"{name} distils a teacher: pass --teacher PATH (a model file)")
         plans.append((name, overrides))

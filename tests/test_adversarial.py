@@ -299,3 +299,12 @@ def test_discriminator_that_no_term_uses(tmp_path, teachers):
     with pytest.raises(ConfigError, match="players.extra: no loss term uses discriminator 'extra'"):
         digits("adversarial/advkd-logit-fmnist", tmp_path, "players.extra={kind: discriminator, net: {name: mlp}}",
                teacher=teachers["trained"])
+
+
+def test_peers_and_discriminators_share_one_real_batch_per_iteration(tmp_path):
+    engine = digits("adversarial/afd-fmnist", tmp_path, "train.epochs=1")
+    engine.fit()
+    # four phases per iteration, one of them draws: 10 iterations read 10 batches, not 40
+    assert (engine.real.epoch, engine.real.index) == (0, 10)
+    assert engine.student.name == "peer1" and engine.teachers == []
+    assert {n: p.steps for n, p in engine.players.items()} == {"peer1": 10, "peer2": 10, "disc1": 10, "disc2": 10}
