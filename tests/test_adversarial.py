@@ -308,3 +308,20 @@ def test_peers_and_discriminators_share_one_real_batch_per_iteration(tmp_path):
     assert (engine.real.epoch, engine.real.index) == (0, 10)
     assert engine.student.name == "peer1" and engine.teachers == []
     assert {n: p.steps for n, p in engine.players.items()} == {"peer1": 10, "peer2": 10, "disc1": 10, "disc2": 10}
+
+
+def test_an_ensemble_drives_synthesis_with_the_bn_statistics_of_every_teacher(tmp_path, teachers):
+    from dfkd.engine import StepContext
+
+    engine = Engine(load_config("datafree/dfq-digits", [
+        f"teacher.checkpoint=[{teachers['trained']}, {teachers['half']}]", "synthesis.batch_size=8",
+        "train.epochs=1", "train.iters_per_epoch=1", "runtime.num_threads=1", f"output.root={tmp_path}"]))
+    generator_phase = engine.phases[0]
+    engine.active, engine.active_set = generator_phase.player, {generator_phase.player}
+    ctx = StepContext(engine, generator_phase, engine.next_batch(generator_phase))
+    # LeNet-5 and LeNet-5-half have 3 BN layers each; their channel counts tell them apart
+    assert [s.mean.numel() for s in ctx.teacher_bn] == [6, 16, 120, 3, 8, 60]
+    engine.config.teacher.ensemble = "random"
+    engine.teacher_pick = 1
+    ctx = StepContext(engine, generator_phase, engine.next_batch(generator_phase))
+    assert [s.mean.numel() for s in ctx.teacher_bn] == [3, 8, 60]  # only the picked teacher ran
