@@ -78,12 +78,22 @@ def _eval(args, extra: list[str]) -> int:
     if dataset.info.num_classes != meta["arch"]["num_classes"]:
         raise DfkdError(f"{args.checkpoint} predicts {meta['arch']['num_classes']} classes; "
                         f"'{dataset.info.name}' has {dataset.info.num_classes}")
+    # a cross-modal student is evaluated on the modality it was trained on
+    modality_name = ((meta.get("config") or {}).get("data") or {}).get("modality")
+    modality = None
+    if modality_name:
+        from .modalities import get_modality
+
+        modality = get_modality(modality_name)
     correct = n = 0
     with torch.no_grad():
         for images, labels in TensorLoader(dataset, args.batch_size, device=device):
+            if modality is not None:
+                images = modality(images, dataset.info)
             correct += int((model(images).argmax(1) == labels).sum())
             n += labels.numel()
-    result = {"checkpoint": args.checkpoint, "dataset": dataset.info.name, "split": args.split,
+    result = {"checkpoint": args.checkpoint, "dataset": dataset.info.name, "modality": modality_name,
+              "split": args.split,
               "acc": round(100.0 * correct / n, 2), "n": n, "recorded_acc": meta.get("accuracy"),
               "sha256": meta.get("sha256")}
     print(json.dumps(result))

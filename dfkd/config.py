@@ -40,6 +40,10 @@ class DataConfig:
     eval_batch_size: int = 1000
     augment: bool = True                # the dataset's standard train augmentation, if it has one
     eval: bool = True                   # evaluate on the test split; False: the run reads no real data at all
+    # Cross-modal: the students see this built-in modality of the images (dfkd/modalities.py),
+    # the teacher the images themselves; evaluation is on the test split's modality.
+    modality: Optional[str] = None
+    labeled_fraction: float = 1.0       # the share of the training split (stratified, per seed) 'labeled' batches draw
 
 
 @dataclass
@@ -102,7 +106,8 @@ class PlayerConfig:
 class PhaseConfig:
     """One step type of an iteration: which player is updated, on which batch, with which losses.
 
-    ``batch``: ``real`` (the training split; never used by data-free methods), ``fresh`` (a new
+    ``batch``: ``real`` (the training split; never used by data-free methods), ``labeled`` (its
+    ``data.labeled_fraction`` subset, for few-label fine-tuning and baselines), ``fresh`` (a new
     synthetic batch each step), ``same`` (the batch an earlier phase drew last; synthetic ones
     detached and without the generator's augmentation) or ``pool`` (replay of the image pool).
     ``losses``: term name → weight, or term name → {weight: w, <term parameters>}.
@@ -113,10 +118,11 @@ class PhaseConfig:
 
     player: str = "student"
     steps: int = 1
-    batch: Literal["real", "fresh", "same", "pool"] = "real"
+    batch: Literal["real", "labeled", "fresh", "same", "pool"] = "real"
     losses: dict[str, Any] = field(default_factory=dict)
     name: Optional[str] = None          # defaults to the player's name; used in log tags
     also: list[str] = field(default_factory=list)  # more players updated by this phase's loss, in one backward
+    epochs: Optional[list[int]] = None  # [first, last) epochs in which the phase runs (stages); None: all
     augment: Optional[AugmentConfig] = None
     mixup: float = 0.0                  # Beta(α, α) mixing of each image with another of the batch; 0: off
 
@@ -443,6 +449,9 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         if phase.batch == "fresh" and phase.player != "synthesizer" and syn.kind != "generator":
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch '{phase.batch}' needs synthesis.kind 'generator' "
                                         f"(it is '{syn.kind}')")
+        if phase.epochs is not None and (len(phase.epochs) != 2 or not 0 <= phase.epochs[0] < phase.epochs[1]):
+            v.fail(f"phases.{i}.epochs", f"phases.{i}.epochs must be [first, last) with 0 <= first < last, "
+                                         f"got {phase.epochs}")
         if phase.mixup < 0:
             v.fail(f"phases.{i}.mixup", f"phases.{i}.mixup must be >= 0 (a Beta(α, α) parameter), got {phase.mixup}")
         if phase.batch == "pool" and not syn.pool_size:
@@ -454,11 +463,10 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     for name, player in config.players.items():
         if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
+    if not 0 < config.data.labeled_fraction <= 1:
+        v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
     if config.train.epochs < 1:
         v.fail("train.epochs", f"train.epochs must be >= 1, got {config.train.epochs}")
-    if config.task == "distill" and config.teacher is None and sum(
-            p.kind == "model" for p in config.players.values()) < 2:
-        v.fail("teacher", "a distill config needs a 'teacher' (a checkpoint), or peers that learn from each other")
 
 
 def config_to_dict(config: Config) -> dict:

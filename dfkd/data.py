@@ -202,6 +202,22 @@ class TensorLoader:
             yield from self
 
 
+def labeled_subset(dataset: ImageTensorDataset, fraction: float, seed: int) -> ImageTensorDataset:
+    """A stratified ``fraction`` of ``dataset``: ceil(fraction × n_c) samples of each class c,
+    drawn by a permutation that depends on ``seed`` only (the few labels a run may use)."""
+    if fraction >= 1:
+        return dataset
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, 1 << 20))
+    order = torch.randperm(len(dataset), generator=generator)
+    keep = []
+    for c in dataset.labels.unique().tolist():
+        members = order[dataset.labels[order] == c]
+        keep.append(members[: math.ceil(fraction * len(members))])
+    index = torch.cat(keep).sort().values
+    return ImageTensorDataset(dataset.images[index], dataset.labels[index], dataset.info,
+                              f"{dataset.split}[{fraction:g} labeled]")
+
+
 # --- registry --------------------------------------------------------------------------
 
 Reader = Callable[[DatasetInfo, str, str | None, bool], ImageTensorDataset]

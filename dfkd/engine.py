@@ -31,9 +31,10 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .config import (Config, NetConfig, OptimConfig, PhaseConfig, PlayerConfig, SchedConfig, config_to_dict,
                      dump_config)
-from .data import TensorLoader, dataset_info, denormalize, load_dataset
+from .data import TensorLoader, dataset_info, denormalize, labeled_subset, load_dataset
 from .errors import CheckpointError, ConfigError, DfkdError, ShapeError
 from .losses import WeightedTerm, build_terms
+from .modalities import get_modality
 from .models import create_model
 from .runs import MetricLogger, is_main_process, new_run_dir, rank, world_size
 from .synthesis import SYNTHESIZER, Synthesizer, build_batch_transform
@@ -175,6 +176,7 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor | None = None      # real labels, or the classes a conditional generator was asked for
     source: str = "real"
+    teacher_images: torch.Tensor | None = None  # cross-modal: what the teacher sees (None: ``images``)
 
 
 class RealStream:
@@ -220,6 +222,10 @@ class StepContext:
         return self.batch.images
 
     @property
+    def teacher_images(self) -> torch.Tensor:
+        return self.batch.images if self.batch.teacher_images is None else self.batch.teacher_images
+
+    @property
     def labels(self) -> torch.Tensor:
         if self.batch.labels is None:
             raise ConfigError(f"phase '{self.phase.name}': a loss term needs labels, and '{self.batch.source}' "
@@ -256,7 +262,7 @@ class StepContext:
 
     @cached_property
     def teacher_logits(self) -> torch.Tensor:
-        logits, self._teacher_embedding = self._teacher_pass(self.images, record=True)
+        logits, self._teacher_embedding = self._teacher_pass(self.teacher_images, record=True)
         return logits
 
     def _teacher_pass(self, images: torch.Tensor, record: bool = False):
@@ -327,6 +333,11 @@ class Engine:
         seed_everything(config.seed + rank())  # per-rank seeds: ranks must not draw identical batches
 
         self.info = dataset_info(config.data.name)
+        # cross-modal: students see a modality of the images; a synthetic batch needs gradients through it
+        self.modality = get_modality(config.data.modality, differentiable=config.synthesis.kind != "none") \
+            if config.data.modality else None
+        self.student_shape = tuple(self.info.shape) if self.modality is None else tuple(
+            self.modality(torch.zeros((1, *self.info.shape)), self.info).shape[1:])
         self.teachers = self._build_teachers()
         self.teacher = self.teachers[0] if self.teachers else None  # the one that shows samples, etc.
         self.teacher_pick = 0  # ensemble 'random': this iteration's teacher
@@ -339,20 +350,27 @@ class Engine:
         # Real data: the training split is read only if some phase trains on it. A data-free
         # config never touches it; the test split is read for evaluation only, and not at all
         # when data.eval is false.
-        uses_real = any(p.batch == "real" and p.player != SYNTHESIZER for p in self.phases)
-        self.real = RealStream(TensorLoader(
-            load_dataset(config.data.name, "train", config.data.root, config.data.download),
-            config.data.batch_size, shuffle=True, augment=config.data.augment, drop_last=True,
-            device=self.device, seed=config.seed, shard=(rank(), world_size()))) if uses_real else None
+        uses = {p.batch for p in self.phases if p.player != SYNTHESIZER}
+        train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download) \
+            if uses & {"real", "labeled"} else None
+
+        def stream(dataset) -> RealStream:
+            return RealStream(TensorLoader(
+                dataset, min(config.data.batch_size, len(dataset)), shuffle=True, augment=config.data.augment,
+                drop_last=True, device=self.device, seed=config.seed, shard=(rank(), world_size())))
+
+        self.real = stream(train_split) if "real" in uses else None
+        self.labeled = stream(labeled_subset(train_split, config.data.labeled_fraction, config.seed)) \
+            if "labeled" in uses else None
         self.test_loader = TensorLoader(
             load_dataset(config.data.name, "test", config.data.root, config.data.download),
             config.data.eval_batch_size, device=self.device) if config.data.eval else None
 
         tc = config.train
         if tc.iters_per_epoch is None:
-            if self.real is None:
+            if self.real is None and self.labeled is None:
                 raise ConfigError("train.iters_per_epoch must be set when no phase trains on real data")
-            self.iters_per_epoch = len(self.real.loader)
+            self.iters_per_epoch = len((self.real or self.labeled).loader)
         else:
             self.iters_per_epoch = tc.iters_per_epoch
         self.total_iters = tc.epochs * self.iters_per_epoch
@@ -545,12 +563,14 @@ class Engine:
         """The shape (without the batch) of ``network``'s logits or of its tapped ``layer``."""
         if network == "teacher":
             module, tap = self.teachers[0], self.teacher_taps[0] if self.teacher_taps else None
+            shape = self.info.shape
         else:
             module, tap = self.players[network].module, self.model_taps.get(network)
+            shape = self.student_shape
         was_training = module.training
         module.eval()  # no running statistics are touched by the dummy batch
         try:
-            logits = self.forward(module, torch.zeros((2, *self.info.shape), device=self.device))
+            logits = self.forward(module, torch.zeros((2, *shape), device=self.device))
         finally:
             module.train(was_training)
         self.teacher_embedding.clear()
@@ -643,9 +663,15 @@ class Engine:
         return optimizers
 
     def _build_model(self, pc: PlayerConfig) -> nn.Module:
-        C, H, _ = self.info.shape
+        C, H, _ = self.student_shape
         if pc.net.checkpoint:  # start from trained weights (fine-tuning, a pre-trained peer)
-            model, _ = ckpt_io.load_model(pc.net.checkpoint)
+            model, meta = ckpt_io.load_model(pc.net.checkpoint)
+            arch = meta["arch"]
+            if arch["in_channels"] != C or arch.get("image_size", H) != H:
+                view = f"modality '{self.config.data.modality}' of {self.info.name}" if self.modality \
+                    else f"dataset {self.info.name}"
+                raise ShapeError(f"{pc.net.checkpoint} ({arch['name']}) takes {arch['in_channels']}-channel "
+                                 f"{arch.get('image_size')} px input; {view} gives {self.student_shape}")
             return model.train()
         return create_model(pc.net.name, in_channels=C, num_classes=self.info.num_classes, image_size=H,
                             **pc.net.kwargs)
@@ -660,7 +686,8 @@ class Engine:
                 source = phase
                 if phase.batch == "same":  # the batch of the nearest earlier phase that draws one
                     source = next(p for p in reversed(self.phases[i + 1:] + self.phases[:i]) if p.batch != "same")
-                has_labels = (source.batch == "real" and source.player != SYNTHESIZER) or syn.labels != "none"
+                has_labels = (source.batch in ("real", "labeled") and source.player != SYNTHESIZER) \
+                    or syn.labels != "none"
                 if "labels" in needs and not has_labels:
                     raise ConfigError(f"phases.{i}.losses.{term.name} needs labels, and '{phase.batch}' batches "
                                       f"have none (set synthesis.labels to random or balanced)")
@@ -685,8 +712,8 @@ class Engine:
             if self.last_batch is None:
                 raise ConfigError(f"phase '{phase.name}': a 'same' batch needs an earlier phase that draws one")
             return self.last_batch
-        if phase.batch == "real":
-            batch = self.real.next()
+        if phase.batch in ("real", "labeled"):
+            batch = (self.real if phase.batch == "real" else self.labeled).next()
             self.last_batch = batch
             return batch
         if phase.batch == "pool":
@@ -698,9 +725,16 @@ class Engine:
         self.last_batch = self.synth.last
         return batch
 
+    def student_view(self, batch: Batch) -> Batch:
+        """Cross-modal: the students' modality of the batch's images, the teacher keeping the
+        images themselves (differentiably, so synthesis can train through the modality)."""
+        if self.modality is None or batch.teacher_images is not None:
+            return batch
+        return Batch(self.modality(batch.images, self.info), batch.labels, batch.source, batch.images)
+
     def phase_loss(self, index: int, phase: PhaseConfig, batch: Batch) -> torch.Tensor:
         """Σ weight × term on ``batch``, with a NaN guard; records the terms for logging."""
-        ctx = StepContext(self, phase, batch)
+        ctx = StepContext(self, phase, self.student_view(batch))
         values = {t.name: t(ctx) for t in self.terms[index]}
         total = sum(t.weight * values[t.name] for t in self.terms[index])
         finite = torch.isfinite(total.detach()).float()
@@ -796,8 +830,10 @@ class Engine:
                         self._accum.setdefault(f"teacher/picked_{i}", []).append(
                             torch.tensor(float(i == self.teacher_pick)))
                 try:
+                    epoch = self.step // self.iters_per_epoch
                     for i, phase in enumerate(self.phases):
-                        if not warming_up or phase.player == SYNTHESIZER:
+                        in_window = phase.epochs is None or phase.epochs[0] <= epoch < phase.epochs[1]
+                        if in_window and (not warming_up or phase.player == SYNTHESIZER):
                             self.run_phase(i, phase)
                 except DivergenceError as exc:
                     self._roll_back(exc)
@@ -892,13 +928,29 @@ class Engine:
             per_class += list(picked) + [blank] * (8 - len(picked))
         self.logger.image_grid(self.step, "synthetic/by_teacher_class", torch.stack(per_class), nrow=8)
 
+    @torch.no_grad()
+    def log_pair_grid(self, tag: str, images: torch.Tensor) -> None:
+        """Up to 8 samples: the teacher's modality on top, the students' (rescaled to [0, 1] per
+        image, to the same size and channel count) below."""
+        if self.logger.writer is None:
+            return
+        images = images[:8].float()
+        a = denormalize(images, self.info)
+        b = self.modality(images, self.info)
+        low, high = b.amin(dim=(1, 2, 3), keepdim=True), b.amax(dim=(1, 2, 3), keepdim=True)
+        b = (b - low) / (high - low).clamp_min(1e-6)
+        b = F.interpolate(b, size=a.shape[2:], mode="bilinear", align_corners=False) if b.shape[2:] != a.shape[2:] else b
+        channels = max(a.shape[1], b.shape[1])
+        a, b = a.expand(-1, channels, -1, -1), b.expand(-1, channels, -1, -1)
+        self.logger.image_grid(self.step, tag, torch.cat([a, b]), nrow=len(a))
+
     def end_of_epoch(self, epoch: int) -> None:
         tc, oc = self.config.train, self.config.output
         last_epoch = self.step == self.total_iters
         record = {"epoch": epoch, "step": self.step}
         if self.test_loader is not None and (epoch % tc.eval_every == 0 or last_epoch):
             t0 = time.perf_counter()
-            result = self.evaluate(self.student.module)
+            result = self.evaluate(self.student.module, student=True)
             self.timers["eval"] += time.perf_counter() - t0
             record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(self.timers["train"], 2))
             improved = result["acc"] > self.best_acc
@@ -910,6 +962,10 @@ class Engine:
         if self.synth is not None and self.synth.last is not None and self.teacher is not None \
                 and (epoch % oc.image_every == 0 or last_epoch):
             self.log_sample_grids(self.synth.last.images)
+            if self.modality is not None:
+                self.log_pair_grid("crossmodal/synthetic_pairs", self.synth.last.images)
+        if self.modality is not None and self.test_loader is not None and (epoch % oc.image_every == 0 or last_epoch):
+            self.log_pair_grid("crossmodal/real_pairs", next(iter(self.test_loader))[0])
         self.history.append(record)
         if self.run_dir is not None:
             if last_epoch:
@@ -918,12 +974,15 @@ class Engine:
                 self.save_state()
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: TensorLoader | None = None) -> dict:
+    def evaluate(self, model: nn.Module, loader: TensorLoader | None = None, student: bool = False) -> dict:
+        """Accuracy and loss on the test split (a student: on its modality of it)."""
         loader = loader or self.test_loader
         was_training = model.training
         model.eval()
         correct, loss_sum, n = 0, 0.0, 0
         for images, labels in loader:
+            if student and self.modality is not None:
+                images = self.modality(images, self.info)
             logits = self.forward(model, images).float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
@@ -945,7 +1004,7 @@ class Engine:
 
     # ---------------------------------------------------------------- checkpoints
     def arch(self) -> dict:
-        C, H, _ = self.info.shape
+        C, H, _ = self.student_shape
         net = self.student.cfg.net
         if net.checkpoint:
             return ckpt_io.read_model_file(net.checkpoint)["arch"]
@@ -974,6 +1033,7 @@ class Engine:
                 "players": {n: p.state_dict() for n, p in self.players.items()},
                 "scaler": self.scaler.state_dict(), "rng": rng_state(),
                 "real": self.real.state_dict() if self.real else None,
+                "labeled": self.labeled.state_dict() if self.labeled else None,
                 "synthesis": self.synth.state_dict() if self.synth else None,
                 "terms": {f"{i}.{t.name}": t.fn.state_dict() for i, ts in self.terms.items() for t in ts
                           if isinstance(t.fn, nn.Module)},
@@ -1004,6 +1064,8 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         if self.real is not None:
             self.real.load_state_dict(state["real"])
+        if self.labeled is not None:
+            self.labeled.load_state_dict(state["labeled"])
         if self.synth is not None:
             self.synth.load_state_dict(state["synthesis"])
         for i, terms in self.terms.items():

@@ -201,7 +201,7 @@ def tv(ctx, norm: str = "l2") -> torch.Tensor:
     DeepInversion weights the l2 form 2.5e-5 on CIFAR-10 (up to 1e-3 for smoother images) and
     1e-4 on ImageNet. Its l1 form also divides by 255; divide its weights by 255 for this one."""
     measure = _option(_TV_NORMS, norm, "tv.norm")
-    x = ctx.images.float()
+    x = ctx.teacher_images.float()
     differences = (x[:, :, :, :-1] - x[:, :, :, 1:], x[:, :, :-1, :] - x[:, :, 1:, :],
                    x[:, :, 1:, :-1] - x[:, :, :-1, 1:], x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
     return sum(measure(d) for d in differences)
@@ -211,7 +211,7 @@ def tv(ctx, norm: str = "l2") -> torch.Tensor:
 def l2_prior(ctx) -> torch.Tensor:
     """Mean over the batch of each image's L2 norm (DeepInversion; weight 1e-5 on ImageNet,
     around 3e-8 or off on CIFAR-10)."""
-    return torch.linalg.vector_norm(ctx.images.float().flatten(1), dim=1).mean()
+    return torch.linalg.vector_norm(ctx.teacher_images.float().flatten(1), dim=1).mean()
 
 
 _ONEHOT_TARGETS = {"argmax": lambda ctx: ctx.teacher_logits.argmax(1), "labels": lambda ctx: ctx.labels}
@@ -335,7 +335,7 @@ class Contrastive(nn.Module):
     def forward(self, ctx) -> torch.Tensor:
         if self.head is None:
             raise RuntimeError("contrastive: call build(embedding_dim) before the first step")
-        images = ctx.images
+        images = ctx.teacher_images
         crop = RandomResizedCrop(size=tuple(images.shape[-2:]), scale=self.local_scale)
         _, local_embedding = ctx.teacher_embed(crop(images))
         z_global, z_local = self.project(ctx.teacher_embedding), self.project(local_embedding)
@@ -482,3 +482,43 @@ class Adversarial(nn.Module):
             self.reported = True
         elif not won:
             self.reported = False
+
+
+def _feature_match_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {"teacher": [params["layer"]], "student": [params.get("student_layer") or params["layer"]]}
+
+
+_FEATURE_DISTANCES = {
+    "l2": lambda s, t: F.mse_loss(s, t),
+    "cosine": lambda s, t: (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean(),
+}
+
+
+@register("feature_match", needs=("teacher",), taps=_feature_match_taps)
+class FeatureMatch(nn.Module):
+    """Supervision transfer (Gupta, Hoffman & Malik 2016): the student's features at
+    ``student_layer`` (default: the same path as ``layer``), mapped by the ``adapter`` player when
+    the shapes differ, regress the teacher's features at ``layer`` on the paired sample.
+    ``distance``: ``l2`` (mean squared error, the paper's) or ``cosine`` (1 − cosine similarity
+    per sample)."""
+
+    def __init__(self, layer: str, student_layer: str | None = None, adapter: str | None = None,
+                 distance: str = "l2"):
+        super().__init__()
+        self.distance = _option(_FEATURE_DISTANCES, distance, "feature_match.distance")
+        self.layer, self.student_layer, self.adapter = layer, student_layer or layer, adapter
+
+    def player_uses(self) -> dict[str, tuple]:
+        return {self.adapter: ("adapter", ("student", self.student_layer), ("teacher", self.layer))} \
+            if self.adapter else {}
+
+    def forward(self, ctx) -> torch.Tensor:
+        student = ctx.student_features[self.student_layer].float()
+        if self.adapter:
+            student = ctx.engine.module_of(ctx.engine.players[self.adapter])(student)
+        teacher = ctx.teacher_features[self.layer].float().detach()
+        if student.shape != teacher.shape:
+            raise ShapeError(f"feature_match: the student's {self.student_layer} {tuple(student.shape[1:])} and "
+                             f"the teacher's {self.layer} {tuple(teacher.shape[1:])} differ; give the term an "
+                             f"'adapter' player")
+        return self.distance(student, teacher)

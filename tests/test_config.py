@@ -95,8 +95,12 @@ def test_cross_field_checks(base_and_child):
         load_config(str(base_and_child), ["phases.0.player=ghost"])
     with pytest.raises(ConfigError, match="phases.0.steps must be >= 1"):
         load_config(str(base_and_child), ["phases.0.steps=0"])
-    with pytest.raises(ConfigError, match="needs a 'teacher'"):
-        load_config(str(base_and_child), ["task=distill"])
+    with pytest.raises(ConfigError, match=r"phases.0.epochs must be \[first, last\) with 0 <= first < last"):
+        load_config(str(base_and_child), ["phases.0.epochs=[3, 2]"])
+    with pytest.raises(ConfigError, match=r"data.labeled_fraction must be in \(0, 1\], got 0"):
+        load_config(str(base_and_child), ["data.labeled_fraction=0"])
+    with pytest.raises(ConfigError, match="phases.0.also: 'ghost' is not another player"):
+        load_config(str(base_and_child), ["phases.0.also=[ghost]"])
 
 
 def test_missing_config_suggests_shipped_names():

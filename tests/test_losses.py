@@ -139,7 +139,7 @@ def test_bn_stats_zero_at_running_stats_and_float32_from_bf16():
 
 def test_tv_both_norms():
     # One 2×2 image [[1, 2], [4, 8]]: horizontal (−1, −4), vertical (−3, −6), diagonals 4 − 2 and 1 − 8.
-    ctx = SimpleNamespace(images=torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]]))
+    ctx = SimpleNamespace(teacher_images=torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]]))
     assert tv(ctx).item() == approx(math.sqrt(17) + math.sqrt(45) + 2 + 7)
     assert tv(ctx, norm="l1").item() == approx(2.5 + 4.5 + 2 + 7)
     with pytest.raises(ConfigError, match="tv.norm"):
@@ -147,7 +147,7 @@ def test_tv_both_norms():
 
 
 def test_l2_prior():
-    ctx = SimpleNamespace(images=torch.tensor([[[[3.0, 4.0]]], [[[6.0, 8.0]]]]))
+    ctx = SimpleNamespace(teacher_images=torch.tensor([[[[3.0, 4.0]]], [[[6.0, 8.0]]]]))
     assert l2_prior(ctx).item() == approx((5 + 10) / 2)
 
 
@@ -166,7 +166,7 @@ def contrastive_ctx(images, embedding, local_embedding=None):
     """A fake context whose teacher embeds any other view as ``local_embedding`` (default: the same
     embedding, i.e. views that agree perfectly)."""
     local = embedding if local_embedding is None else local_embedding
-    return SimpleNamespace(images=images, teacher_embedding=embedding, teacher_embed=lambda view: (None, local))
+    return SimpleNamespace(teacher_images=images, teacher_embedding=embedding, teacher_embed=lambda view: (None, local))
 
 
 def test_contrastive_prefers_agreeing_views():
@@ -190,7 +190,7 @@ def test_contrastive_gradient_reaches_images_through_the_crop():
         return None, x.mean((2, 3)) @ weight
 
     # The global embedding is detached, so any gradient on the images comes through the local crop.
-    ctx = SimpleNamespace(images=images, teacher_embedding=embed(images.detach())[1], teacher_embed=embed)
+    ctx = SimpleNamespace(teacher_images=images, teacher_embedding=embed(images.detach())[1], teacher_embed=embed)
     term = Contrastive(dim=4, hidden=8)
     term.build(6)
     term(ctx).backward()
