@@ -101,10 +101,11 @@ def _eval(args, extra: list[str]) -> int:
 
 
 def _list(args, extra: list[str]) -> int:
-    from . import config, data, discriminators, losses, models
+    from . import config, data, discriminators, losses, modalities, models
 
     tables = {"configs": config.named_configs, "models": models.list_models, "datasets": data.DATASETS.names,
-              "losses": losses.LOSSES.names, "discriminators": discriminators.DISCRIMINATORS.names}
+              "losses": losses.LOSSES.names, "discriminators": discriminators.DISCRIMINATORS.names,
+              "modalities": modalities.MODALITIES.names}
     try:
         import generators
 
@@ -141,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("list", help="List shipped configs, models, datasets, loss terms, discriminators, generators.")
+    p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",
-                                               "generators"])
+                                               "modalities", "generators"])
     return parser
 
 
