@@ -74,12 +74,18 @@ def _eval(args, extra: list[str]) -> int:
 
     device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device)
-    dataset = load_dataset(args.data or meta["dataset"], args.split, args.root)
+    data_config = (meta.get("config") or {}).get("data") or {}
+    if data_config.get("pairs_test") and not args.data:  # a student of a user's pairs: their test pairs
+        from .data import dataset_info, load_pairs
+
+        dataset = load_pairs(data_config["pairs_test"], dataset_info(meta["dataset"]), "test")
+    else:
+        dataset = load_dataset(args.data or meta["dataset"], args.split, args.root)
     if dataset.info.num_classes != meta["arch"]["num_classes"]:
         raise DfkdError(f"{args.checkpoint} predicts {meta['arch']['num_classes']} classes; "
                         f"'{dataset.info.name}' has {dataset.info.num_classes}")
     # a cross-modal student is evaluated on the modality it was trained on
-    modality_name = ((meta.get("config") or {}).get("data") or {}).get("modality")
+    modality_name = data_config.get("modality")
     modality = None
     if modality_name:
         from .modalities import get_modality
@@ -87,8 +93,10 @@ def _eval(args, extra: list[str]) -> int:
         modality = get_modality(modality_name)
     correct = n = 0
     with torch.no_grad():
-        for images, labels in TensorLoader(dataset, args.batch_size, device=device):
-            if modality is not None:
+        for images, labels, *paired in TensorLoader(dataset, args.batch_size, device=device):
+            if paired:
+                images = paired[0]
+            elif modality is not None:
                 images = modality(images, dataset.info)
             correct += int((model(images).argmax(1) == labels).sum())
             n += labels.numel()

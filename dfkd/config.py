@@ -44,6 +44,10 @@ class DataConfig:
     # the teacher the images themselves; evaluation is on the test split's modality.
     modality: Optional[str] = None
     labeled_fraction: float = 1.0       # the share of the training split (stratified, per seed) 'labeled' batches draw
+    # Cross-modal with a user's own pairs: one .npz/.pt file (arrays a, b[, y]) or two folders whose
+    # files pair by name; pairs_test: labeled pairs to evaluate students on (see dfkd.data.load_pairs)
+    pairs: Optional[list[str]] = None
+    pairs_test: Optional[list[str]] = None
 
 
 @dataclass
@@ -463,6 +467,14 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     for name, player in config.players.items():
         if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
+    if config.data.pairs and config.data.modality:
+        v.fail("data.pairs", "data.pairs and data.modality both give students their modality; set one")
+    if config.data.pairs and config.synthesis.kind != "none":
+        v.fail("data.pairs", "data-free cross-modal synthesis needs a built-in data.modality (a known differentiable "
+                             "function of the images); a user's pairs are not one")
+    if config.data.pairs and config.data.eval and not config.data.pairs_test:
+        v.fail("data.pairs_test", "students on a user's pairs are evaluated on data.pairs_test (labeled pairs); "
+                                  "set it, or data.eval=false")
     if not 0 < config.data.labeled_fraction <= 1:
         v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
     if config.train.epochs < 1:

@@ -67,7 +67,8 @@ def denormalize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
 class ImageTensorDataset:
     """One split of a dataset: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, split: str):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, split: str,
+                 paired: torch.Tensor | None = None):
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != info.shape:
             raise ShapeError(
                 f"{info.name}/{split}: expected uint8 images of shape (N, {', '.join(map(str, info.shape))}), "
@@ -81,6 +82,8 @@ class ImageTensorDataset:
         self.labels = labels
         self.info = info
         self.split = split
+        # cross-modal pairs: the same samples in a second modality (uint8 or float), what students see
+        self.paired = paired
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -183,13 +186,17 @@ class TensorLoader:
         n = len(self.dataset)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         order = order[self.rank :: self.world_size][: self._samples()]
-        policy = self.dataset.info.augment if self.augment else "none"
+        # pairs of two modalities get no augmentation: one crop cannot be drawn for both shapes
+        policy = self.dataset.info.augment if self.augment and self.dataset.paired is None else "none"
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             images = self.dataset.images[index].to(self.device).float() / 255
             images = augment_batch(images, policy, generator)
             labels = self.dataset.labels[index].to(self.device)
-            yield self.dataset.normalize(images), labels
+            if self.dataset.paired is None:
+                yield self.dataset.normalize(images), labels
+            else:
+                yield self.dataset.normalize(images), labels, standardize(self.dataset.paired[index].to(self.device))
 
     def infinite(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Loop over epochs forever, for training counted in iterations rather than epochs."""
@@ -202,9 +209,104 @@ class TensorLoader:
             yield from self
 
 
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per sample: how a second modality is normalized, with no
+    statistics of any data set (uint8 is read as [0, 1] first)."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True)
+    return x / (x.pow(2).mean(dim=tuple(range(1, x.dim())), keepdim=True) + 1e-6).sqrt()
+
+
+_PAIR_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_pair_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as arrays:
+            return {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    if path.endswith(".pt"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict):
+            raise ConfigError(f"pairs file {path}: expected a dict of tensors a, b[, y], got {type(data).__name__}")
+        return data
+    raise ConfigError(f"pairs file {path}: expected a .npz or .pt file, or two folders")
+
+
+def _read_pair_folder(folder: str, stems: list[str], names: dict[str, str]) -> torch.Tensor:
+    from PIL import Image
+
+    samples, shape = [], None
+    for stem in stems:
+        path = os.path.join(folder, names[stem])
+        if path.endswith(".npy"):
+            x = torch.from_numpy(np.load(path, allow_pickle=False))
+            x = x.unsqueeze(0) if x.dim() == 2 else x
+        else:
+            with Image.open(path) as image:
+                x = torch.from_numpy(np.array(image))
+            x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)  # HWC -> CHW
+        if shape is not None and tuple(x.shape) != shape:
+            raise ShapeError(f"{path} is {tuple(x.shape)}; the files before it are {shape}")
+        shape = tuple(x.shape)
+        samples.append(x)
+    return torch.stack(samples)
+
+
+def load_pairs(paths: list[str], info: DatasetInfo, split: str = "train") -> ImageTensorDataset:
+    """A user's paired samples as a dataset whose ``images`` are modality A (what the teacher of
+    dataset ``info`` takes, normalized like it) and ``paired`` modality B (what students see).
+
+    ``paths`` is one ``.npz`` / ``.pt`` file holding arrays ``a``, ``b`` and optionally ``y``
+    (int labels), or two folders whose files (``.png``/``.jpg``, or ``.npy`` arrays) pair up by
+    name without extension. Modality A is uint8, or floats in [0, 1]."""
+    labels = None
+    if len(paths) == 1:
+        arrays = _read_pair_file(paths[0])
+        for key in ("a", "b"):
+            if key not in arrays:
+                raise ConfigError(f"pairs file {paths[0]} has no array '{key}' (it has: {', '.join(arrays) or 'none'})")
+        a, b, labels = arrays["a"], arrays["b"], arrays.get("y")
+        for key, x in (("b", b), ("y", labels)):
+            if x is not None and len(x) != len(a):
+                raise ShapeError(f"pairs file {paths[0]}: 'a' has {len(a)} samples, '{key}' has {len(x)}")
+        where = paths[0]
+    elif len(paths) == 2:
+        listing = []
+        for folder in paths:
+            if not os.path.isdir(folder):
+                raise DatasetNotFoundError(f"pairs folder {folder} does not exist")
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith((*_PAIR_IMAGE_SUFFIXES, ".npy")))
+            listing.append({os.path.splitext(f)[0]: f for f in files})
+        first, second = listing
+        for stem in sorted(first.keys() ^ second.keys()):
+            inside, other = (paths[0], paths[1]) if stem in first else (paths[1], paths[0])
+            name = (first if stem in first else second)[stem]
+            raise ConfigError(f"pairs: {os.path.join(inside, name)} has no counterpart named '{stem}.*' in {other}")
+        stems = sorted(first)
+        if not stems:
+            raise DatasetNotFoundError(f"pairs folders {paths[0]} and {paths[1]} hold no .png, .jpg or .npy files")
+        a, b = _read_pair_folder(paths[0], stems, first), _read_pair_folder(paths[1], stems, second)
+        where = f"{paths[0]} and {paths[1]}"
+    else:
+        raise ConfigError(f"data.pairs takes one file or two folders, got {len(paths)} paths")
+    if a.dim() == 3:  # (N, H, W): one channel
+        a = a.unsqueeze(1)
+    if b.dim() == 3:
+        b = b.unsqueeze(1)
+    if a.dtype != torch.uint8:  # [0, 1] floats, stored as pixels like every dataset here
+        a = (a.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    if tuple(a.shape[1:]) != tuple(info.shape):
+        raise ShapeError(f"pairs {where}: modality-A samples are {tuple(a.shape[1:])}; the teacher's dataset "
+                         f"'{info.name}' takes {tuple(info.shape)}")
+    labels = torch.full((len(a),), -1, dtype=torch.long) if labels is None else labels.long()
+    return ImageTensorDataset(a, labels, info, f"pairs:{split}", paired=b)
+
+
 def labeled_subset(dataset: ImageTensorDataset, fraction: float, seed: int) -> ImageTensorDataset:
     """A stratified ``fraction`` of ``dataset``: ceil(fraction × n_c) samples of each class c,
     drawn by a permutation that depends on ``seed`` only (the few labels a run may use)."""
+    if bool((dataset.labels < 0).any()):
+        raise ConfigError(f"'labeled' batches need labels, and {dataset.split} has unlabeled samples")
     if fraction >= 1:
         return dataset
     generator = torch.Generator().manual_seed(_epoch_seed(seed, 1 << 20))
@@ -215,7 +317,8 @@ def labeled_subset(dataset: ImageTensorDataset, fraction: float, seed: int) -> I
         keep.append(members[: math.ceil(fraction * len(members))])
     index = torch.cat(keep).sort().values
     return ImageTensorDataset(dataset.images[index], dataset.labels[index], dataset.info,
-                              f"{dataset.split}[{fraction:g} labeled]")
+                              f"{dataset.split}[{fraction:g} labeled]",
+                              paired=None if dataset.paired is None else dataset.paired[index])
 
 
 # --- registry --------------------------------------------------------------------------

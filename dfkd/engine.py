@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .config import (Config, NetConfig, OptimConfig, PhaseConfig, PlayerConfig, SchedConfig, config_to_dict,
                      dump_config)
-from .data import TensorLoader, dataset_info, denormalize, labeled_subset, load_dataset
+from .data import TensorLoader, dataset_info, denormalize, labeled_subset, load_dataset, load_pairs
 from .errors import CheckpointError, ConfigError, DfkdError, ShapeError
 from .losses import WeightedTerm, build_terms
 from .modalities import get_modality
@@ -194,11 +194,15 @@ class RealStream:
             for _ in range(self.index):
                 next(self._it)
         try:
-            images, labels = next(self._it)
+            item = next(self._it)
         except StopIteration:
             self.epoch, self.index, self._it = self.epoch + 1, 0, None
             return self.next()
         self.index += 1
+        if len(item) == 3:  # cross-modal pairs: students see the second modality, the teacher the first
+            images, labels, paired = item
+            return Batch(paired, None if bool((labels < 0).any()) else labels, "real", teacher_images=images)
+        images, labels = item
         return Batch(images, labels, "real")
 
     def state_dict(self) -> dict:
@@ -338,6 +342,7 @@ class Engine:
             if config.data.modality else None
         self.student_shape = tuple(self.info.shape) if self.modality is None else tuple(
             self.modality(torch.zeros((1, *self.info.shape)), self.info).shape[1:])
+        pairs_test = load_pairs(config.data.pairs_test, self.info, "test") if config.data.pairs_test else None
         self.teachers = self._build_teachers()
         self.teacher = self.teachers[0] if self.teachers else None  # the one that shows samples, etc.
         self.teacher_pick = 0  # ensemble 'random': this iteration's teacher
@@ -351,8 +356,12 @@ class Engine:
         # config never touches it; the test split is read for evaluation only, and not at all
         # when data.eval is false.
         uses = {p.batch for p in self.phases if p.player != SYNTHESIZER}
-        train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download) \
-            if uses & {"real", "labeled"} else None
+        if config.data.pairs:
+            train_split = load_pairs(config.data.pairs, self.info, "train")
+            self.student_shape = tuple(train_split.paired.shape[1:])
+        else:
+            train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download) \
+                if uses & {"real", "labeled"} else None
 
         def stream(dataset) -> RealStream:
             return RealStream(TensorLoader(
@@ -363,7 +372,7 @@ class Engine:
         self.labeled = stream(labeled_subset(train_split, config.data.labeled_fraction, config.seed)) \
             if "labeled" in uses else None
         self.test_loader = TensorLoader(
-            load_dataset(config.data.name, "test", config.data.root, config.data.download),
+            pairs_test or load_dataset(config.data.name, "test", config.data.root, config.data.download),
             config.data.eval_batch_size, device=self.device) if config.data.eval else None
 
         tc = config.train
@@ -929,14 +938,15 @@ class Engine:
         self.logger.image_grid(self.step, "synthetic/by_teacher_class", torch.stack(per_class), nrow=8)
 
     @torch.no_grad()
-    def log_pair_grid(self, tag: str, images: torch.Tensor) -> None:
-        """Up to 8 samples: the teacher's modality on top, the students' (rescaled to [0, 1] per
-        image, to the same size and channel count) below."""
+    def log_pair_grid(self, tag: str, images: torch.Tensor, paired: torch.Tensor | None = None) -> None:
+        """Up to 8 samples: the teacher's modality on top, the students' (``paired``, or the
+        built-in modality of ``images``; rescaled to [0, 1] per image, to the same size and
+        channel count) below."""
         if self.logger.writer is None:
             return
         images = images[:8].float()
         a = denormalize(images, self.info)
-        b = self.modality(images, self.info)
+        b = self.modality(images, self.info) if paired is None else paired[:8].float()
         low, high = b.amin(dim=(1, 2, 3), keepdim=True), b.amax(dim=(1, 2, 3), keepdim=True)
         b = (b - low) / (high - low).clamp_min(1e-6)
         b = F.interpolate(b, size=a.shape[2:], mode="bilinear", align_corners=False) if b.shape[2:] != a.shape[2:] else b
@@ -964,8 +974,9 @@ class Engine:
             self.log_sample_grids(self.synth.last.images)
             if self.modality is not None:
                 self.log_pair_grid("crossmodal/synthetic_pairs", self.synth.last.images)
-        if self.modality is not None and self.test_loader is not None and (epoch % oc.image_every == 0 or last_epoch):
-            self.log_pair_grid("crossmodal/real_pairs", next(iter(self.test_loader))[0])
+        paired_run = self.modality is not None or self.config.data.pairs
+        if paired_run and self.test_loader is not None and (epoch % oc.image_every == 0 or last_epoch):
+            self.log_pair_grid("crossmodal/real_pairs", *next(iter(self.test_loader))[::2])
         self.history.append(record)
         if self.run_dir is not None:
             if last_epoch:
@@ -980,8 +991,10 @@ class Engine:
         was_training = model.training
         model.eval()
         correct, loss_sum, n = 0, 0.0, 0
-        for images, labels in loader:
-            if student and self.modality is not None:
+        for images, labels, *paired in loader:
+            if student and paired:  # a user's pairs: the student's modality is stored
+                images = paired[0]
+            elif student and self.modality is not None:
                 images = self.modality(images, self.info)
             logits = self.forward(model, images).float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))

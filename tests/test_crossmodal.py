@@ -168,3 +168,76 @@ def test_student_checkpoint_that_does_not_take_the_modality(tmp_path, digits_tea
             f"players.student.net.checkpoint={rgb}")
     assert "\n" not in str(exc.value)
     assert "takes 3-channel 32 px input; modality 'edges' of digits gives (1, 32, 32)" in str(exc.value)
+
+
+# ------------------------------------------------------------------ a user's own pairs
+def digits_pairs(n: int | None = None, split: str = "train"):
+    """Digits images as modality A; as modality B their central 28x28 crop turned upside down
+    (another 'sensor' whose relation to A the engine is not told)."""
+    data = load_dataset("digits", split)
+    a = data.images[:n]
+    return a, a[:, :, 2:30, 2:30].flip(2), data.labels[:n]
+
+
+def write_npz(path, a, b, y=None):
+    import numpy as np
+
+    arrays = {"a": a.numpy(), "b": b.numpy()}
+    if y is not None:
+        arrays["y"] = y.numpy()
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_distil_onto_a_users_pairs(tmp_path, digits_teacher, capsys):
+    train = write_npz(tmp_path / "train.npz", *digits_pairs()[:2])  # unlabeled
+    test = write_npz(tmp_path / "test.npz", *digits_pairs(split="test"))
+    summary = run("crossmodal/crossmodal-response-digits", tmp_path, digits_teacher[0], "data.modality=null",
+                  f"data.pairs=[{train}]", f"data.pairs_test=[{test}]", "train.epochs=10")
+    engine = summary["engine"]
+    assert engine.student_shape == (1, 28, 28)
+    assert summary["final_acc"] > 70, summary  # chance is 10%; no label of either modality was used
+    assert cli_main(["eval", f"{summary['run_dir']}/ckpt/final.pt"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["acc"] == pytest.approx(summary["final_acc"], abs=0.01)
+
+
+def test_pairs_from_two_folders(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dfkd.data import load_pairs
+
+    a, b, _ = digits_pairs(3)
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "depth").mkdir()
+    for i in range(3):
+        Image.fromarray(a[i, 0].numpy()).save(tmp_path / "rgb" / f"s{i}.png")
+        np.save(tmp_path / "depth" / f"s{i}.npy", b[i, 0].numpy())
+    pairs = load_pairs([str(tmp_path / "rgb"), str(tmp_path / "depth")], DIGITS)
+    assert torch.equal(pairs.images, a) and torch.equal(pairs.paired, b) and (pairs.labels == -1).all()
+    np.save(tmp_path / "depth" / "s9.npy", b[0, 0].numpy())
+    with pytest.raises(ConfigError, match=r"pairs: .*depth/s9.npy has no counterpart named 's9.\*' in .*rgb"):
+        load_pairs([str(tmp_path / "rgb"), str(tmp_path / "depth")], DIGITS)
+
+
+def test_pairs_bad_input(tmp_path):
+    from dfkd.data import load_pairs
+
+    a, b, y = digits_pairs(10)
+    with pytest.raises(ShapeError, match="'a' has 10 samples, 'b' has 9"):
+        load_pairs([write_npz(tmp_path / "short.npz", a, b[:9])], DIGITS)
+    with pytest.raises(ShapeError, match="'a' has 10 samples, 'y' has 4"):
+        load_pairs([write_npz(tmp_path / "labels.npz", a, b, y[:4])], DIGITS)
+    with pytest.raises(ShapeError, match=r"modality-A samples are \(1, 28, 28\); .* 'digits' takes \(1, 32, 32\)"):
+        load_pairs([write_npz(tmp_path / "swapped.npz", b, a)], DIGITS)
+    import numpy as np
+
+    np.savez(tmp_path / "nob.npz", a=a.numpy())
+    with pytest.raises(ConfigError, match="has no array 'b' \\(it has: a\\)"):
+        load_pairs([str(tmp_path / "nob.npz")], DIGITS)
+    with pytest.raises(ConfigError, match="data.pairs and data.modality both"):
+        load_config("crossmodal/crossmodal-response-digits", [f"data.pairs=[{tmp_path / 'nob.npz'}]"])
+    with pytest.raises(ConfigError, match="data-free cross-modal synthesis needs a built-in data.modality"):
+        load_config("crossmodal/crossmodal-datafree-digits", ["data.modality=null", "data.eval=false",
+                                                              f"data.pairs=[{tmp_path / 'nob.npz'}]"])
