@@ -785,6 +785,7 @@ class Engine:
 
                 self.synth.synthesize(inner_step, phase.steps, after_backward=lambda: self._step_term_optimizers(
                     index, before=False))
+            self._end_batch(index)
             self.last_batch = self.synth.last
             self.timers["synthesis"] += time.perf_counter() - t0
             return
@@ -808,8 +809,15 @@ class Engine:
                         self._accum.setdefault(tag, []).append(grad_norm.detach().float())
                 self.scaler.update()
                 self._step_term_optimizers(index, before=False)
+                self._end_batch(index)
         if player.kind == "generator":  # training the generator is synthesis time
             self.timers["synthesis"] += time.perf_counter() - t0
+
+    def _end_batch(self, index: int) -> None:
+        """Terms that keep statistics across batches (``end_batch``) take in the one just done."""
+        for term in self.terms[index]:
+            if hasattr(term.fn, "end_batch"):
+                term.fn.end_batch()
 
     def _record(self, phase: str, values: dict[str, torch.Tensor]) -> None:
         # kept as device tensors: converting here would synchronize a GPU once per term and step

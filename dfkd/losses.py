@@ -173,7 +173,16 @@ def attention(ctx, pairs: list[list[str]], p: float = 2) -> torch.Tensor:
 _BN_DISTANCES = {"l2": lambda a, b: torch.linalg.vector_norm(a - b), "mse": F.mse_loss}
 
 
-@register("bn_stats", needs=("teacher", "teacher_bn"))
+def bn_stats_distance(stats, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
+    """Σ_l w_l (d(μ_l, μ̂_l) + d(σ²_l, σ̂²_l)) over ``stats`` (one :class:`~dfkd.taps.BNStats` per
+    layer), w_0 = ``first_layer_weight``, d the L2 norm of the difference or the MSE."""
+    distance = _option(_BN_DISTANCES, norm, "bn_stats.norm")
+    # float32: under autocast the batch statistics may arrive in bf16, too coarse for these differences
+    return sum((first_layer_weight if i == 0 else 1.0)
+               * (distance(s.mean.float(), s.running_mean.float()) + distance(s.var.float(), s.running_var.float()))
+               for i, s in enumerate(stats))
+
+
 def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
     """Feature-distribution regularizer of DeepInversion (Yin et al. 2020):
     Σ_l w_l (‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂) over the teacher's BN layers, μ_l and σ²_l the batch
@@ -182,11 +191,50 @@ def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Te
     instead (GDFQ, Xu et al. 2020, which averages over layers where this sums).
 
     DeepInversion weights it 10 on CIFAR-10, and 0.01 with first_layer_weight 10 on ImageNet."""
-    distance = _option(_BN_DISTANCES, norm, "bn_stats.norm")
-    # float32: under autocast the batch statistics may arrive in bf16, too coarse for these differences
-    return sum((first_layer_weight if i == 0 else 1.0)
-               * (distance(s.mean.float(), s.running_mean.float()) + distance(s.var.float(), s.running_var.float()))
-               for i, s in enumerate(ctx.teacher_bn))
+    return bn_stats_distance(ctx.teacher_bn, first_layer_weight, norm)
+
+
+@register("bn_stats", needs=("teacher", "teacher_bn"))
+class BNStatistics(nn.Module):
+    """The ``bn_stats`` term (see :func:`bn_stats`), with Fast-DFKD's momentum (Fang et al. 2022,
+    0.9 there): with ``momentum`` m > 0 each layer's batch statistics are blended with a running
+    average over earlier batches, m·μ_prev + (1 − m)·μ (likewise σ²), before the comparison, so a
+    batch is pushed to complete what earlier ones left unmatched. The average takes each batch's
+    final statistics once the batch is done (``end_batch``) and is saved with the run."""
+
+    def __init__(self, first_layer_weight: float = 1.0, norm: str = "l2", momentum: float = 0.0):
+        super().__init__()
+        _option(_BN_DISTANCES, norm, "bn_stats.norm")
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"bn_stats.momentum must be in [0, 1), got {momentum}")
+        self.first_layer_weight, self.norm, self.momentum = first_layer_weight, norm, momentum
+        self.previous: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._current: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(self, ctx) -> torch.Tensor:
+        stats = ctx.teacher_bn
+        if self.momentum:
+            self._current = [(s.mean.detach().float(), s.var.detach().float()) for s in stats]
+            if self.previous is not None:
+                m = self.momentum
+                stats = [s._replace(mean=m * pm + (1 - m) * s.mean.float(), var=m * pv + (1 - m) * s.var.float())
+                         for s, (pm, pv) in zip(stats, self.previous)]
+        return bn_stats_distance(stats, self.first_layer_weight, self.norm)
+
+    def end_batch(self) -> None:
+        if not self.momentum or self._current is None:
+            return
+        m = self.momentum
+        self.previous = self._current if self.previous is None else [
+            (m * pm + (1 - m) * cm, m * pv + (1 - m) * cv) for (pm, pv), (cm, cv) in zip(self.previous, self._current)]
+        self._current = None
+
+    def get_extra_state(self) -> dict:
+        return {"previous": [list(p) for p in self.previous] if self.previous is not None else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        previous = state["previous"]
+        self.previous = [tuple(p) for p in previous] if previous is not None else None
 
 
 _TV_NORMS = {"l2": torch.linalg.vector_norm, "l1": lambda d: d.abs().mean()}

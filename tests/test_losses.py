@@ -137,6 +137,26 @@ def test_bn_stats_zero_at_running_stats_and_float32_from_bf16():
     assert loss.dtype == torch.float32 and loss.item() == approx(2.0)
 
 
+def test_bn_stats_momentum_blends_earlier_batches():
+    from dfkd.losses import BNStatistics
+
+    term = BNStatistics(momentum=0.9)
+    first = SimpleNamespace(teacher_bn=[bn_layer("bn", [1.0], [1.0], [0.0], [1.0])])
+    second = SimpleNamespace(teacher_bn=[bn_layer("bn", [3.0], [1.0], [0.0], [1.0])])
+    assert term(first).item() == approx(1.0)  # no earlier batch: |1 - 0| + |1 - 1|
+    assert term(second).item() == approx(3.0)  # the batch is not done: its own statistics still count alone
+    term.end_batch()  # the batch done last was 'second' (mean 3)
+    # next batch: mean 0.9·3 + 0.1·1 = 2.8 against 0, variance 0.9·1 + 0.1·1 = 1 against 1
+    assert term(first).item() == approx(2.8)
+    term.end_batch()  # running: 0.9·3 + 0.1·1 = 2.8
+    restored = BNStatistics(momentum=0.9)
+    restored.load_state_dict(term.state_dict())
+    assert restored(first).item() == approx(0.9 * 2.8 + 0.1 * 1.0)
+    assert BNStatistics()(second).item() == approx(3.0)  # momentum 0: the plain term
+    with pytest.raises(ConfigError, match=r"bn_stats.momentum must be in \[0, 1\), got 1.0"):
+        BNStatistics(momentum=1.0)
+
+
 def test_tv_both_norms():
     # One 2×2 image [[1, 2], [4, 8]]: horizontal (−1, −4), vertical (−3, −6), diagonals 4 − 2 and 1 − 8.
     ctx = SimpleNamespace(teacher_images=torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]]))
