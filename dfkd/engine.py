@@ -432,8 +432,7 @@ class Engine:
             return []
         if not tc.checkpoints:
             raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher`)")
-        teachers = [self._load_teacher(path) for path in tc.checkpoints]
-        return teachers
+        return [self._load_teacher(path) for path in tc.checkpoints]
 
     def _load_teacher(self, path: str) -> nn.Module:
         teacher, meta = ckpt_io.load_model(path, self.device)
