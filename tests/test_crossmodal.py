@@ -241,3 +241,16 @@ def test_pairs_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="data-free cross-modal synthesis needs a built-in data.modality"):
         load_config("crossmodal/crossmodal-datafree-digits", ["data.modality=null", "data.eval=false",
                                                               f"data.pairs=[{tmp_path / 'nob.npz'}]"])
+
+
+def test_crossmodal_with_a_discriminator_term(tmp_path, digits_teacher):
+    # the discriminator tells the image teacher's class probabilities from the edge-map student's
+    summary = run("crossmodal/crossmodal-response-digits", tmp_path, digits_teacher[0], "train.epochs=8",
+                  "players.disc={kind: discriminator, net: {name: mlp, kwargs: {hidden: [32]}}, "
+                  "optim: {name: adam, lr: 0.0002}}",
+                  "phases=[{player: student, batch: real, losses: {kd_kl: {T: 4.0}, "
+                  "adversarial: {weight: 0.1, discriminator: disc, probs: true}}}, "
+                  "{player: disc, batch: same, losses: {adversarial: {discriminator: disc, probs: true}}}]")
+    engine = summary["engine"]
+    assert engine.players["disc"].steps == engine.total_iters
+    assert summary["final_acc"] > 80, summary
