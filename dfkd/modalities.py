@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetInfo
+from .data import DatasetInfo, standardize
 from .errors import ConfigError
 from .registry import Registry
 
@@ -39,9 +39,7 @@ class Modality:
         """Normalized images of ``info``'s dataset → standardized modality-B images."""
         mean = torch.tensor(info.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.tensor(info.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        y = self.transform(x.float() * std + mean)  # no clamp: it would stop gradients at the range's edges
-        y = y - y.mean(dim=(1, 2, 3), keepdim=True)
-        return y / (y.pow(2).mean(dim=(1, 2, 3), keepdim=True) + 1e-6).sqrt()
+        return standardize(self.transform(x.float() * std + mean))  # no clamp: it would stop gradients
 
 
 MODALITIES: Registry[Modality] = Registry("modality")
