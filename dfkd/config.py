@@ -104,6 +104,9 @@ class PlayerConfig:
     net: NetConfig = field(default_factory=NetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
+    # decay of an exponential moving average of a model's weights (timm's model EMA; e.g. 0.999):
+    # the average is what is evaluated and exported, the raw weights keep training
+    ema: Optional[float] = None
 
 
 @dataclass
@@ -467,6 +470,9 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     for name, player in config.players.items():
         if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
+        if player.ema is not None and (player.kind != "model" or not 0 < player.ema < 1):
+            v.fail(f"players.{name}.ema", f"players.{name}.ema must be a decay in (0, 1) on a model player, "
+                                          f"got {player.ema} on a {player.kind}")
     if config.data.pairs and config.data.modality:
         v.fail("data.pairs", "data.pairs and data.modality both give students their modality; set one")
     if config.data.pairs and config.synthesis.kind != "none":

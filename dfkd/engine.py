@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -105,16 +106,35 @@ def lr_factor(cfg: SchedConfig, step: int, total: int, base_lr: float) -> float:
 
 
 class Player:
-    """A trained network with its optimizer and learning-rate schedule."""
+    """A trained network with its optimizer, learning-rate schedule and, optionally, an
+    exponential moving average of its weights."""
 
     def __init__(self, name: str, cfg: PlayerConfig, module: nn.Module, total_steps: int):
         self.name, self.cfg, self.module = name, cfg, module
         self.kind = cfg.kind
         self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
         self.optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg.optim)
+        self.ema = copy.deepcopy(module).eval().requires_grad_(False) if cfg.ema else None
         self.total_steps = max(1, total_steps)
         self.steps = 0
         self._apply_lr()
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """What is evaluated and exported: the weight average when there is one."""
+        return self.ema if self.ema is not None else self.module
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema ← d·ema + (1 − d)·weights, parameters and float buffers (BN statistics) alike.
+        The decay ramps up as (1 + n) / (10 + n) over the first steps, so the average is not
+        dominated by the random initialization early in a run."""
+        decay = min(self.cfg.ema, (1 + self.steps) / (10 + self.steps))
+        for avg, live in zip(self.ema.state_dict().values(), self.module.state_dict().values()):
+            if avg.is_floating_point():
+                avg.lerp_(live, 1 - decay)
+            else:
+                avg.copy_(live)
 
     def _apply_lr(self) -> None:
         factor = lr_factor(self.cfg.sched, self.steps, self.total_steps, self.cfg.optim.lr)
@@ -133,16 +153,23 @@ class Player:
             scaler.unscale_(self.optimizer)
             grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
         scaler.step(self.optimizer)
+        if self.ema is not None:
+            self.update_ema()
         self.steps += 1
         self._apply_lr()
         return grad_norm
 
     def state_dict(self) -> dict:
-        return {"model": ckpt_io.unwrap(self.module).state_dict(), "optim": self.optimizer.state_dict(),
-                "steps": self.steps}
+        state = {"model": ckpt_io.unwrap(self.module).state_dict(), "optim": self.optimizer.state_dict(),
+                 "steps": self.steps}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         ckpt_io.unwrap(self.module).load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optim"])
         self.steps = state["steps"]
         self._apply_lr()
@@ -590,11 +617,15 @@ class Engine:
         from generators import create_generator
 
         kwargs = {"nz": 256, **net.kwargs}
+        if kwargs.get("output") == "pixels":  # pixels in [0, 1], normalised as the dataset's are
+            kwargs = {"mean": self.info.mean, "std": self.info.std, **kwargs}
         try:
             generator = create_generator(net.name, img_shape=self.info.shape, num_classes=self.info.num_classes,
                                          **kwargs)
         except ShapeError as exc:
             raise ShapeError(f"generator '{net.name}' cannot make dataset '{self.info.name}' images: {exc}") from None
+        except (TypeError, ValueError) as exc:  # an unknown or bad option in net.kwargs
+            raise ConfigError(f"generator '{net.name}': {exc}") from None
         with torch.no_grad():  # a generator must make what the teacher takes
             y = torch.zeros(2, dtype=torch.long) if getattr(generator, "conditional", False) else None
             shape = tuple(generator(torch.randn(2, generator.nz), y).shape[1:])
@@ -967,13 +998,16 @@ class Engine:
         record = {"epoch": epoch, "step": self.step}
         if self.test_loader is not None and (epoch % tc.eval_every == 0 or last_epoch):
             t0 = time.perf_counter()
-            result = self.evaluate(self.student.module, student=True)
+            result = self.evaluate(self.student.eval_module, student=True)
+            scalars = {}
+            if self.student.ema is not None:  # the live weights too, to see what the average adds
+                scalars["eval/acc_live"] = record["acc_live"] = self.evaluate(self.student.module, student=True)["acc"]
             self.timers["eval"] += time.perf_counter() - t0
             record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(self.timers["train"], 2))
             improved = result["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, result["acc"])
             self.logger.scalars(self.step, {"eval/acc": result["acc"], "eval/loss": result["loss"],
-                                            "eval/best_acc": self.best_acc, "epoch": epoch})
+                                            "eval/best_acc": self.best_acc, "epoch": epoch, **scalars})
             if improved and self.run_dir is not None:
                 self.save_model("best.pt", result["acc"], epoch)
         if self.synth is not None and self.synth.last is not None and self.teacher is not None \
@@ -1016,7 +1050,8 @@ class Engine:
         reached = next((h for h in self.history if self.teacher_acc and h.get("acc", -1) >= 0.99 * self.teacher_acc),
                        {})
         return {"experiment": self.config.experiment, "seed": self.config.seed, "steps": self.step,
-                "final_acc": final.get("acc"), "best_acc": self.best_acc if self.best_acc >= 0 else None,
+                "final_acc": final.get("acc"), **({"final_acc_live": final["acc_live"]} if "acc_live" in final else {}),
+                "best_acc": self.best_acc if self.best_acc >= 0 else None,
                 "teacher_acc": self.teacher_acc, "time_to_99pct_teacher_s": reached.get("time_train_s"),
                 "time_total_s": round(wall, 2), "time_train_s": round(self.timers["train"], 2),
                 "time_synthesis_s": round(self.timers["synthesis"], 2), "time_eval_s": round(self.timers["eval"], 2),
@@ -1032,7 +1067,7 @@ class Engine:
                 "kwargs": dict(net.kwargs)}
 
     def save_model(self, filename: str, accuracy: float | None, epoch: int) -> Path:
-        return ckpt_io.save_model(self.run_dir / "ckpt" / filename, self.student.module, self.arch(),
+        return ckpt_io.save_model(self.run_dir / "ckpt" / filename, self.student.eval_module, self.arch(),
                                   dataset=self.info.name, accuracy=accuracy, epoch=epoch, step=self.step,
                                   experiment=self.config.experiment, config=config_to_dict(self.config))
 

@@ -1,9 +1,13 @@
 """Image generators for data-free distillation.
 
 A generator maps latents ``z`` of shape ``(N, nz)`` (and, if conditional, labels ``y``) to images
-``(N, C, H, W)`` in the teacher's *normalised* input space: each ends in an affine-free BatchNorm
-(DAFL's design), so in training mode its output has zero mean and unit variance per channel, as
-normalised real data would.
+``(N, C, H, W)`` in the teacher's *normalised* input space. Its last layer is one of:
+
+- ``output="bn"`` (DAFL's design, the default): tanh, then an affine-free BatchNorm, so in training
+  mode the output has zero mean and unit variance per channel, as normalised real data would;
+- ``output="pixels"`` (CMI's and Fast-DFKD's): a sigmoid gives pixels in [0, 1], which are then
+  normalised with the dataset's ``mean`` and ``std``, so every image is one a camera could take:
+  nothing darker than black, nothing brighter than white.
 """
 from __future__ import annotations
 
@@ -24,16 +28,24 @@ class DCGANGenerator(nn.Module):
     (upsample x2, conv3x3, BN, LeakyReLU) blocks with ``2*ngf`` and ``ngf`` channels, then conv3x3 to
     ``C`` channels, tanh, and BatchNorm2d(C, affine=False).
 
+    ``output="pixels"`` replaces tanh and BatchNorm with a sigmoid and the dataset's normalisation
+    (``mean`` and ``std``, one per channel or one for all, in [0, 1] pixel units).
+
     ``forward(z, y=None)`` ignores ``y``, so a training loop can call every generator the same way.
     """
 
     conditional = False
     width_multipliers: tuple[int, ...] = (2, 1)  # of ngf; one upsampling block per entry
 
-    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64):
+    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64,
+                 output: str = "bn", mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         super().__init__()
         if len(img_shape) != 3:
             raise ShapeError(f"{type(self).__name__}: img_shape must be (C, H, W), got {tuple(img_shape)}")
+        if output not in ("bn", "pixels"):
+            raise ValueError(f"{type(self).__name__}: output must be 'bn' or 'pixels', got {output!r}")
+        if output == "pixels" and (mean is None or std is None):
+            raise ValueError(f"{type(self).__name__}: output='pixels' needs the dataset's mean and std")
         channels, height, width = img_shape
         factor = 2 ** len(self.width_multipliers)
         if height % factor or width % factor:
@@ -50,15 +62,23 @@ class DCGANGenerator(nn.Module):
                        nn.BatchNorm2d(planes), nn.LeakyReLU(0.2)]
             in_planes = planes
         self.blocks = nn.Sequential(*blocks)
-        self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.Tanh(),
-                                      nn.BatchNorm2d(channels, affine=False))
+        self.output = output
+        if output == "bn":
+            self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.Tanh(),
+                                          nn.BatchNorm2d(channels, affine=False))
+        else:
+            self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.Sigmoid())
+            # buffers, not parameters: the normalisation is the dataset's and is not learned
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float).view(-1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.as_tensor(std, dtype=torch.float).view(-1, 1, 1), persistent=False)
 
     def _check_latent(self, z: torch.Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.nz:
             raise ShapeError(f"{type(self).__name__} expects z of shape (N, {self.nz}), got {tuple(z.shape)}")
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
+        images = self.to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
+        return images if self.output == "bn" else (images - self.mean) / self.std
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         self._check_latent(z)
@@ -82,8 +102,8 @@ class ConditionalGenerator(DCGANGenerator):
 
     conditional = True
 
-    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64):
-        super().__init__(nz, img_shape, num_classes, ngf)
+    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64, **output):
+        super().__init__(nz, img_shape, num_classes, ngf, **output)
         self.embedding = nn.Embedding(num_classes, nz)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,5 +115,6 @@ class ConditionalGenerator(DCGANGenerator):
 
 def create_generator(name: str, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10,
                      **kwargs) -> nn.Module:
-    """Build a registered generator; ``kwargs`` are its options (``ngf``)."""
+    """Build a registered generator; ``kwargs`` are its options (``ngf``; ``output``, with ``mean``
+    and ``std`` for ``output="pixels"``)."""
     return GENERATORS.get(name)(nz=nz, img_shape=tuple(img_shape), num_classes=num_classes, **kwargs)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -45,8 +46,10 @@ def test_teacher_training_on_digits_end_to_end(tmp_path):
     assert losses_logged[-1] < losses_logged[0] / 3
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, fit_until_killed):
-    cfg = ["train.epochs=3", "train.iters_per_epoch=4", "runtime.deterministic=true"]
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, fit_until_killed, ema):
+    cfg = ["train.epochs=3", "train.iters_per_epoch=4", "runtime.deterministic=true",
+           *([f"players.model.ema={ema}"] if ema else [])]
     full = Engine(teacher_config(tmp_path / "a", *cfg), write=False)
     full.fit()
     expected = state_of(full)
@@ -62,6 +65,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, fit_until_killed):
     resumed.fit()
     for name, tensor in expected.items():
         assert torch.equal(tensor, resumed.student.module.state_dict()[name]), name
+    if ema:
+        for name, tensor in full.student.ema.state_dict().items():
+            assert torch.equal(tensor, resumed.student.ema.state_dict()[name]), name
     assert resumed.players["model"].optimizer.state_dict()["state"].keys() == \
         full.players["model"].optimizer.state_dict()["state"].keys()
     steps = [m["step"] for m in read_metrics(resumed.run_dir) if "eval/acc" in m]
@@ -153,3 +159,41 @@ def test_two_phases_of_one_player_are_logged_apart(tmp_path):
     logged = {k for m in read_metrics(engine.run_dir) for k in m}
     assert {"loss/model/ce", "loss/model.2/ce"} <= logged
     assert engine.players["model"].steps == 4  # both phases step the same optimizer
+
+
+def test_weight_average_follows_its_formula_and_is_what_is_evaluated_and_exported(tmp_path):
+    engine = Engine(teacher_config(tmp_path, "train.epochs=2", "train.iters_per_epoch=3", "players.model.ema=0.5"))
+    player = engine.student
+    before = {k: v.clone() for k, v in player.module.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in player.ema.state_dict().items())
+    # one step by hand: at step 0 the decay is min(0.5, 1/10) = 0.1
+    images, labels = next(iter(engine.test_loader))
+    player.optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(player.module(images), labels).backward()
+    player.step(engine.scaler)
+    after = player.module.state_dict()
+    for name, avg in player.ema.state_dict().items():
+        if avg.is_floating_point():
+            torch.testing.assert_close(avg, 0.1 * before[name] + 0.9 * after[name], msg=name)
+        else:  # BN's batch counter is copied
+            assert torch.equal(avg, after[name]), name
+    assert not player.ema.training and not any(p.requires_grad for p in player.ema.parameters())
+
+    summary = engine.fit()
+    assert summary["final_acc"] == pytest.approx(engine.evaluate(player.ema)["acc"])
+    assert summary["final_acc_live"] == pytest.approx(engine.evaluate(player.module)["acc"])
+    exported, _ = load_model(engine.run_dir / "ckpt" / "final.pt")
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, player.ema.state_dict()[name]), name
+    assert any("eval/acc_live" in m for m in read_metrics(engine.run_dir))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("players.model.ema=1.0", "players.model.ema must be a decay in (0, 1) on a model player, got 1.0 on a model"),
+    ("players.generator.ema=0.9", "players.generator.ema must be a decay in (0, 1) on a model player, got 0.9 on a generator"),
+])
+def test_weight_average_rejects_bad_settings(override, message):
+    from dfkd.errors import ConfigError
+    config = "teacher/lenet5-digits" if "model" in override else "datafree/dfq-digits"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(config, [override])

@@ -75,3 +75,52 @@ def test_wrong_latent_size_is_a_shape_error():
 def test_unknown_generator():
     with pytest.raises(UnknownNameError, match="did you mean 'dcgan'"):
         create_generator("dcgn", nz=8, img_shape=(1, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["dcgan", "dcgan_deep", "conditional"])
+def test_pixel_output_stays_within_the_datasets_pixel_range(name):
+    torch.manual_seed(0)
+    mean, std = (0.25, 0.5, 0.75), (0.5, 0.25, 0.2)
+    generator = create_generator(name, nz=16, img_shape=(3, 32, 32), ngf=8, output="pixels", mean=mean, std=std)
+    z, y = 10 * torch.randn(64, 16), torch.randint(0, 10, (64,))
+    with torch.no_grad():
+        pixels = generator(z, y) * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        assert pixels.min() >= 0 and pixels.max() <= 1
+        last = generator.to_image[0]
+        last.weight.zero_()
+        for bias, pixel in ((-50.0, 0.0), (50.0, 1.0)):  # the sigmoid's ends: black, then white
+            last.bias.fill_(bias)
+            expected = ((pixel - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1).expand(64, 3, 32, 32)
+            torch.testing.assert_close(generator(z, y), expected)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and not m.affine for m in generator.modules())
+    assert generator.state_dict().keys() == create_generator(
+        name, nz=16, img_shape=(3, 32, 32), ngf=8, output="pixels", mean=(0.0,), std=(1.0,)).state_dict().keys()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"output": "tanh"}, "DCGANGenerator: output must be 'bn' or 'pixels', got 'tanh'"),
+    ({"output": "pixels"}, "DCGANGenerator: output='pixels' needs the dataset's mean and std"),
+])
+def test_bad_output_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_generator("dcgan", nz=8, img_shape=(1, 28, 28), **kwargs)
+
+
+def test_engine_gives_a_pixel_generator_the_datasets_normalisation(digits_teacher):
+    teacher, _ = digits_teacher
+    from dfkd.config import load_config
+    from dfkd.engine import Engine
+    from dfkd.errors import ConfigError
+
+    def engine(*overrides):
+        return Engine(load_config("datafree/dfq-digits", [f"teacher.checkpoint={teacher}", "data.eval=false",
+                                                          *overrides]), write=False)
+
+    generator = engine("players.generator.net.kwargs.output=pixels").players["generator"].module
+    from dfkd.data import dataset_info
+    info = dataset_info("digits")
+    assert generator.mean.flatten().tolist() == pytest.approx(info.mean)
+    assert generator.std.flatten().tolist() == pytest.approx(info.std)
+    with pytest.raises(ConfigError, match=re.escape("generator 'dcgan': DCGANGenerator: output must be 'bn' or "
+                                                    "'pixels', got 'rgb'")):
+        engine("players.generator.net.kwargs.output=rgb")
