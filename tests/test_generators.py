@@ -109,6 +109,7 @@ def test_bad_output_options_are_named(kwargs, message):
 def test_engine_gives_a_pixel_generator_the_datasets_normalisation(digits_teacher):
     teacher, _ = digits_teacher
     from dfkd.config import load_config
+    from dfkd.data import dataset_info
     from dfkd.engine import Engine
     from dfkd.errors import ConfigError
 
@@ -117,7 +118,6 @@ def test_engine_gives_a_pixel_generator_the_datasets_normalisation(digits_teache
                                                           *overrides]), write=False)
 
     generator = engine("players.generator.net.kwargs.output=pixels").players["generator"].module
-    from dfkd.data import dataset_info
     info = dataset_info("digits")
     assert generator.mean.flatten().tolist() == pytest.approx(info.mean)
     assert generator.std.flatten().tolist() == pytest.approx(info.std)
