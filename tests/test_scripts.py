@@ -1,4 +1,4 @@
-"""scripts/sweep.py and scripts/benchmark.py: the table arithmetic, and both end to end on tiny budgets."""
+"""scripts/sweep.py, benchmark.py and throughput.py: the table arithmetic, and each end to end on tiny budgets."""
 import contextlib
 import importlib.util
 import json
@@ -23,6 +23,7 @@ def load_script(name: str):
 
 sweep = load_script("sweep")
 benchmark = load_script("benchmark")
+throughput = load_script("throughput")
 
 
 @contextlib.contextmanager
@@ -138,3 +139,39 @@ def test_benchmark_compares_a_method_with_the_inline_loop(tmp_path, teacher, cap
     assert method["target_met"] == (method["time_to_99pct_s"] is not None
                                     and method["time_to_99pct_s"] <= method["target_s"])
     assert "datafree/dfq-digits: final" in capsys.readouterr().out
+
+
+def _throughput(tmp_path, batch: int, *extra: str) -> dict:
+    out = tmp_path / f"throughput-{batch}.json"
+    assert throughput.main(["--dataset", "digits", "--teacher-net", "lenet5", "--student-net", "lenet5_half",
+                            "--generator", "dcgan", "--ngf", "8", "--batch", str(batch), "--iters", "2",
+                            "--warmup", "1", "--threads", "1", "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_throughput_counts_the_work_of_one_iteration(tmp_path, capsys):
+    small, large = _throughput(tmp_path, 8, "--peak-tflops", "2"), _throughput(tmp_path, 16)
+    # dfq-digits: one generator step and five student steps, each on a fresh batch
+    assert small["student_images_per_s"] * small["seconds_per_iter"] == pytest.approx(5 * 8)
+    assert small["synthetic_images_per_s"] * small["seconds_per_iter"] == pytest.approx(6 * 8)
+    # convolutions and matrix products scale with the batch; set-up work (the generator's shape
+    # check, the teacher's probe) would break the proportion if it were counted
+    assert small["tflops_per_iter"] > 0 and large["tflops_per_iter"] == pytest.approx(2 * small["tflops_per_iter"])
+    assert small["flop_floor_fraction"] == pytest.approx(small["achieved_tflops"] / 2)
+    assert large["flop_floor_fraction"] is None and large["peak_source"] == "no peak known for a CPU"
+    assert "FLOP-floor fraction not computed" in capsys.readouterr().out
+
+
+def test_throughput_peaks_by_gpu_name(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, peak in [("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce GTX 1080", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert throughput.peak_tflops(cuda, None)[0] == peak
+    assert throughput.peak_tflops(cuda, 100.0) == (100.0, "--peak-tflops")
+
+
+def test_throughput_rejects_a_bad_model_name_in_one_line(tmp_path, capsys):
+    assert throughput.main(["--dataset", "digits", "--teacher-net", "lenet6", "--out", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "lenet6" in err and not (tmp_path / "t.json").exists()
