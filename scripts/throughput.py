@@ -110,9 +110,7 @@ def throughput(args: argparse.Namespace) -> dict:
             torch.manual_seed(args.seed)
             arch = {"name": args.teacher_net, "in_channels": info.shape[0], "num_classes": info.num_classes,
                     "image_size": info.shape[1]}
-            net = create_model(args.teacher_net, in_channels=info.shape[0], num_classes=info.num_classes,
-                               image_size=info.shape[1])
-            teacher = str(save_model(Path(tmp) / "teacher.pt", net, arch, dataset=args.dataset))
+            teacher = str(save_model(Path(tmp) / "teacher.pt", create_model(**arch), arch, dataset=args.dataset))
         config = make_config(args, teacher, 1, args.warmup + args.iters)
         seconds, iters = timed_run(config, args.warmup)
         flops = iteration_flops(args, teacher)
