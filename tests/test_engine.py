@@ -6,10 +6,9 @@ import torch
 
 from dfkd import losses
 from dfkd.checkpoint import load_model, safe_load
-from dfkd.config import load_config
+from dfkd.config import SchedConfig, load_config
 from dfkd.engine import DivergenceError, Engine, lr_factor
-from dfkd.config import SchedConfig
-from dfkd.errors import CheckpointError
+from dfkd.errors import CheckpointError, ConfigError
 from dfkd.runs import read_metrics
 
 
@@ -193,7 +192,6 @@ def test_weight_average_follows_its_formula_and_is_what_is_evaluated_and_exporte
     ("players.generator.ema=0.9", "players.generator.ema must be a decay in (0, 1) on a model player, got 0.9 on a generator"),
 ])
 def test_weight_average_rejects_bad_settings(override, message):
-    from dfkd.errors import ConfigError
     config = "teacher/lenet5-digits" if "model" in override else "datafree/dfq-digits"
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(config, [override])

@@ -3,7 +3,10 @@ import re
 import pytest
 import torch
 
-from dfkd.errors import ShapeError, UnknownNameError
+from dfkd.config import load_config
+from dfkd.data import dataset_info
+from dfkd.engine import Engine
+from dfkd.errors import ConfigError, ShapeError, UnknownNameError
 from generators import GENERATORS, ConditionalGenerator, DCGANGenerator, DeepDCGANGenerator, create_generator
 
 SHAPES = [(1, 28, 28), (1, 32, 32), (3, 32, 32)]
@@ -108,10 +111,6 @@ def test_bad_output_options_are_named(kwargs, message):
 
 def test_engine_gives_a_pixel_generator_the_datasets_normalisation(digits_teacher):
     teacher, _ = digits_teacher
-    from dfkd.config import load_config
-    from dfkd.data import dataset_info
-    from dfkd.engine import Engine
-    from dfkd.errors import ConfigError
 
     def engine(*overrides):
         return Engine(load_config("datafree/dfq-digits", [f"teacher.checkpoint={teacher}", "data.eval=false",
