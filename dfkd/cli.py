@@ -66,11 +66,10 @@ def _run(args, extra: list[str], task: str) -> int:
 
 
 def _eval(args, extra: list[str]) -> int:
-    import torch
-
     from .checkpoint import load_model
     from .data import TensorLoader, load_dataset
-    from .engine import resolve_device
+    from .evaluation import evaluate
+    from .runtime import resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device)
@@ -91,18 +90,11 @@ def _eval(args, extra: list[str]) -> int:
         from .modalities import get_modality
 
         modality = get_modality(modality_name)
-    correct = n = 0
-    with torch.no_grad():
-        for images, labels, *paired in TensorLoader(dataset, args.batch_size, device=device):
-            if paired:
-                images = paired[0]
-            elif modality is not None:
-                images = modality(images, dataset.info)
-            correct += int((model(images).argmax(1) == labels).sum())
-            n += labels.numel()
+    scores = evaluate(model, TensorLoader(dataset, args.batch_size, device=device), modality=modality,
+                      info=dataset.info)
     result = {"checkpoint": args.checkpoint, "dataset": dataset.info.name, "modality": modality_name,
               "split": args.split,
-              "acc": round(100.0 * correct / n, 2), "n": n, "recorded_acc": meta.get("accuracy"),
+              "acc": round(scores["acc"], 2), "n": scores["n"], "recorded_acc": meta.get("accuracy"),
               "sha256": meta.get("sha256")}
     print(json.dumps(result))
     return 0

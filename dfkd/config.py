@@ -257,14 +257,14 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted key → leaf value; list items are addressed by index (``phases.0.steps``)."""
     out: dict[str, Any] = {}
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
     if items is None or not data:
         return {prefix: data} if prefix else {}
     for key, value in items:
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
@@ -289,7 +289,7 @@ def _load_file(path: Path, origin: dict[str, str], chain: tuple[Path, ...] = ())
     merged: dict = {}
     for base in bases:
         merged = _merge(merged, _load_file(resolve_config_path(base, path.parent), origin, (*chain, path)))
-    for key in _flatten(data):
+    for key in flatten(data):
         origin[key] = _display(path)
     return _merge(merged, data)
 
@@ -331,7 +331,7 @@ def load_config_dict(name: str, overrides: list[str] = ()) -> tuple[dict, dict[s
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(data, keys, value, text)
-        for key in _flatten(value, ".".join(keys)) or {".".join(keys): None}:
+        for key in flatten(value, ".".join(keys)) or {".".join(keys): None}:
             origin[key] = COMMAND_LINE
     return data, origin
 

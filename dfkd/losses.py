@@ -1,20 +1,19 @@
 """Loss terms.
 
-A term is a function ``term(ctx, **params) -> scalar tensor`` registered under a name. It reads
-what it needs from the step's :class:`~dfkd.engine.StepContext` (images, labels, teacher and
-student logits, BN statistics, tapped features); the context computes each of those on first
-use only. A phase's loss is ``Σ weight × term`` over the terms its config names::
+A term is a registered :class:`Term`, or a function ``term(ctx, **params) -> scalar tensor``
+registered as one. It reads what it needs from the step's :class:`~dfkd.context.StepContext`
+(images, labels, teacher and student logits, BN statistics, tapped features); the context
+computes each of those on first use only. A phase's loss is ``Σ weight × term`` over the terms
+its config names::
 
     losses:
       kd_kl: {weight: 1.0, T: 4}
       ce: 0.1
 
-Terms that need something a run might lack say so in ``needs`` so that a config asking for
-them fails at start-up, not after an hour. Terms that read intermediate features say which in
-``taps(params) -> {"teacher": [paths], "student": [paths]}``.
-
-A term with state across steps (a memory bank, a trainable head) is a registered ``nn.Module``
-class: its config params go to ``__init__`` and the instance is called as ``term(ctx)``.
+What a term needs, which layers it taps and which players it drives it declares (see
+:class:`Term`), so that a config asking for something a run lacks fails at start-up, not after
+an hour. A term with state across steps (a memory bank, a trainable head) is a :class:`Term`
+subclass: its config params go to ``__init__``.
 """
 from __future__ import annotations
 
@@ -31,8 +30,93 @@ from kornia.augmentation import RandomResizedCrop
 from .checkpoint import unwrap as ckpt_unwrap
 from .errors import ConfigError, ShapeError
 from .registry import Registry, nearest
+from .taps import EMBEDDING
 
-LOSSES: Registry[Callable] = Registry("loss term")
+LOSSES: Registry[type["Term"]] = Registry("loss term")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """What a network shows a term: its logits (``layer`` None) or the output of its module at
+    path ``layer``. ``network``: ``teacher``, ``student`` (the phase's student) or a model player."""
+
+    network: str
+    layer: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.network}'s {self.layer or 'logits'}"
+
+
+@dataclass(frozen=True)
+class PlayerUse:
+    """A player that a term drives, and what it sees: a ``discriminator`` is sized by ``source``
+    (and, when ``target`` is set, must see the same shape there); an ``adapter`` maps
+    ``source`` to ``target``'s shape."""
+
+    kind: str
+    source: Feature
+    target: Feature | None = None
+
+
+Probe = Callable[[Feature], tuple[int, ...]]  # the shape, without the batch, of a feature
+
+
+class Term(nn.Module):
+    """A loss term: ``forward(ctx)`` returns a scalar from the step's
+    :class:`~dfkd.context.StepContext`. What a run must provide for it is declared, not
+    discovered:
+
+    - ``needs``: what it reads that a run might lack (⊂ {"teacher", "teacher_bn", "labels"}), so
+      a config that cannot provide it fails at start-up;
+    - ``taps()``: the module paths it reads, per network (``teacher``, ``student`` or a player);
+    - ``player_uses()``: the discriminator and adapter players it drives, which are sized from
+      what they see;
+    - ``build(probe)``: called once the networks exist, to size its own layers;
+    - ``end_batch()``: called when a batch is done, for terms with statistics across batches.
+
+    Its state (buffers, parameters, extra state) is saved with the run; parameters that take
+    gradients get an optimizer of their own, stepped with the term's phase.
+    """
+
+    needs: tuple[str, ...] = ()
+
+    @classmethod
+    def parameters_of(cls) -> dict[str, inspect.Parameter]:
+        """The config parameters it takes (its ``__init__``'s)."""
+        return dict(inspect.signature(cls).parameters)
+
+    def taps(self) -> dict[str, list[str]]:
+        return {"teacher": [], "student": []}
+
+    def player_uses(self) -> dict[str, PlayerUse]:
+        return {}
+
+    def build(self, probe: Probe) -> None:
+        pass
+
+    def end_batch(self) -> None:
+        pass
+
+
+class FunctionTerm(Term):
+    """A stateless term written as ``fn(ctx, **params)``, bound to its params."""
+
+    fn: Callable = staticmethod(lambda ctx: None)
+    taps_of: Callable[[dict], dict[str, list[str]]] = staticmethod(lambda params: {"teacher": [], "student": []})
+
+    def __init__(self, **params):
+        super().__init__()
+        self.params = params
+
+    @classmethod
+    def parameters_of(cls) -> dict[str, inspect.Parameter]:
+        return {n: p for n, p in inspect.signature(cls.fn).parameters.items() if n != "ctx"}
+
+    def taps(self) -> dict[str, list[str]]:
+        return self.taps_of(self.params)
+
+    def forward(self, ctx) -> torch.Tensor:
+        return self.fn(ctx, **self.params)
 
 
 def no_taps(params: dict[str, Any]) -> dict[str, list[str]]:
@@ -40,14 +124,22 @@ def no_taps(params: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def register(name: str, needs: tuple[str, ...] = (), taps: Callable[[dict], dict[str, list[str]]] = no_taps):
-    """Register a loss term, a function or an ``nn.Module`` class; ``needs`` ⊂ {"teacher",
-    "teacher_bn", "labels", "generator"}; ``taps(params)`` names the module paths it reads."""
+    """Register a loss term: a :class:`Term` subclass, or a function ``fn(ctx, **params)`` (kept
+    callable as it is, and registered as a :class:`FunctionTerm`). ``needs`` and ``taps(params)``
+    declare what a function term reads; a class declares them itself (``needs`` here is its
+    default)."""
 
     def decorator(term):
-        term.needs = needs
-        # On a class, a plain function attribute would become a method bound to each instance.
-        term.taps = staticmethod(taps) if inspect.isclass(term) else taps
-        return LOSSES.register(name)(term)
+        if inspect.isclass(term):
+            if not issubclass(term, Term):
+                raise TypeError(f"loss term '{name}': a class term must subclass dfkd.losses.Term")
+            term.needs = term.__dict__.get("needs", needs)
+            LOSSES.register(name)(term)
+            return term
+        term.needs, term.taps = needs, taps  # also on the function, for reading
+        LOSSES.register(name)(type(f"{name}_term", (FunctionTerm,), {
+            "fn": staticmethod(term), "taps_of": staticmethod(taps), "needs": needs, "__doc__": term.__doc__}))
+        return term
 
     return decorator
 
@@ -64,20 +156,22 @@ def _option(options: dict[str, Any], value: str, where: str):
 # --------------------------------------------------------------------------------------
 @dataclass
 class WeightedTerm:
+    """A term as a phase uses it: its config key, weight and params, the built term and, when
+    the term has trainable parameters, their optimizer."""
+
     name: str
     weight: float
-    fn: Callable  # a function term, or the instance of a class term
+    term: Term
     params: dict[str, Any]
+    optimizer: torch.optim.Optimizer | None = None
 
     def __call__(self, ctx) -> torch.Tensor:
-        # A class term's instance was built with its params already.
-        return self.fn(ctx) if isinstance(self.fn, nn.Module) else self.fn(ctx, **self.params)
+        return self.term(ctx)
 
 
 def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
     """``{name: weight}`` or ``{name: {weight: w, **params}}`` → terms, parameters checked
-    against each term's signature (a class term's ``__init__``) so a misspelt or missing
-    parameter fails here, naming its key. Class terms are instantiated."""
+    against each term's signature so a misspelt or missing parameter fails here, naming its key."""
     terms = []
     for name, value in spec.items():
         base = name.split("@")[0]  # "kd_kl@soft" lets one phase use a term twice with other params
@@ -86,8 +180,7 @@ def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
         weight = params.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.{name}.weight must be a number, got {weight!r}")
-        # A class's signature is its __init__'s without self.
-        signature = {n: p for n, p in inspect.signature(term).parameters.items() if n != "ctx"}
+        signature = term.parameters_of()
         for key in params:
             if key not in signature:
                 close = nearest(key, signature)
@@ -96,8 +189,7 @@ def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
         missing = [n for n, p in signature.items() if p.default is p.empty and n not in params]
         if missing:
             raise ConfigError(f"{where}.{name}: loss term '{base}' needs parameter {', '.join(missing)}")
-        fn = term(**params) if inspect.isclass(term) else term
-        terms.append(WeightedTerm(name, float(weight), fn, params))
+        terms.append(WeightedTerm(name, float(weight), term(**params), params))
     return terms
 
 
@@ -173,14 +265,19 @@ def attention(ctx, pairs: list[list[str]], p: float = 2) -> torch.Tensor:
 _BN_DISTANCES = {"l2": lambda a, b: torch.linalg.vector_norm(a - b), "mse": F.mse_loss}
 
 
-def bn_stats_distance(stats, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
-    """Σ_l w_l (d(μ_l, μ̂_l) + d(σ²_l, σ̂²_l)) over ``stats`` (one :class:`~dfkd.taps.BNStats` per
-    layer), w_0 = ``first_layer_weight``, d the L2 norm of the difference or the MSE."""
+def bn_layer_distances(stats, norm: str = "l2") -> list[torch.Tensor]:
+    """d(μ_l, μ̂_l) + d(σ²_l, σ̂²_l) of each layer of ``stats`` (one :class:`~dfkd.taps.BNStats`
+    per layer), d the L2 norm of the difference or the MSE."""
     distance = _option(_BN_DISTANCES, norm, "bn_stats.norm")
     # float32: under autocast the batch statistics may arrive in bf16, too coarse for these differences
-    return sum((first_layer_weight if i == 0 else 1.0)
-               * (distance(s.mean.float(), s.running_mean.float()) + distance(s.var.float(), s.running_var.float()))
-               for i, s in enumerate(stats))
+    return [distance(s.mean.float(), s.running_mean.float()) + distance(s.var.float(), s.running_var.float())
+            for s in stats]
+
+
+def bn_stats_distance(stats, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
+    """Σ_l w_l (d(μ_l, μ̂_l) + d(σ²_l, σ̂²_l)) over ``stats``, w_0 = ``first_layer_weight``, the
+    others 1 (see :func:`bn_layer_distances`)."""
+    return sum((first_layer_weight if i == 0 else 1.0) * d for i, d in enumerate(bn_layer_distances(stats, norm)))
 
 
 def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
@@ -195,7 +292,7 @@ def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Te
 
 
 @register("bn_stats", needs=("teacher", "teacher_bn"))
-class BNStatistics(nn.Module):
+class BNStatistics(Term):
     """The ``bn_stats`` term (see :func:`bn_stats`), with Fast-DFKD's momentum (Fang et al. 2022,
     0.9 there): with ``momentum`` m > 0 each layer's batch statistics are blended with a running
     average over earlier batches, m·μ_prev + (1 − m)·μ (likewise σ²), before the comparison, so a
@@ -275,11 +372,17 @@ def onehot_ce(ctx, target: str = "argmax") -> torch.Tensor:
     return F.cross_entropy(ctx.teacher_logits.float(), targets)
 
 
-@register("activation_norm", needs=("teacher",))
-def activation_norm(ctx) -> torch.Tensor:
-    """−mean |f_T| of the teacher's penultimate features: DAFL's activation loss, so a positive
-    weight rewards strong activations. DAFL weights it 0.1 on MNIST, 0.01 on CIFAR."""
-    return -ctx.teacher_embedding.float().abs().mean()
+def _layer_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {"teacher": [params.get("layer") or EMBEDDING], "student": []}
+
+
+@register("activation_norm", needs=("teacher",), taps=_layer_taps)
+def activation_norm(ctx, layer: str | None = None) -> torch.Tensor:
+    """−mean |f_T| of the teacher's features at ``layer`` (default: its penultimate embedding,
+    the input of its last Linear layer): DAFL's activation loss, so a positive weight rewards
+    strong activations. DAFL weights it 0.1 on MNIST, 0.01 on CIFAR."""
+    features = ctx.teacher_features[layer] if layer else ctx.teacher_embedding
+    return -features.float().abs().mean()
 
 
 @register("class_balance", needs=("teacher",))
@@ -345,7 +448,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor, T: float
 
 
 @register("contrastive", needs=("teacher",))
-class Contrastive(nn.Module):
+class Contrastive(Term):
     """Contrastive model inversion (CMI, Fang et al. 2021): makes synthetic images
     distinguishable from each other, and from earlier batches, in the teacher's feature space.
 
@@ -355,8 +458,7 @@ class Contrastive(nn.Module):
     the batch's other instances in both views plus a FIFO bank of the last ``bank_size`` global
     projections (detached). CMI weights it 0.8.
 
-    The engine calls ``build(D)`` once the embedding width D is known, before moving the term to
-    the device, adding its parameters to the optimizer, or loading its state. The bank is a
+    The head is built (``build``) once the teacher's embedding width is known; the bank is a
     buffer, so it is saved in ``state_dict`` with the projection head.
     """
 
@@ -373,7 +475,13 @@ class Contrastive(nn.Module):
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row to overwrite
         self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
 
-    def build(self, embedding_dim: int) -> None:
+    def taps(self) -> dict[str, list[str]]:
+        return {"teacher": [EMBEDDING], "student": []}
+
+    def build(self, probe) -> None:
+        self.build_head(probe(Feature("teacher", EMBEDDING))[0])
+
+    def build_head(self, embedding_dim: int) -> None:
         self.head = nn.Sequential(nn.Linear(embedding_dim, self.hidden), nn.ReLU(),
                                   nn.Linear(self.hidden, self.dim)).to(self.bank.device)
 
@@ -382,7 +490,7 @@ class Contrastive(nn.Module):
 
     def forward(self, ctx) -> torch.Tensor:
         if self.head is None:
-            raise RuntimeError("contrastive: call build(embedding_dim) before the first step")
+            raise RuntimeError("contrastive: call build(probe) or build_head(embedding_dim) before the first step")
         images = ctx.teacher_images
         crop = RandomResizedCrop(size=tuple(images.shape[-2:]), scale=self.local_scale)
         _, local_embedding = ctx.teacher_embed(crop(images))
@@ -412,15 +520,8 @@ def dml(ctx, peers: str | list[str], T: float = 1.0) -> torch.Tensor:
     return sum(kd_kl_divergence(ctx.student_logits, ctx.logits_of(p).detach(), T) for p in peers) / len(peers)
 
 
-def _adversarial_taps(params: dict[str, Any]) -> dict[str, list[str]]:
-    layer = params.get("layer")
-    student_layer = params.get("student_layer") or layer
-    real, fake = params.get("real", "teacher"), params.get("fake", "student")
-    return {real: [layer] if layer else [], fake: [student_layer] if student_layer else []}
-
-
-@register("adversarial", taps=_adversarial_taps)
-class Adversarial(nn.Module):
+@register("adversarial")
+class Adversarial(Term):
     """A discriminator's verdict as a distillation loss. The discriminator player tells the
     ``real`` network's view of a batch (the teacher's by default, or a peer's) from the
     ``fake`` one's (by default "student": the phase's student; in a discriminator's phase, the
@@ -461,13 +562,16 @@ class Adversarial(nn.Module):
         self.patience, self.won_for, self.reported = patience, 0, False
         self.needs = ("teacher",) if real == "teacher" else ()
 
-    def player_uses(self) -> dict[str, tuple]:
-        """For the engine: which players this term drives, and what they see (sized from it)."""
+    def taps(self) -> dict[str, list[str]]:
+        return {self.real: [self.layer] if self.layer else [],
+                self.fake: [self.student_layer] if self.student_layer else []}
+
+    def player_uses(self) -> dict[str, PlayerUse]:
+        real, fake = Feature(self.real, self.layer), Feature(self.fake, self.student_layer)
         # a discriminator is sized by the real side; without an adapter the fake side must match it
-        fake = None if self.adapter else (self.fake, self.student_layer)
-        uses = {self.discriminator: ("discriminator", (self.real, self.layer), fake)}
+        uses = {self.discriminator: PlayerUse("discriminator", real, None if self.adapter else fake)}
         if self.adapter:
-            uses[self.adapter] = ("adapter", (self.fake, self.student_layer), (self.real, self.layer))
+            uses[self.adapter] = PlayerUse("adapter", fake, real)
         return uses
 
     def _view(self, ctx, network: str, layer: str | None) -> torch.Tensor:
@@ -477,12 +581,11 @@ class Adversarial(nn.Module):
         return ctx.features_of(network)[layer].float()
 
     def forward(self, ctx) -> torch.Tensor:
-        engine = ctx.engine
-        disc = engine.module_of(engine.players[self.discriminator])
+        disc = ctx.module(self.discriminator)
         real = self._view(ctx, self.real, self.layer).detach()
         fake = self._view(ctx, self.fake, self.student_layer)
         if self.adapter:
-            fake = engine.module_of(engine.players[self.adapter])(fake)
+            fake = ctx.module(self.adapter)(fake)
         if fake.shape != real.shape:
             raise ShapeError(f"adversarial: the student's {self.student_layer or 'logits'} {tuple(fake.shape[1:])} "
                              f"and the {self.real}'s {self.layer or 'logits'} {tuple(real.shape[1:])} differ; "
@@ -523,17 +626,13 @@ class Adversarial(nn.Module):
     def _watch(self, ctx, won: bool) -> None:
         self.won_for = self.won_for + 1 if won else 0
         if self.won_for >= self.patience and not self.reported:
-            ctx.engine.warn(f"adv/{self.discriminator}/wins",
-                            f"iteration {ctx.engine.step}: discriminator '{self.discriminator}' has classified "
-                            f"every sample right for {self.won_for} steps; the student gets little gradient "
-                            f"(lower its learning rate or steps, or use spectral_norm / a softer objective)")
+            ctx.warn(f"adv/{self.discriminator}/wins",
+                     f"iteration {ctx.step}: discriminator '{self.discriminator}' has classified "
+                     f"every sample right for {self.won_for} steps; the student gets little gradient "
+                     f"(lower its learning rate or steps, or use spectral_norm / a softer objective)")
             self.reported = True
         elif not won:
             self.reported = False
-
-
-def _feature_match_taps(params: dict[str, Any]) -> dict[str, list[str]]:
-    return {"teacher": [params["layer"]], "student": [params.get("student_layer") or params["layer"]]}
 
 
 _FEATURE_DISTANCES = {
@@ -542,8 +641,8 @@ _FEATURE_DISTANCES = {
 }
 
 
-@register("feature_match", needs=("teacher",), taps=_feature_match_taps)
-class FeatureMatch(nn.Module):
+@register("feature_match", needs=("teacher",))
+class FeatureMatch(Term):
     """Supervision transfer (Gupta, Hoffman & Malik 2016): the student's features at
     ``student_layer`` (default: the same path as ``layer``), mapped by the ``adapter`` player when
     the shapes differ, regress the teacher's features at ``layer`` on the paired sample.
@@ -556,14 +655,18 @@ class FeatureMatch(nn.Module):
         self.distance = _option(_FEATURE_DISTANCES, distance, "feature_match.distance")
         self.layer, self.student_layer, self.adapter = layer, student_layer or layer, adapter
 
-    def player_uses(self) -> dict[str, tuple]:
-        return {self.adapter: ("adapter", ("student", self.student_layer), ("teacher", self.layer))} \
-            if self.adapter else {}
+    def taps(self) -> dict[str, list[str]]:
+        return {"teacher": [self.layer], "student": [self.student_layer]}
+
+    def player_uses(self) -> dict[str, PlayerUse]:
+        if not self.adapter:
+            return {}
+        return {self.adapter: PlayerUse("adapter", Feature("student", self.student_layer), Feature("teacher", self.layer))}
 
     def forward(self, ctx) -> torch.Tensor:
         student = ctx.student_features[self.student_layer].float()
         if self.adapter:
-            student = ctx.engine.module_of(ctx.engine.players[self.adapter])(student)
+            student = ctx.module(self.adapter)(student)
         teacher = ctx.teacher_features[self.layer].float().detach()
         if student.shape != teacher.shape:
             raise ShapeError(f"feature_match: the student's {self.student_layer} {tuple(student.shape[1:])} and "

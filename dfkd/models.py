@@ -13,6 +13,7 @@ import inspect
 import re
 from collections import OrderedDict
 from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,11 @@ from .errors import ConfigError, ShapeError, UnknownNameError
 from .registry import Registry, unknown_name_message
 
 MODELS = Registry("model")
+# Model wrappers by option name: ``create_model(name, ..., <option>=value)`` builds the network,
+# then ``wrapper(model, value)`` (a quantized or multi-exit student, say). The option is one of the
+# model's kwargs, so a model file's ``arch`` records it and ``load_model`` rebuilds the wrapped
+# network: a new student form is a registered wrapper, with no edit to the loop or checkpoints.
+MODEL_WRAPPERS: Registry[Callable[[nn.Module, Any], nn.Module]] = Registry("model wrapper")
 
 TORCHVISION_PREFIX = "tv:"
 WRN_PATTERN = re.compile(r"wrn[_-]?(\d+)[_-](\d+)")  # wrn16_2, wrn_16_2, wrn-16-2
@@ -315,8 +321,17 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_s
     """Build a model by name: a registered name, ``wrn<depth>_<width>`` or ``tv:<torchvision name>``.
 
     ``kwargs`` are model options (``width_mult``, ``dropout``, ``weights`` ...); an option the
-    model does not take is a ConfigError.
+    model does not take is a ConfigError. Options named after a registered wrapper
+    (``MODEL_WRAPPERS``) wrap the built network, in the order given.
     """
+    wrappers = {key: kwargs.pop(key) for key in list(kwargs) if key in MODEL_WRAPPERS}
+    model = _create_network(name, in_channels, num_classes, image_size, **kwargs)
+    for key, option in wrappers.items():
+        model = MODEL_WRAPPERS.get(key)(model, option)
+    return model
+
+
+def _create_network(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs) -> nn.Module:
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name[len(TORCHVISION_PREFIX):], in_channels, num_classes, image_size, **kwargs)
     wrn = WRN_PATTERN.fullmatch(name)

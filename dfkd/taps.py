@@ -1,7 +1,9 @@
 """Forward hooks addressed by module path, so methods read features without editing models.
 
-Paths are those of ``model.named_modules()``: ``"layer3"``, ``"layer3.1.bn2"``, ``"fc"``.
-Recorded tensors keep their autograd graph, so losses computed from them backpropagate.
+Paths are those of ``model.named_modules()``: ``"layer3"``, ``"layer3.1.bn2"``, ``"fc"``; the
+path :data:`EMBEDDING` is the input of the model's last Linear layer (its penultimate features,
+whatever the architecture calls them). Recorded tensors keep their autograd graph, so losses
+computed from them backpropagate.
 """
 from __future__ import annotations
 
@@ -12,6 +14,18 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .registry import nearest
+
+
+EMBEDDING = "<embedding>"  # tap path: the input of the last nn.Linear, a classifier's penultimate features
+
+
+def embedding_layer(model: nn.Module) -> str:
+    """The path of ``model``'s last Linear layer, whose input is its embedding."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ConfigError(f"{type(model).__name__} has no Linear layer, so no penultimate embedding to tap; "
+                          f"name the layer to read ('layer: PATH')")
+    return linear[-1]
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
@@ -52,15 +66,24 @@ class FeatureTap(_Hooks):
     def __init__(self, model: nn.Module, paths: list[str]):
         super().__init__()
         # Resolve every path before hooking any, so a typo leaves the model untouched.
-        modules = {path: resolve_module(model, path) for path in paths}
+        modules = {path: resolve_module(model, embedding_layer(model) if path == EMBEDDING else path)
+                   for path in paths}
         self.paths = list(modules)
         self.features: dict[str, torch.Tensor] = {}
         for path, module in modules.items():
-            self._handles.append(module.register_forward_hook(self._recorder(path)))
+            if path == EMBEDDING:
+                self._handles.append(module.register_forward_pre_hook(self._input_recorder(path)))
+            else:
+                self._handles.append(module.register_forward_hook(self._recorder(path)))
 
     def _recorder(self, path: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             self.features[path] = output
+        return hook
+
+    def _input_recorder(self, path: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            self.features[path] = inputs[0]
         return hook
 
     def clear(self) -> None:
@@ -114,3 +137,19 @@ class BNStatsTap(_Hooks):
 
     def clear(self) -> None:
         self._stats = [None] * len(self.layers)
+
+
+@torch.no_grad()
+def probe(module: nn.Module, inputs: torch.Tensor, forward=None, tap: FeatureTap | None = None,
+          eval_mode: bool = True) -> tuple[torch.Tensor, dict[str, tuple[int, ...]]]:
+    """One forward of a dummy batch, to learn shapes: ``module``'s output and the shapes
+    (without the batch) of what ``tap`` records. In eval mode by default, so that no BatchNorm
+    running statistic is touched; the module's mode is restored afterwards."""
+    was_training = module.training
+    if eval_mode:
+        module.eval()
+    try:
+        output = (forward or (lambda m, x: m(x)))(module, inputs)
+    finally:
+        module.train(was_training)
+    return output, ({path: tuple(f.shape[1:]) for path, f in tap.features.items()} if tap else {})

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from dfkd.checkpoint import load_model
 from dfkd.config import Config, load_config
 from dfkd.data import TensorLoader, dataset_info, load_dataset
-from dfkd.engine import Engine, amp_dtype, resolve_device
+from dfkd.engine import Engine
+from dfkd.runtime import amp_dtype, resolve_device
 from dfkd.errors import ConfigError, DfkdError
 from dfkd.models import create_model
 from generators import create_generator

@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dfkd.checkpoint import save_model
 from dfkd.config import load_config
 from dfkd.data import dataset_info
-from dfkd.engine import Engine, amp_dtype, resolve_device
+from dfkd.engine import Engine
+from dfkd.runtime import amp_dtype, resolve_device
 from dfkd.errors import DfkdError
 from dfkd.models import create_model
 

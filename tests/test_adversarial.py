@@ -14,6 +14,7 @@ from dfkd.discriminators import OBJECTIVES, create_adapter, create_discriminator
 from dfkd.engine import Engine
 from dfkd.errors import ConfigError, ShapeError, UnknownNameError
 from dfkd.losses import Adversarial, build_terms, kd_kl_divergence
+from dfkd.teachers import combine_logits
 from dfkd.models import create_model
 from dfkd.runs import read_metrics
 
@@ -144,8 +145,8 @@ def test_adversarial_term_parameter_errors():
 
 def test_a_discriminator_that_always_wins_is_reported_once_per_episode():
     warnings = []
-    engine = SimpleNamespace(step=7, warn=lambda tag, message: warnings.append((tag, message)))
-    term, ctx = Adversarial("disc", patience=3), SimpleNamespace(engine=engine)
+    ctx = SimpleNamespace(step=7, warn=lambda tag, message: warnings.append((tag, message)))
+    term = Adversarial("disc", patience=3)
     for won in (True, True, True, True, True):
         term._watch(ctx, won)
     assert len(warnings) == 1 and warnings[0][0] == "adv/disc/wins"
@@ -158,9 +159,7 @@ def test_a_discriminator_that_always_wins_is_reported_once_per_episode():
 
 # ------------------------------------------------------------------ ensembles
 def combine(logits, ensemble):
-    engine = Engine.__new__(Engine)
-    engine.config = SimpleNamespace(teacher=SimpleNamespace(ensemble=ensemble))
-    return Engine.combine_teachers(engine, logits)
+    return combine_logits(logits, ensemble)
 
 
 def test_teacher_ensembles_average_soft_targets():
@@ -311,17 +310,15 @@ def test_peers_and_discriminators_share_one_real_batch_per_iteration(tmp_path):
 
 
 def test_an_ensemble_drives_synthesis_with_the_bn_statistics_of_every_teacher(tmp_path, teachers):
-    from dfkd.engine import StepContext
-
     engine = Engine(load_config("datafree/dfq-digits", [
         f"teacher.checkpoint=[{teachers['trained']}, {teachers['half']}]", "synthesis.batch_size=8",
         "train.epochs=1", "train.iters_per_epoch=1", "runtime.num_threads=1", f"output.root={tmp_path}"]))
     generator_phase = engine.phases[0]
-    engine.active, engine.active_set = generator_phase.player, {generator_phase.player}
-    ctx = StepContext(engine, generator_phase, engine.next_batch(generator_phase))
+    engine.players.active = {generator_phase.player}
+    ctx = engine.context(generator_phase, engine.next_batch(generator_phase))
     # LeNet-5 and LeNet-5-half have 3 BN layers each; their channel counts tell them apart
     assert [s.mean.numel() for s in ctx.teacher_bn] == [6, 16, 120, 3, 8, 60]
-    engine.config.teacher.ensemble = "random"
-    engine.teacher_pick = 1
-    ctx = StepContext(engine, generator_phase, engine.next_batch(generator_phase))
+    engine.teachers.ensemble = "random"
+    engine.teachers.pick = 1
+    ctx = engine.context(generator_phase, engine.next_batch(generator_phase))
     assert [s.mean.numel() for s in ctx.teacher_bn] == [3, 8, 60]  # only the picked teacher ran

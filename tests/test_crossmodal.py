@@ -120,11 +120,11 @@ def test_crossmodal_feature_with_few_labels_beats_the_few_labels_baseline(tmp_pa
 
 
 def test_datafree_crossmodal_learns_real_edge_maps_without_real_data(tmp_path, monkeypatch, digits_teacher):
-    import dfkd.engine
+    import dfkd.build
 
     read = []
-    real_load = dfkd.engine.load_dataset
-    monkeypatch.setattr(dfkd.engine, "load_dataset", lambda name, split, *a: read.append(split) or real_load(
+    real_load = dfkd.build.load_dataset
+    monkeypatch.setattr(dfkd.build, "load_dataset", lambda name, split, *a: read.append(split) or real_load(
         name, split, *a))
     summary = run("crossmodal/crossmodal-datafree-digits", tmp_path, digits_teacher[0], "train.epochs=3")
     assert read == ["test"]  # the training split, of either modality, is never read

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+import dfkd.build
 import dfkd.checkpoint
 import dfkd.config
 import dfkd.data
-import dfkd.engine
 from dfkd.checkpoint import load_model, save_model
 from dfkd.config import load_config, named_configs
 from dfkd.engine import Engine
@@ -111,7 +111,7 @@ def guard_load_dataset(monkeypatch) -> list[tuple[str, str]]:
             raise AssertionError(f"a data-free run read the training split of {name}")
         return original(name, split, *args, **kwargs)
 
-    monkeypatch.setattr(dfkd.engine, "load_dataset", guarded)
+    monkeypatch.setattr(dfkd.build, "load_dataset", guarded)
     monkeypatch.setattr(dfkd.data, "load_dataset", guarded)
     return calls
 
@@ -476,7 +476,7 @@ def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, fit_unt
         state.update({f"pool.{k}": v for k, v in synth.get("pool", {}).items() if torch.is_tensor(v)})
         state.update({f"synth_gen.{k}": v for k, v in synth.get("generator", {}).items()})
         state.update({f"term.{i}.{t.name}.{k}": v for i, ts in engine.terms.items() for t in ts
-                      if isinstance(t.fn, torch.nn.Module) for k, v in tensors(t.fn.state_dict())})
+                      for k, v in tensors(t.term.state_dict())})
         return state
 
     def tensors(tree, prefix=""):  # (key, tensor) of nested dicts and lists, e.g. a term's extra state
@@ -494,7 +494,7 @@ def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, fit_unt
 
 def test_synthesis_augmentation_is_differentiable_and_per_image():
     from dfkd.config import AugmentConfig
-    from dfkd.synthesis import build_augment
+    from dfkd.phases import build_augment
 
     torch.manual_seed(0)
     x = torch.randn(8, 1, 28, 28, requires_grad=True)
@@ -513,8 +513,7 @@ def test_synthesis_augmentation_is_differentiable_and_per_image():
 
 def test_phase_mixup_mixes_pairs_of_the_batch_and_drops_labels():
     from dfkd.config import PhaseConfig
-    from dfkd.engine import Batch
-    from dfkd.synthesis import build_batch_transform
+    from dfkd.phases import Batch, build_batch_transform
 
     assert build_batch_transform(PhaseConfig(), (1, 2, 2)) is None  # nothing asked, no transform
     torch.manual_seed(0)

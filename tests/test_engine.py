@@ -7,7 +7,8 @@ import torch
 from dfkd import losses
 from dfkd.checkpoint import load_model, safe_load
 from dfkd.config import SchedConfig, load_config
-from dfkd.engine import DivergenceError, Engine, lr_factor
+from dfkd.engine import DivergenceError, Engine
+from dfkd.players import lr_factor
 from dfkd.errors import CheckpointError, ConfigError
 from dfkd.runs import read_metrics
 

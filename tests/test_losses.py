@@ -196,7 +196,7 @@ def test_contrastive_prefers_agreeing_views():
     for local in (None, torch.randn(8, 12)):
         torch.manual_seed(1)
         term = Contrastive(bank_size=16)
-        term.build(12)
+        term.build_head(12)
         losses.append(term(contrastive_ctx(images, embedding, local)))
     assert all(torch.isfinite(loss) for loss in losses)
     assert losses[0] < losses[1]
@@ -212,7 +212,7 @@ def test_contrastive_gradient_reaches_images_through_the_crop():
     # The global embedding is detached, so any gradient on the images comes through the local crop.
     ctx = SimpleNamespace(teacher_images=images, teacher_embedding=embed(images.detach())[1], teacher_embed=embed)
     term = Contrastive(dim=4, hidden=8)
-    term.build(6)
+    term.build_head(6)
     term(ctx).backward()
     assert images.grad.abs().sum() > 0 and term.head[0].weight.grad is not None
 
@@ -220,7 +220,7 @@ def test_contrastive_gradient_reaches_images_through_the_crop():
 def test_contrastive_bank_fills_and_wraps():
     torch.manual_seed(0)
     term = Contrastive(bank_size=5, dim=3, hidden=4)
-    term.build(6)
+    term.build_head(6)
     images = torch.randn(2, 3, 8, 8)
     projections = []
     for _ in range(3):
@@ -244,10 +244,10 @@ def test_contrastive_requires_build():
 # ---------------------------------------------------------------- build_terms
 def test_build_terms_instantiates_class_terms():
     (term,) = build_terms({"contrastive": {"weight": 0.8, "T": 0.1, "bank_size": 16}}, "phases.0.losses")
-    assert isinstance(term.fn, Contrastive) and term.weight == 0.8
-    assert term.fn.T == 0.1 and term.fn.bank.shape == (16, 128)
-    assert term.fn.needs == ("teacher",) and term.fn.taps(term.params) == {"teacher": [], "student": []}
-    term.fn.build(4)
+    assert isinstance(term.term, Contrastive) and term.weight == 0.8
+    assert term.term.T == 0.1 and term.term.bank.shape == (16, 128)
+    assert term.term.needs == ("teacher",) and term.term.taps() == {"teacher": ["<embedding>"], "student": []}
+    term.term.build_head(4)
     ctx = contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.randn(2, 4))
     assert torch.isfinite(term(ctx))  # called as instance(ctx)
 

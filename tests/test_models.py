@@ -115,3 +115,43 @@ def test_list_models_includes_families():
     names = list_models()
     assert {"lenet5", "lenet5_half", "resnet8", "resnet18", "resnet34", "mobilenetv2"} <= set(names)
     assert "wrn<depth>_<width>" in names and "tv:<torchvision name>" in names
+
+
+class _Scaled(nn.Module):
+    """A stand-in wrapper: the wrapped network's logits times a factor."""
+
+    def __init__(self, inner: nn.Module, factor: float):
+        super().__init__()
+        self.inner, self.factor = inner, factor
+
+    def forward(self, x):
+        return self.inner(x) * self.factor
+
+
+def test_a_registered_wrapper_is_built_trained_saved_and_reloaded_without_engine_changes(tmp_path):
+    from dfkd.checkpoint import load_model
+    from dfkd.config import load_config
+    from dfkd.engine import Engine
+    from dfkd.models import MODEL_WRAPPERS
+
+    MODEL_WRAPPERS.register("test_scale")(_Scaled)
+    try:
+        torch.manual_seed(0)
+        base = create_model("lenet5_half", in_channels=1, num_classes=10, image_size=32).eval()
+        torch.manual_seed(0)
+        wrapped = create_model("lenet5_half", in_channels=1, num_classes=10, image_size=32, test_scale=3.0).eval()
+        x = torch.randn(2, 1, 32, 32)
+        assert isinstance(wrapped, _Scaled) and torch.allclose(wrapped(x), 3.0 * base(x))
+        with pytest.raises(ConfigError, match="model 'lenet5_half'"):  # other options are still checked
+            create_model("lenet5_half", in_channels=1, test_scale=2.0, width=3)
+
+        engine = Engine(load_config("teacher/lenet5-digits", [
+            f"output.root={tmp_path}", "train.epochs=1", "train.iters_per_epoch=2", "runtime.num_threads=1",
+            "players.model.net.name=lenet5_half", "players.model.net.kwargs={test_scale: 3.0}"]))
+        assert isinstance(engine.student.module, _Scaled)
+        summary = engine.fit()
+        model, meta = load_model(engine.run_dir / "ckpt" / "final.pt")
+        assert meta["arch"]["kwargs"] == {"test_scale": 3.0} and isinstance(model, _Scaled)
+        assert engine.evaluate(model)["acc"] == pytest.approx(summary["final_acc"])
+    finally:
+        MODEL_WRAPPERS._items.pop("test_scale")

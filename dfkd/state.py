@@ -1,0 +1,131 @@
+"""Run state: what a checkpoint holds, and how a run saves, checks and resumes it.
+
+``ckpt/last.pt`` is the full training state (every player with its optimizer, schedule and EMA,
+the AMP scaler, data-stream positions, the synthesizer with its pool, stateful loss terms and
+their optimizers, RNG states, progress); ``final.pt`` and ``best.pt`` are model files of the
+evaluated student. A resumed run must share the checkpoint's config in everything but the
+length of the run, the runtime and the output settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import Config, config_to_dict, flatten
+from .errors import CheckpointError
+from .runtime import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from .build import Run
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run is: the iteration, the best and teacher accuracies, the per-epoch history and
+    the timers (training, synthesis, evaluation)."""
+
+    step: int = 0
+    best_acc: float = -1.0
+    teacher_acc: float | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+    timers: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"train": 0.0, "synthesis": 0.0, "eval": 0.0})
+
+    def summary(self, wall: float) -> dict:
+        """Final and best accuracy, and the time (training, evaluation excluded) to the first
+        evaluation at >= 99% of the teacher; ``wall`` is the run's own wall time."""
+        final = next((h for h in reversed(self.history) if "acc" in h), {})
+        teacher_acc = self.teacher_acc
+        reached = next((h for h in self.history if teacher_acc and h.get("acc", -1) >= 0.99 * teacher_acc), {})
+        return {"steps": self.step, "final_acc": final.get("acc"),
+                **({"final_acc_live": final["acc_live"]} if "acc_live" in final else {}),
+                "best_acc": self.best_acc if self.best_acc >= 0 else None,
+                "teacher_acc": teacher_acc, "time_to_99pct_teacher_s": reached.get("time_train_s"),
+                "time_total_s": round(wall, 2), "time_train_s": round(self.timers["train"], 2),
+                "time_synthesis_s": round(self.timers["synthesis"], 2), "time_eval_s": round(self.timers["eval"], 2)}
+
+
+def identity(config: Config) -> dict:
+    """The parts of the config a resumed run must share with the checkpoint: all but the
+    length of the run, the runtime and the output settings."""
+    d = config_to_dict(config)
+    for key in ("runtime", "output"):
+        d.pop(key)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("epochs", "eval_every", "log_every")}
+    return d
+
+
+def read_resume(path: Path, config: Config, total_iters: int) -> dict:
+    """The training state at ``path``, checked to belong to ``config`` and to fit in its run."""
+    state = ckpt_io.safe_load(path)
+    if state.get("format") != ckpt_io.STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a training state ({state.get('format')}); resume from ckpt/last.pt")
+    mine, theirs = flatten(identity(config)), flatten(state["identity"])
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differ[:3])
+        raise CheckpointError(f"{path}: checkpoint is from another config; differs in {shown}"
+                              + (f" and {len(differ) - 3} more" if len(differ) > 3 else ""))
+    if state["step"] > total_iters:
+        raise CheckpointError(f"{path}: checkpoint is at iteration {state['step']}, past this run's {total_iters}")
+    return state
+
+
+def _term_key(phase, term) -> str:
+    return f"{phase.index}.{term.name}"
+
+
+def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dict:
+    """The full training state of ``run``."""
+    ident = identity(run.config)
+    terms = [(p, t) for p in run.phases for t in p.terms]
+    return {"format": ckpt_io.STATE_FORMAT, "identity": ident,
+            "identity_sha256": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(),
+            "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
+            "history": progress.history, "timers": progress.timers,
+            "players": {n: p.state_dict() for n, p in run.players.items()},
+            "scaler": scaler.state_dict(), "rng": rng_state(),
+            "real": run.real.state_dict() if run.real else None,
+            "labeled": run.labeled.state_dict() if run.labeled else None,
+            "synthesis": run.synth.state_dict() if run.synth else None,
+            "terms": {_term_key(p, t): t.term.state_dict() for p, t in terms if t.term.state_dict()},
+            "term_optimizers": {_term_key(p, t): t.optimizer.state_dict() for p, t in terms if t.optimizer}}
+
+
+def restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state: dict) -> None:
+    """Put ``run`` and ``progress`` back where ``state`` (from :func:`capture`) was."""
+    for name, player in run.players.items():
+        player.load_state_dict(state["players"][name])
+    scaler.load_state_dict(state["scaler"])
+    if run.real is not None:
+        run.real.load_state_dict(state["real"])
+    if run.labeled is not None:
+        run.labeled.load_state_dict(state["labeled"])
+    if run.synth is not None:
+        run.synth.load_state_dict(state["synthesis"])
+    for phase in run.phases:
+        for t in phase.terms:
+            if t.term.state_dict():
+                t.term.load_state_dict(state["terms"][_term_key(phase, t)])
+            if t.optimizer is not None:
+                t.optimizer.load_state_dict(state["term_optimizers"][_term_key(phase, t)])
+    progress.step, progress.best_acc, progress.teacher_acc = state["step"], state["best_acc"], state["teacher_acc"]
+    progress.history, progress.timers = list(state["history"]), dict(state["timers"])
+    set_rng_state(state["rng"])
+
+
+def save_state(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, run_dir: Path) -> Path:
+    return ckpt_io.atomic_save(capture(run, progress, scaler), run_dir / "ckpt" / "last.pt")
+
+
+def save_student(run: "Run", run_dir: Path, filename: str, accuracy: float | None, epoch: int, step: int) -> Path:
+    """The evaluated student (its EMA when it has one) as a model file in ``ckpt/``."""
+    return ckpt_io.save_model(run_dir / "ckpt" / filename, run.student.eval_module, run.student_arch(),
+                              dataset=run.info.name, accuracy=accuracy, epoch=epoch, step=step,
+                              experiment=run.config.experiment, config=config_to_dict(run.config))

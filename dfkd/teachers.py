@@ -1,0 +1,140 @@
+"""The frozen teachers of a run: loading, running, ensembles and the hooks that read them.
+
+A run has one teacher or an ensemble (``teacher.checkpoint`` a list). An ensemble's logits are
+combined into one soft target (``mean``, ``confidence``-weighted, or one teacher ``random``ly
+picked per iteration, as MEAL does). BN statistics and tapped features are read with the hooks
+of :mod:`dfkd.taps`, installed only when some loss term asks for them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .data import DatasetInfo
+from .errors import ConfigError, ShapeError
+from .runtime import Runtime
+from .taps import BNStats, BNStatsTap, FeatureTap, probe
+
+
+def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> nn.Module:
+    """A teacher model file, checked against the dataset, frozen, on the run's device."""
+    teacher, meta = ckpt_io.load_model(path, runtime.device)
+    arch = meta["arch"]
+    try:
+        probe(teacher, torch.zeros((2, *info.shape), device=runtime.device))
+    except RuntimeError:
+        raise ShapeError(f"teacher {path} ({arch['name']}, {arch.get('image_size')} px, trained on "
+                         f"{meta.get('dataset')}) does not take dataset '{info.name}' images of shape "
+                         f"{tuple(info.shape)}") from None
+    if arch["num_classes"] != info.num_classes or arch["in_channels"] != info.shape[0]:
+        raise ConfigError(f"teacher {path} takes {arch['in_channels']} channels and predicts "
+                          f"{arch['num_classes']} classes; dataset '{info.name}' has "
+                          f"{info.shape[0]} and {info.num_classes}")
+    teacher.requires_grad_(False)
+    return runtime.prepare(teacher).eval()
+
+
+def combine_logits(logits: list[torch.Tensor], ensemble: str) -> torch.Tensor:
+    """One teacher's logits as they are; an ensemble's as the log of its (weighted) mean
+    probabilities, so that softmax(result) is the averaged soft target."""
+    if len(logits) == 1:
+        return logits[0]
+    probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits])  # (teachers, N, classes)
+    if ensemble == "confidence":
+        weights = probs.max(dim=2).values                               # each teacher's top-class probability
+        weights = (weights / weights.sum(0, keepdim=True)).unsqueeze(2)
+    else:
+        weights = torch.full_like(probs[:, :, :1], 1.0 / len(logits))
+    return torch.log((weights * probs).sum(0).clamp_min(1e-12))
+
+
+class TeacherPass(NamedTuple):
+    logits: torch.Tensor                # combined over the running teachers
+    bn: list[BNStats]                   # of every running teacher, when asked for
+    features: dict[str, torch.Tensor]   # tapped paths of the first running teacher
+
+
+class Teachers(Sequence[nn.Module]):
+    """The run's teachers (a sequence of frozen modules), how an ensemble combines them, and the
+    hooks on them."""
+
+    def __init__(self, modules: list[nn.Module], ensemble: str, runtime: Runtime):
+        self.modules, self.ensemble, self.runtime = list(modules), ensemble, runtime
+        self.pick = 0  # ensemble 'random': this iteration's teacher
+        self.bn_taps: list[BNStatsTap] = []
+        self.feature_taps: list[FeatureTap] = []
+
+    def __getitem__(self, i):
+        return self.modules[i]
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __eq__(self, other) -> bool:
+        return list(self.modules) == list(other) if isinstance(other, (list, tuple, Teachers)) else NotImplemented
+
+    __hash__ = object.__hash__
+
+    @property
+    def first(self) -> nn.Module | None:
+        """The teacher that shows synthetic samples and sizes what is sized by a teacher."""
+        return self.modules[0] if self.modules else None
+
+    def install_taps(self, bn: bool, paths: list[str]) -> None:
+        """BN-statistics hooks on every teacher (``bn``) and feature hooks at ``paths``."""
+        if bn:
+            self.bn_taps = [BNStatsTap(t) for t in self.modules]
+        if paths:
+            self.feature_taps = [FeatureTap(t, paths) for t in self.modules]
+
+    def draw(self) -> int | None:
+        """For a ``random`` ensemble, pick this iteration's teacher (None otherwise)."""
+        if len(self.modules) > 1 and self.ensemble == "random":
+            self.pick = int(torch.randint(len(self.modules), ()))
+            return self.pick
+        return None
+
+    def running(self) -> list[int]:
+        """The teachers that run on a batch this iteration: all, or the one picked."""
+        return [self.pick] if self.ensemble == "random" else list(range(len(self.modules)))
+
+    def run(self, images: torch.Tensor, bn: bool = False) -> TeacherPass:
+        """The running teachers' forward on ``images``; gradients flow through the frozen
+        teachers only when the images themselves are being trained. ``bn``: compute and return
+        the BN statistics of this pass."""
+        running = self.running()
+        logits = []
+        with torch.set_grad_enabled(images.requires_grad):
+            for i in running:
+                if self.bn_taps:
+                    self.bn_taps[i].enabled = bn
+                logits.append(self.runtime.forward(self.modules[i], images))
+        stats = [s for i in running for s in self.bn_taps[i].stats] if bn and self.bn_taps else []
+        features = dict(self.feature_taps[running[0]].features) if self.feature_taps else {}
+        return TeacherPass(combine_logits(logits, self.ensemble), stats, features)
+
+    def shapes(self, images: torch.Tensor) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+        """The first teacher's logit shape and tapped feature shapes on a dummy batch like ``images``."""
+        logits, features = probe(self.modules[0], images, self.runtime.forward,
+                                 self.feature_taps[0] if self.feature_taps else None)
+        return tuple(logits.shape[1:]), features
+
+    def evaluation_model(self) -> nn.Module:
+        """One module to evaluate: the teacher, or the ensemble combined as in training (``random``
+        evaluated as the mean)."""
+        return self.modules[0] if len(self.modules) == 1 else _Ensemble(self.modules, self.ensemble)
+
+
+class _Ensemble(nn.Module):
+    def __init__(self, teachers: list[nn.Module], ensemble: str):
+        super().__init__()
+        # a plain list, not a ModuleList: evaluating this wrapper must not switch the teachers'
+        # train/eval mode
+        self.teachers, self.ensemble = teachers, ensemble
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return combine_logits([t(images) for t in self.teachers], self.ensemble)
