@@ -168,6 +168,9 @@ def _check_needs(config: Config, phases: list[Phase]) -> None:
     """Every term gets what it needs: a teacher, labels on its batches."""
     syn = config.synthesis
     for i, phase in enumerate(phases):
+        if all(t.from_epoch > 0 for t in phase.terms):
+            raise ConfigError(f"phases.{i}: every loss term starts after epoch 0 (from_epoch); start the phase "
+                              f"later with phases.{i}.epochs instead")
         for term in phase.terms:
             needs = term.term.needs
             if ({"teacher", "teacher_bn"} & set(needs)) and config.teacher is None:
@@ -284,8 +287,8 @@ def _wrap_for_ddp(players: Players, device: torch.device) -> None:
 
 def _build_terms(config: Config, phases: list[Phase], shape: _Shapes, device: torch.device) -> None:
     """Loss terms on the device, sized (``build``) from the networks they read; those with
-    trainable parameters (e.g. the contrastive projection head) get an Adam optimizer of their
-    own, stepped with their phase."""
+    trainable parameters (e.g. the contrastive projection head) get an optimizer of their own
+    (Adam at the phase's learning rate unless the term says otherwise), stepped with their phase."""
     for phase in phases:
         for term in phase.terms:
             term.term.to(device)
@@ -295,4 +298,4 @@ def _build_terms(config: Config, phases: list[Phase], shape: _Shapes, device: to
             if params:
                 lr = (config.synthesis.inner.lr if phase.player == SYNTHESIZER
                       else config.players[phase.player].optim.lr)
-                term.optimizer = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+                term.optimizer = term.term.make_optimizer(params, lr)

@@ -116,7 +116,9 @@ class PhaseConfig:
     ``batch``: ``real`` (the training split; never used by data-free methods), ``labeled`` (its
     ``data.labeled_fraction`` subset, for few-label fine-tuning and baselines), ``fresh`` (a new
     synthetic batch each step), ``same`` (the batch an earlier phase drew last; synthetic ones
-    detached and without the generator's augmentation) or ``pool`` (replay of the image pool).
+    detached and without the generator's augmentation), ``regenerated`` (the latents of the latest
+    ``fresh`` batch through the generator as it is now, after its update: ZSKT) or ``pool`` (replay
+    of the image pool).
     ``losses``: term name → weight, or term name → {weight: w, <term parameters>}.
     ``augment`` and ``mixup`` transform the batch before this phase's networks see it (e.g. the
     student's view of synthetic or replayed images); the generator's own augmentation is
@@ -125,7 +127,7 @@ class PhaseConfig:
 
     player: str = "student"
     steps: int = 1
-    batch: Literal["real", "labeled", "fresh", "same", "pool"] = "real"
+    batch: Literal["real", "labeled", "fresh", "same", "regenerated", "pool"] = "real"
     losses: dict[str, Any] = field(default_factory=dict)
     name: Optional[str] = None          # defaults to the player's name; used in log tags
     also: list[str] = field(default_factory=list)  # more players updated by this phase's loss, in one backward
@@ -159,6 +161,8 @@ class SynthesisConfig:
     outer: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, betas=[0.5, 0.999]))
     meta: Literal["reptile", "fomaml"] = "reptile"
     keep: Literal["last", "best"] = "last"   # which batch of the inner loop enters the pool
+    clamp: bool = False                 # inversion: keep pixels in the dataset's valid range after each step
+    init: Literal["default", "dcgan"] = "default"  # reinit: PyTorch's init, or N(0, 0.02) weights (CMI's)
     pool_size: int = 0                  # synthetic images kept for replay; 0: no pool
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     warmup_epochs: int = 0              # epochs of synthesis alone before the other phases start
@@ -453,7 +457,7 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
             v.fail(f"phases.{i}.losses", f"phases.{i} has no loss terms")
         if phase.batch == "same" and not any(p.batch != "same" for p in config.phases):
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'same' needs another phase that draws a batch")
-        if phase.batch == "fresh" and phase.player != "synthesizer" and syn.kind != "generator":
+        if phase.batch in ("fresh", "regenerated") and phase.player != "synthesizer" and syn.kind != "generator":
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch '{phase.batch}' needs synthesis.kind 'generator' "
                                         f"(it is '{syn.kind}')")
         if phase.epochs is not None and (len(phase.epochs) != 2 or not 0 <= phase.epochs[0] < phase.epochs[1]):

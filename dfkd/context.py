@@ -118,8 +118,8 @@ class StepContext:
         """The teacher's penultimate features (the input of its last Linear layer)."""
         return self._teacher_pass.features[EMBEDDING]
 
-    def teacher_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher logits and penultimate features of other images (e.g. augmented views)."""
+    def teacher_view(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher logits and tapped features of other images (e.g. augmented views)."""
         self._teacher_pass  # the batch's own pass first, so its recorded statistics stay its own
         other = self._services.teachers.run(images)
-        return other.logits, other.features[EMBEDDING]
+        return other.logits, other.features

@@ -100,7 +100,8 @@ class Engine:
     # ---------------------------------------------------------------- batches
     def next_batch(self, phase: Phase) -> Batch:
         """A batch from the phase's source. ``same`` is the batch an earlier phase drew last
-        (a synthetic one without the generator's augmentation, and detached)."""
+        (a synthetic one without the generator's augmentation, and detached); ``regenerated`` the
+        latest fresh latents through the generator as it is now."""
         if phase.batch == "same":
             if self.last_batch is None:
                 raise ConfigError(f"phase '{phase.name}': a 'same' batch needs an earlier phase that draws one")
@@ -109,6 +110,11 @@ class Engine:
             batch = (self.real if phase.batch == "real" else self.labeled).next()
         elif phase.batch == "pool":
             batch = self.synth.replay()
+        elif phase.batch == "regenerated":
+            gen_name = self.config.synthesis.generator
+            batch, new = self.synth.regenerate(self.players.module(gen_name), self.players[gen_name].steps)
+            if new:
+                self.synth.keep(batch)
         else:  # fresh
             gen_name = self.config.synthesis.generator
             trains_generator = phase.player == gen_name
@@ -125,14 +131,16 @@ class Engine:
         images themselves (differentiably, so synthesis can train through the modality)."""
         if self.modality is None or batch.teacher_images is not None:
             return batch
-        return Batch(self.modality(batch.images, self.info), batch.labels, batch.source, batch.images)
+        return Batch(self.modality(batch.images, self.info), batch.labels, batch.source, batch.images, batch.plain)
 
     # ---------------------------------------------------------------- one phase
     def phase_loss(self, phase: Phase, batch: Batch) -> torch.Tensor:
         """Σ weight × term on ``batch``, with a NaN guard; records the terms for logging."""
         ctx = self.context(phase, batch)
-        values = {t.name: t(ctx) for t in phase.terms}
-        total = sum(t.weight * values[t.name] for t in phase.terms)
+        epoch = self.step // self.iters_per_epoch
+        terms = [t for t in phase.terms if epoch >= t.from_epoch]
+        values = {t.name: t(ctx) for t in terms}
+        total = sum(t.weight * values[t.name] for t in terms)
         finite = torch.isfinite(total.detach()).float()
         if world_size() > 1:  # every rank must take the same branch, or the next collective hangs
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -154,7 +162,8 @@ class Engine:
                     phase.zero_term_grads()
                     return self.phase_loss(phase, batch)
 
-                self.synth.synthesize(inner_step, phase.steps, after_backward=phase.step_terms)
+                self.synth.synthesize(inner_step, phase.steps, after_backward=phase.step_terms,
+                                      on_keep=phase.keep_step)
             phase.end_batch()
             self.last_batch = self.synth.last
             self.progress.timers["synthesis"] += time.perf_counter() - t0

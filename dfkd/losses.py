@@ -30,7 +30,7 @@ from kornia.augmentation import RandomResizedCrop
 from .checkpoint import unwrap as ckpt_unwrap
 from .errors import ConfigError, ShapeError
 from .registry import Registry, nearest
-from .taps import EMBEDDING
+from .taps import BN_INPUT_MEANS, EMBEDDING
 
 LOSSES: Registry[type["Term"]] = Registry("loss term")
 
@@ -97,6 +97,13 @@ class Term(nn.Module):
     def end_batch(self) -> None:
         pass
 
+    def keep_step(self) -> None:
+        """Per-batch synthesis: the inner step just taken made the batch that will be kept (so far)."""
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """The optimizer of its trainable parameters, at its phase's learning rate."""
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+
 
 class FunctionTerm(Term):
     """A stateless term written as ``fn(ctx, **params)``, bound to its params."""
@@ -156,22 +163,25 @@ def _option(options: dict[str, Any], value: str, where: str):
 # --------------------------------------------------------------------------------------
 @dataclass
 class WeightedTerm:
-    """A term as a phase uses it: its config key, weight and params, the built term and, when
-    the term has trainable parameters, their optimizer."""
+    """A term as a phase uses it: its config key, weight and params, the epoch from which it
+    counts (``from_epoch``; Fast-DFKD's adversarial term waits for the warm-up to end), the built
+    term and, when the term has trainable parameters, their optimizer."""
 
     name: str
     weight: float
     term: Term
     params: dict[str, Any]
     optimizer: torch.optim.Optimizer | None = None
+    from_epoch: int = 0
 
     def __call__(self, ctx) -> torch.Tensor:
         return self.term(ctx)
 
 
 def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
-    """``{name: weight}`` or ``{name: {weight: w, **params}}`` → terms, parameters checked
-    against each term's signature so a misspelt or missing parameter fails here, naming its key."""
+    """``{name: weight}`` or ``{name: {weight: w, from_epoch: k, **params}}`` → terms, parameters
+    checked against each term's signature so a misspelt or missing parameter fails here, naming
+    its key."""
     terms = []
     for name, value in spec.items():
         base = name.split("@")[0]  # "kd_kl@soft" lets one phase use a term twice with other params
@@ -180,6 +190,9 @@ def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
         weight = params.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}.{name}.weight must be a number, got {weight!r}")
+        from_epoch = params.pop("from_epoch", 0)
+        if not isinstance(from_epoch, int) or isinstance(from_epoch, bool) or from_epoch < 0:
+            raise ConfigError(f"{where}.{name}.from_epoch must be an epoch number >= 0, got {from_epoch!r}")
         signature = term.parameters_of()
         for key in params:
             if key not in signature:
@@ -189,7 +202,7 @@ def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
         missing = [n for n, p in signature.items() if p.default is p.empty and n not in params]
         if missing:
             raise ConfigError(f"{where}.{name}: loss term '{base}' needs parameter {', '.join(missing)}")
-        terms.append(WeightedTerm(name, float(weight), term(**params), params))
+        terms.append(WeightedTerm(name, float(weight), term(**params), params, from_epoch=from_epoch))
     return terms
 
 
@@ -209,16 +222,25 @@ def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T:
     return F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)
 
 
-def kd_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """KL(p_T ‖ p_S) at temperature T, batch mean, times T² so that gradients keep their scale
-    as T changes (Hinton et al. 2015)."""
-    return kl_per_sample(student_logits, teacher_logits, T).mean() * T * T
+_KL_REDUCTIONS = {"batchmean": lambda kl, classes: kl.mean(), "mean": lambda kl, classes: kl.mean() / classes}
+
+
+def kd_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
+                     reduction: str = "batchmean") -> torch.Tensor:
+    """KL(p_T ‖ p_S) at temperature T, times T² so that gradients keep their scale as T changes
+    (Hinton et al. 2015). ``batchmean``: the mean over the batch of each sample's KL;
+    ``mean``: divided by batch × classes as well, as ``F.kl_div``'s default reduction does."""
+    reduce = _option(_KL_REDUCTIONS, reduction, "kd_kl.reduction")
+    return reduce(kl_per_sample(student_logits, teacher_logits, T), student_logits.shape[1]) * T * T
 
 
 @register("kd_kl", needs=("teacher",))
-def kd_kl(ctx, T: float = 1.0) -> torch.Tensor:
-    """Soft-target distillation: KL(teacher ‖ student) at temperature T, with the T² factor."""
-    return kd_kl_divergence(ctx.student_logits, ctx.teacher_logits, T)
+def kd_kl(ctx, T: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
+    """Soft-target distillation: KL(teacher ‖ student) at temperature T, with the T² factor.
+    ``reduction: mean`` divides by the number of classes too: ZSKT's code calls ``F.kl_div`` with
+    its default reduction, so its KL (and the weight of attention transfer beside it) is on that
+    scale."""
+    return kd_kl_divergence(ctx.student_logits, ctx.teacher_logits, T, reduction)
 
 
 @register("l1_logits", needs=("teacher",))
@@ -406,15 +428,17 @@ def adv_l1(ctx) -> torch.Tensor:
 
 
 @register("adv_kl", needs=("teacher",))
-def adv_kl(ctx, T: float = 1.0, agreement_mask: bool = False) -> torch.Tensor:
+def adv_kl(ctx, T: float = 1.0, agreement_mask: bool = False, reduction: str = "batchmean") -> torch.Tensor:
     """−KL(p_T ‖ p_S) at temperature T, batch mean, without the T² factor: ZSKT's generator
     objective (Micaelli & Storkey 2019). With ``agreement_mask`` only samples on which teacher
     and student predict the same class count (the mean still divides by the whole batch), as in
-    CMI and Fast-DFKD: samples the student already gets wrong need no more pushing."""
+    CMI and Fast-DFKD: samples the student already gets wrong need no more pushing.
+    ``reduction: mean`` also divides by the number of classes (ZSKT's ``F.kl_div`` default)."""
+    reduce = _option(_KL_REDUCTIONS, reduction, "adv_kl.reduction")
     kl = kl_per_sample(ctx.student_logits, ctx.teacher_logits, T)
     if agreement_mask:
         kl = kl * (ctx.student_logits.argmax(1) == ctx.teacher_logits.argmax(1))
-    return -kl.mean()
+    return -reduce(kl, ctx.student_logits.shape[1])
 
 
 @register("competition", needs=("teacher",))
@@ -434,17 +458,14 @@ def competition(ctx, T: float = 3.0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # Contrastive model inversion (stateful)
 # --------------------------------------------------------------------------------------
-def info_nce(a: torch.Tensor, b: torch.Tensor, negatives: torch.Tensor, T: float) -> torch.Tensor:
-    """InfoNCE over two views of N instances: row i of ``a`` and row i of ``b`` are each other's
-    positive; every other row of either view and every row of ``negatives`` is a negative.
-    Inputs are L2-normalized; the loss is the mean over all 2N anchors."""
-    n = len(a)
-    anchors = torch.cat([a, b])
-    logits = anchors @ torch.cat([anchors, negatives]).T / T
-    # An anchor is not its own candidate: mask the diagonal of the in-batch block.
-    is_self = torch.eye(2 * n, logits.shape[1], dtype=torch.bool, device=logits.device)
-    positives = torch.arange(2 * n, device=logits.device).roll(n)
-    return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), positives)
+def cmi_info_nce(anchors: torch.Tensor, keys: torch.Tensor, n: int, T: float) -> torch.Tensor:
+    """CMI's InfoNCE: row i of ``anchors`` (local views) has row i of ``keys`` (global views,
+    detached) as its positive and every other row of ``keys`` as a negative; rows past ``n`` come
+    from the memory bank. Inputs are L2-normalized; the loss is the mean over the batch's anchors
+    plus, when there are bank rows, the mean over those."""
+    logits = anchors @ keys.detach().T / T
+    losses = F.cross_entropy(logits, torch.arange(len(anchors), device=anchors.device), reduction="none")
+    return losses[:n].mean() + losses[n:].mean() if len(anchors) > n else losses.mean()
 
 
 @register("contrastive", needs=("teacher",))
@@ -452,61 +473,99 @@ class Contrastive(Term):
     """Contrastive model inversion (CMI, Fang et al. 2021): makes synthetic images
     distinguishable from each other, and from earlier batches, in the teacher's feature space.
 
-    The teacher's penultimate embedding of each image (global view) and of a random resized crop
-    of it (local view, ``local_scale`` of its area) go through a projection MLP (D → ``hidden``
-    → ``dim``) and are L2-normalized; the loss is InfoNCE at temperature T whose negatives are
-    the batch's other instances in both views plus a FIFO bank of the last ``bank_size`` global
-    projections (detached). CMI weights it 0.8.
-
-    The head is built (``build``) once the teacher's embedding width is known; the bank is a
-    buffer, so it is saved in ``state_dict`` with the projection head.
+    An image's features are the per-sample channel means of the input of every BatchNorm2d of the
+    teacher, concatenated (D values). They are taken of the batch as the teacher sees it (the
+    synthesis augmentation: the global view) and of a random resized crop of the un-augmented
+    images (``local_scale`` of the area; flipped at random with ``flip``: the local view). A head
+    (D → D → ``dim``, ReLU between) projects both, L2-normalized; each local view's positive is its
+    own global view, detached, and every other global view is a negative (InfoNCE at temperature
+    T). The memory bank keeps the *raw* features of both views of every kept sample: once per
+    batch, the features of the inner step whose batch synthesis keeps; each step draws
+    ``negatives`` of its rows, projected by the current head. CMI weights it 0.8 (T 0.2, bank
+    40960, 4096 negatives, head 256). The head has its own Adam optimizer (default betas).
     """
 
-    def __init__(self, T: float = 0.2, bank_size: int = 4096, dim: int = 128, hidden: int = 256,
-                 local_scale: tuple[float, float] = (0.25, 1.0)):
+    def __init__(self, T: float = 0.2, bank_size: int = 40960, negatives: int = 4096, dim: int = 256,
+                 local_scale: tuple[float, float] = (0.25, 1.0), flip: bool = False):
         super().__init__()
         if T <= 0:
             raise ConfigError(f"contrastive.T must be positive, got {T}")
-        if bank_size < 1:
-            raise ConfigError(f"contrastive.bank_size must be at least 1, got {bank_size}")
-        self.T, self.dim, self.hidden, self.local_scale = T, dim, hidden, tuple(local_scale)
+        if bank_size < 1 or negatives < 1:
+            raise ConfigError(f"contrastive.bank_size and negatives must be at least 1, got {bank_size}, {negatives}")
+        self.T, self.dim, self.local_scale, self.flip = T, dim, tuple(local_scale), flip
+        self.bank_size, self.negatives = bank_size, negatives
         self.head: nn.Sequential | None = None
-        self.register_buffer("bank", torch.zeros(bank_size, dim))
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))  # next row to overwrite
+        self.register_buffer("bank", torch.zeros(0))                 # (bank_size, 2D) once built
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))   # next row to overwrite
         self.register_buffer("bank_filled", torch.zeros((), dtype=torch.long))
+        self._step: torch.Tensor | None = None   # this inner step's raw [local, global] features
+        self._kept: torch.Tensor | None = None   # those of the step whose batch is kept
 
     def taps(self) -> dict[str, list[str]]:
-        return {"teacher": [EMBEDDING], "student": []}
+        return {"teacher": [BN_INPUT_MEANS], "student": []}
 
     def build(self, probe) -> None:
-        self.build_head(probe(Feature("teacher", EMBEDDING))[0])
+        self.build_head(probe(Feature("teacher", BN_INPUT_MEANS))[0])
 
-    def build_head(self, embedding_dim: int) -> None:
-        self.head = nn.Sequential(nn.Linear(embedding_dim, self.hidden), nn.ReLU(),
-                                  nn.Linear(self.hidden, self.dim)).to(self.bank.device)
+    def build_head(self, feature_dim: int) -> None:
+        device = self.bank.device
+        self.head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(),
+                                  nn.Linear(feature_dim, self.dim)).to(device)
+        self.bank = torch.zeros(self.bank_size, 2 * feature_dim, device=device)
 
-    def project(self, embedding: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(embedding.float()).float(), dim=1)
+    def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=lr)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(features.float()).float(), dim=1)
+
+    def local_view(self, images: torch.Tensor) -> torch.Tensor:
+        view = RandomResizedCrop(size=tuple(images.shape[-2:]), scale=self.local_scale)(images)
+        if self.flip:
+            from kornia.augmentation import RandomHorizontalFlip
+
+            view = RandomHorizontalFlip()(view)
+        return view
 
     def forward(self, ctx) -> torch.Tensor:
         if self.head is None:
-            raise RuntimeError("contrastive: call build(probe) or build_head(embedding_dim) before the first step")
-        images = ctx.teacher_images
-        crop = RandomResizedCrop(size=tuple(images.shape[-2:]), scale=self.local_scale)
-        _, local_embedding = ctx.teacher_embed(crop(images))
-        z_global, z_local = self.project(ctx.teacher_embedding), self.project(local_embedding)
-        loss = info_nce(z_global, z_local, self.bank[:int(self.bank_filled)], self.T)
-        self._enqueue(z_global.detach())
+            raise RuntimeError("contrastive: call build(probe) or build_head(feature_dim) before the first step")
+        plain = ctx.batch.plain if ctx.batch.plain is not None else ctx.teacher_images
+        global_features = ctx.teacher_features[BN_INPUT_MEANS].float()
+        local_features = ctx.teacher_view(self.local_view(plain))[1][BN_INPUT_MEANS].float()
+        n = len(global_features)
+        local, glob = [local_features], [global_features]
+        filled = int(self.bank_filled)
+        if filled:
+            rows = self.bank[torch.randperm(filled, device=self.bank.device)[: self.negatives]]
+            cached_local, cached_global = rows.chunk(2, dim=1)
+            local.append(cached_local)
+            glob.append(cached_global)
+        loss = cmi_info_nce(self.project(torch.cat(local)), self.project(torch.cat(glob)), n, self.T)
+        self._step = torch.cat([local_features, global_features], dim=1).detach()
         return loss
 
-    @torch.no_grad()
-    def _enqueue(self, z: torch.Tensor) -> None:
-        size = len(self.bank)
-        z = z[-size:]  # a batch larger than the bank keeps its newest rows
-        rows = (self.bank_ptr + torch.arange(len(z), device=z.device)) % size
-        self.bank[rows] = z
-        self.bank_ptr.copy_((self.bank_ptr + len(z)) % size)
-        self.bank_filled.copy_((self.bank_filled + len(z)).clamp(max=size))
+    def keep_step(self) -> None:
+        self._kept = self._step
+
+    def end_batch(self) -> None:
+        """The kept step's raw features enter the bank (FIFO), once per synthesized batch."""
+        if self._kept is None:
+            return
+        with torch.no_grad():
+            rows = self._kept[-self.bank_size:]
+            index = (self.bank_ptr + torch.arange(len(rows), device=rows.device)) % self.bank_size
+            self.bank[index] = rows.to(self.bank.dtype)
+            self.bank_ptr.copy_((self.bank_ptr + len(rows)) % self.bank_size)
+            self.bank_filled.copy_((self.bank_filled + len(rows)).clamp(max=self.bank_size))
+        self._step = self._kept = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the bank's width is known once built: take the saved one's shape before loading into it
+        key = prefix + "bank"
+        if key in state_dict and state_dict[key].shape != self.bank.shape:
+            self.bank = torch.zeros_like(state_dict[key], device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Model zoo: the teachers and students of the data-free KD literature.
 
 Every model returns logits ``(N, num_classes)`` and contains BatchNorm, because
-data-free methods match the teacher's BN running statistics. Models take no
+data-free methods match the teacher's BN running statistics; the one exception is LeNet-5 with
+``batchnorm=False``, the pair DAFL and DFAD used. Models take no
 "return features" flags: their submodules have meaningful paths (``conv1``,
 ``layer3``, ``layer3.1.bn2``, ``fc``) and features are read with the hooks in
 :mod:`dfkd.taps`. No ReLU is in-place, so a hooked BN output is not overwritten
@@ -60,28 +61,32 @@ def conv1x1(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class LeNet5(nn.Sequential):
-    """LeNet-5 with BatchNorm after each convolution (the MNIST teacher of DAFL, DFAD ...).
+    """LeNet-5 with BatchNorm after each convolution. ``batchnorm=False`` gives the LeNet-5 of
+    DAFL's and DFAD's code: no BatchNorm, convolutions with biases.
 
-    Paths: ``conv1 bn1 relu1 pool1 conv2 bn2 relu2 pool2 conv3 bn3 relu3 fc1 relu4 fc2``;
-    ``relu3`` is the 120-d penultimate feature map, ``relu4`` the 84-d hidden layer.
+    Paths: ``conv1 bn1 relu1 pool1 conv2 bn2 relu2 pool2 conv3 bn3 relu3 fc1 relu4 fc2`` (no
+    ``bn*`` without BatchNorm); ``relu3`` is the 120-d penultimate feature map, ``relu4`` the 84-d
+    hidden layer.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
-                 channels: tuple[int, int, int, int] = (6, 16, 120, 84)):
+                 channels: tuple[int, int, int, int] = (6, 16, 120, 84), batchnorm: bool = True):
         if not 28 <= image_size <= 32:
             raise ShapeError(f"LeNet-5 takes 28..32 pixel images (conv3 needs a 5x5 map), got image_size={image_size}")
         c1, c2, c3, hidden = channels
         # Padding ceil((32 - size) / 2) brings every size in 28..32 to the 5x5 map conv3 expects
         # (28 -> 2, the classic MNIST LeNet); floor would leave odd sizes one pixel short.
         padding = (33 - image_size) // 2
+        def block(i: int, conv: nn.Conv2d, pool: bool) -> list[tuple[str, nn.Module]]:
+            norm = [(f"bn{i}", nn.BatchNorm2d(conv.out_channels))] if batchnorm else []
+            return [(f"conv{i}", conv), *norm, (f"relu{i}", nn.ReLU())] + ([(f"pool{i}", nn.MaxPool2d(2))] if pool else [])
+
+        bias = not batchnorm  # a BatchNorm's shift makes a convolution's bias redundant
         super().__init__(OrderedDict(
-            conv1=nn.Conv2d(in_channels, c1, 5, padding=padding, bias=False), bn1=nn.BatchNorm2d(c1),
-            relu1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-            conv2=nn.Conv2d(c1, c2, 5, bias=False), bn2=nn.BatchNorm2d(c2), relu2=nn.ReLU(), pool2=nn.MaxPool2d(2),
-            conv3=nn.Conv2d(c2, c3, 5, bias=False), bn3=nn.BatchNorm2d(c3), relu3=nn.ReLU(),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(c3, hidden), relu4=nn.ReLU(), fc2=nn.Linear(hidden, num_classes),
-        ))
+            block(1, nn.Conv2d(in_channels, c1, 5, padding=padding, bias=bias), True)
+            + block(2, nn.Conv2d(c1, c2, 5, bias=bias), True) + block(3, nn.Conv2d(c2, c3, 5, bias=bias), False)
+            + [("flatten", nn.Flatten()), ("fc1", nn.Linear(c3, hidden)), ("relu4", nn.ReLU()),
+               ("fc2", nn.Linear(hidden, num_classes))]))
         init_weights(self)
 
 
@@ -256,13 +261,14 @@ class MobileNetV2(_StagedNet):
 # create_model can check options before building; models that adapt to any size ignore image_size.
 
 @MODELS.register("lenet5")
-def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
-    return LeNet5(in_channels, num_classes, image_size)
+def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, batchnorm: bool = True) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size, batchnorm=batchnorm)
 
 
 @MODELS.register("lenet5_half", "lenet5-half")
-def lenet5_half(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
-    return LeNet5(in_channels, num_classes, image_size, channels=(3, 8, 60, 42))
+def lenet5_half(in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
+                batchnorm: bool = True) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size, channels=(3, 8, 60, 42), batchnorm=batchnorm)
 
 
 def _register_resnet(name: str, blocks_per_stage: list[int], widths: list[int]) -> None:

@@ -27,6 +27,7 @@ class Batch:
     labels: torch.Tensor | None = None      # real labels, or the classes a conditional generator was asked for
     source: str = "real"
     teacher_images: torch.Tensor | None = None  # cross-modal: what the teacher sees (None: ``images``)
+    plain: torch.Tensor | None = None           # per-batch synthesis: the images before augmentation
 
 
 class RealStream:
@@ -161,6 +162,10 @@ class Phase:
                             torch.distributed.all_reduce(p.grad)
                             p.grad /= world_size()
             t.optimizer.step()
+
+    def keep_step(self) -> None:
+        for t in self.terms:
+            t.term.keep_step()
 
     def end_batch(self) -> None:
         """Terms that keep statistics across batches take in the one just done."""

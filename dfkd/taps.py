@@ -17,6 +17,9 @@ from .registry import nearest
 
 
 EMBEDDING = "<embedding>"  # tap path: the input of the last nn.Linear, a classifier's penultimate features
+# tap path: per-sample channel means of the input of every BatchNorm2d, concatenated in module order
+# (CMI's features for contrastive inversion)
+BN_INPUT_MEANS = "<bn-input-means>"
 
 
 def embedding_layer(model: nn.Module) -> str:
@@ -66,12 +69,22 @@ class FeatureTap(_Hooks):
     def __init__(self, model: nn.Module, paths: list[str]):
         super().__init__()
         # Resolve every path before hooking any, so a typo leaves the model untouched.
-        modules = {path: resolve_module(model, embedding_layer(model) if path == EMBEDDING else path)
-                   for path in paths}
+        modules = {path: model if path == BN_INPUT_MEANS else
+                   resolve_module(model, embedding_layer(model) if path == EMBEDDING else path) for path in paths}
+        bn_layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if BN_INPUT_MEANS in modules and not bn_layers:
+            raise ConfigError(f"{type(model).__name__} has no BatchNorm2d layer, whose input means contrastive "
+                              f"inversion reads")
         self.paths = list(modules)
         self.features: dict[str, torch.Tensor] = {}
+        self._means: list[torch.Tensor | None] = []
         for path, module in modules.items():
-            if path == EMBEDDING:
+            if path == BN_INPUT_MEANS:
+                self._means = [None] * len(bn_layers)
+                for i, bn in enumerate(bn_layers):
+                    self._handles.append(bn.register_forward_pre_hook(self._mean_recorder(i)))
+                self._handles.append(model.register_forward_hook(self._recorder_of_means(path)))
+            elif path == EMBEDDING:
                 self._handles.append(module.register_forward_pre_hook(self._input_recorder(path)))
             else:
                 self._handles.append(module.register_forward_hook(self._recorder(path)))
@@ -79,6 +92,16 @@ class FeatureTap(_Hooks):
     def _recorder(self, path: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             self.features[path] = output
+        return hook
+
+    def _mean_recorder(self, index: int):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            self._means[index] = inputs[0].mean(dim=(2, 3))
+        return hook
+
+    def _recorder_of_means(self, path: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.features[path] = torch.cat([m for m in self._means if m is not None], dim=1)
         return hook
 
     def _input_recorder(self, path: str):

@@ -3,8 +3,9 @@
 A generator maps latents ``z`` of shape ``(N, nz)`` (and, if conditional, labels ``y``) to images
 ``(N, C, H, W)`` in the teacher's *normalised* input space. Its last layer is one of:
 
-- ``output="bn"`` (DAFL's design, the default): tanh, then an affine-free BatchNorm, so in training
-  mode the output has zero mean and unit variance per channel, as normalised real data would;
+- ``output="bn"`` (DAFL's and DFAD's design, the default): tanh, then an affine-free BatchNorm, so in
+  training mode the output has zero mean and unit variance per channel, as normalised real data would;
+- ``output="affine_bn"`` (ZSKT's): no tanh, and a BatchNorm with a learned scale and shift;
 - ``output="pixels"`` (CMI's and Fast-DFKD's): a sigmoid gives pixels in [0, 1], which are then
   normalised with the dataset's ``mean`` and ``std``, so every image is one a camera could take:
   nothing darker than black, nothing brighter than white.
@@ -29,7 +30,9 @@ class DCGANGenerator(nn.Module):
     ``C`` channels, tanh, and BatchNorm2d(C, affine=False).
 
     ``output="pixels"`` replaces tanh and BatchNorm with a sigmoid and the dataset's normalisation
-    (``mean`` and ``std``, one per channel or one for all, in [0, 1] pixel units).
+    (``mean`` and ``std``, one per channel or one for all, in [0, 1] pixel units); ``output="affine_bn"``
+    drops the tanh and learns the last BatchNorm's scale and shift (ZSKT). ``bn_eps`` is the eps of
+    the BatchNorms inside the upsampling blocks: DAFL's code passes 0.8 there (``BatchNorm2d(C, 0.8)``).
 
     ``forward(z, y=None)`` ignores ``y``, so a training loop can call every generator the same way.
     """
@@ -38,12 +41,15 @@ class DCGANGenerator(nn.Module):
     width_multipliers: tuple[int, ...] = (2, 1)  # of ngf; one upsampling block per entry
 
     def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64,
-                 output: str = "bn", mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+                 output: str = "bn", mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 bn_eps: float = 1e-5):
         super().__init__()
         if len(img_shape) != 3:
             raise ShapeError(f"{type(self).__name__}: img_shape must be (C, H, W), got {tuple(img_shape)}")
-        if output not in ("bn", "pixels"):
-            raise ValueError(f"{type(self).__name__}: output must be 'bn' or 'pixels', got {output!r}")
+        if output not in ("bn", "affine_bn", "pixels"):
+            raise ValueError(f"{type(self).__name__}: output must be 'bn', 'affine_bn' or 'pixels', got {output!r}")
+        if not bn_eps > 0:
+            raise ValueError(f"{type(self).__name__}: bn_eps must be positive, got {bn_eps}")
         if output == "pixels" and (mean is None or std is None):
             raise ValueError(f"{type(self).__name__}: output='pixels' needs the dataset's mean and std")
         channels, height, width = img_shape
@@ -59,13 +65,15 @@ class DCGANGenerator(nn.Module):
         in_planes = widths[0]
         for planes in widths:
             blocks += [nn.Upsample(scale_factor=2), nn.Conv2d(in_planes, planes, 3, padding=1),
-                       nn.BatchNorm2d(planes), nn.LeakyReLU(0.2)]
+                       nn.BatchNorm2d(planes, eps=bn_eps), nn.LeakyReLU(0.2)]
             in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.output = output
         if output == "bn":
             self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.Tanh(),
                                           nn.BatchNorm2d(channels, affine=False))
+        elif output == "affine_bn":
+            self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.BatchNorm2d(channels))
         else:
             self.to_image = nn.Sequential(nn.Conv2d(in_planes, channels, 3, padding=1), nn.Sigmoid())
             # buffers, not parameters: the normalisation is the dataset's and is not learned
@@ -78,7 +86,7 @@ class DCGANGenerator(nn.Module):
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         images = self.to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
-        return images if self.output == "bn" else (images - self.mean) / self.std
+        return (images - self.mean) / self.std if self.output == "pixels" else images
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         self._check_latent(z)

@@ -101,7 +101,7 @@ def test_pixel_output_stays_within_the_datasets_pixel_range(name):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"output": "tanh"}, "DCGANGenerator: output must be 'bn' or 'pixels', got 'tanh'"),
+    ({"output": "tanh"}, "DCGANGenerator: output must be 'bn', 'affine_bn' or 'pixels', got 'tanh'"),
     ({"output": "pixels"}, "DCGANGenerator: output='pixels' needs the dataset's mean and std"),
 ])
 def test_bad_output_options_are_named(kwargs, message):
@@ -120,6 +120,6 @@ def test_engine_gives_a_pixel_generator_the_datasets_normalisation(digits_teache
     info = dataset_info("digits")
     assert generator.mean.flatten().tolist() == pytest.approx(info.mean)
     assert generator.std.flatten().tolist() == pytest.approx(info.std)
-    with pytest.raises(ConfigError, match=re.escape("generator 'dcgan': DCGANGenerator: output must be 'bn' or "
-                                                    "'pixels', got 'rgb'")):
+    with pytest.raises(ConfigError, match=re.escape("generator 'dcgan': DCGANGenerator: output must be 'bn', "
+                                                    "'affine_bn' or 'pixels', got 'rgb'")):
         engine("players.generator.net.kwargs.output=rgb")

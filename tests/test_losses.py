@@ -7,8 +7,8 @@ import torch
 
 from dfkd.errors import ConfigError, ShapeError
 from dfkd.losses import (Contrastive, activation_norm, adv_kl, adv_l1, attention, bn_stats, build_terms,
-                         class_balance, competition, info_nce, kd_kl, l2_prior, onehot_ce, tv)
-from dfkd.taps import BNStats
+                         class_balance, competition, kd_kl, l2_prior, onehot_ce, tv)
+from dfkd.taps import BN_INPUT_MEANS, BNStats
 
 LN3 = math.log(3)
 
@@ -172,84 +172,92 @@ def test_l2_prior():
 
 
 # ---------------------------------------------------------------- contrastive
-def test_info_nce_hand_example():
-    # Instances e1 and e2, identical in both views; one bank negative −e1. At T = 1/2 similarities double.
-    e = torch.eye(2)
-    loss = info_nce(e, e, -e[:1], T=0.5)
-    # Anchor e1 sees its other view (sim 1), e2 twice (0) and −e1 (−1); anchor e2 sees e2 (1), e1 twice and −e1 (0).
-    loss_e1 = -math.log(math.exp(2) / (math.exp(2) + 2 + math.exp(-2)))
-    loss_e2 = -math.log(math.exp(2) / (math.exp(2) + 3))
-    assert loss.item() == approx((loss_e1 + loss_e2) / 2)
+def contrastive_ctx(plain, global_features, local_features):
+    """A fake context: the teacher's BN-input means are ``global_features`` on the batch and
+    ``local_features`` on any other view of it."""
+    return SimpleNamespace(batch=SimpleNamespace(plain=plain), teacher_images=plain,
+                           teacher_features={BN_INPUT_MEANS: global_features},
+                           teacher_view=lambda view: (None, {BN_INPUT_MEANS: local_features}))
 
 
-def contrastive_ctx(images, embedding, local_embedding=None):
-    """A fake context whose teacher embeds any other view as ``local_embedding`` (default: the same
-    embedding, i.e. views that agree perfectly)."""
-    local = embedding if local_embedding is None else local_embedding
-    return SimpleNamespace(teacher_images=images, teacher_embedding=embedding, teacher_embed=lambda view: (None, local))
+def identity_head(term, d):
+    """The projection head as ReLU then identity: non-negative features pass unchanged."""
+    term.build_head(d)
+    with torch.no_grad():
+        for layer in (term.head[0], term.head[2]):
+            layer.weight.copy_(torch.eye(d))
+            layer.bias.zero_()
 
 
-def test_contrastive_prefers_agreeing_views():
+def test_contrastive_hand_example_local_view_against_detached_global_views():
+    term = Contrastive(T=0.5, dim=2)
+    identity_head(term, 2)
+    glob, local = t([1.0, 0.0], [0.0, 1.0]), t([1.0, 0.0], [1.0, 1.0])
+    loss = term(contrastive_ctx(torch.zeros(2, 1, 8, 8), glob, local))
+    # anchors (1, 0) and (1, 1)/√2 against keys (1, 0), (0, 1) at T = 0.5: logits (2, 0) and (√2, √2)
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
+    assert loss.item() == approx(expected)
+
+
+def test_contrastive_bank_takes_the_kept_steps_raw_features_once_per_batch():
     torch.manual_seed(0)
-    images, embedding = torch.randn(8, 3, 16, 16), torch.randn(8, 12)
-    losses = []
-    for local in (None, torch.randn(8, 12)):
-        torch.manual_seed(1)
-        term = Contrastive(bank_size=16)
-        term.build_head(12)
-        losses.append(term(contrastive_ctx(images, embedding, local)))
-    assert all(torch.isfinite(loss) for loss in losses)
-    assert losses[0] < losses[1]
+    term = Contrastive(bank_size=5, negatives=3, dim=3)
+    term.build_head(2)
+    images = torch.zeros(2, 1, 8, 8)
+    steps = [(torch.rand(2, 2), torch.rand(2, 2)) for _ in range(3)]
+    for i, (glob, local) in enumerate(steps):
+        term(contrastive_ctx(images, glob, local))
+        if i == 1:
+            term.keep_step()  # synthesis keeps the second step's batch
+        assert term.bank_filled.item() == 0  # nothing enters the bank during the inner loop
+    term.end_batch()
+    glob, local = steps[1]
+    assert term.bank_filled.item() == 2 and term.bank_ptr.item() == 2
+    assert torch.equal(term.bank[:2], torch.cat([local, glob], dim=1))  # raw features, not projections
+    # the next batch's steps draw min(negatives, filled) bank rows, re-projected by the current head
+    calls = []
+    original = term.project
+    term.project = lambda x: calls.append(len(x)) or original(x)
+    term(contrastive_ctx(images, glob, local))
+    assert calls == [4, 4]  # 2 anchors + 2 cached local rows; 2 keys + 2 cached global rows
+    for _ in range(2):  # two more kept batches: the FIFO wraps, keeping the newest 5 rows
+        term(contrastive_ctx(images, glob, local))
+        term.keep_step()
+        term.end_batch()
+    assert term.bank_filled.item() == 5 and term.bank_ptr.item() == 1
+    assert {"bank", "bank_ptr", "bank_filled", "head.0.weight"} <= set(term.state_dict())
 
 
-def test_contrastive_gradient_reaches_images_through_the_crop():
+def test_contrastive_gradient_reaches_images_through_the_local_view_only():
     torch.manual_seed(0)
     images, weight = torch.randn(4, 3, 16, 16, requires_grad=True), torch.randn(3, 6)
-
-    def embed(x):  # a linear "teacher"
-        return None, x.mean((2, 3)) @ weight
-
-    # The global embedding is detached, so any gradient on the images comes through the local crop.
-    ctx = SimpleNamespace(teacher_images=images, teacher_embedding=embed(images.detach())[1], teacher_embed=embed)
-    term = Contrastive(dim=4, hidden=8)
+    glob = images.mean((2, 3)) @ weight  # global features with a graph: the term must not use it
+    ctx = SimpleNamespace(batch=SimpleNamespace(plain=images), teacher_images=images,
+                          teacher_features={BN_INPUT_MEANS: glob},
+                          teacher_view=lambda view: (None, {BN_INPUT_MEANS: view.mean((2, 3)) @ weight}))
+    term = Contrastive(dim=4)
     term.build_head(6)
-    term(ctx).backward()
+    loss = term(ctx)
+    (global_grad,) = torch.autograd.grad(loss, glob, retain_graph=True, allow_unused=True)
+    assert global_grad is None  # the global view is the detached key
+    loss.backward()
     assert images.grad.abs().sum() > 0 and term.head[0].weight.grad is not None
-
-
-def test_contrastive_bank_fills_and_wraps():
-    torch.manual_seed(0)
-    term = Contrastive(bank_size=5, dim=3, hidden=4)
-    term.build_head(6)
-    images = torch.randn(2, 3, 8, 8)
-    projections = []
-    for _ in range(3):
-        embedding = torch.randn(2, 6)
-        projections.append(term.project(embedding).detach())
-        term(contrastive_ctx(images, embedding))
-        if len(projections) < 3:
-            assert term.bank_filled.item() == term.bank_ptr.item() == 2 * len(projections)
-    # The third batch writes rows 4 and 0, overwriting the oldest entry.
-    assert term.bank_filled.item() == 5 and term.bank_ptr.item() == 1
-    (a1, b1), (a2, b2), (a3, b3) = projections
-    assert torch.allclose(term.bank, torch.stack([b3, b1, a2, b2, a3]))
-    assert {"bank", "bank_ptr", "bank_filled", "head.0.weight"} <= set(term.state_dict())
 
 
 def test_contrastive_requires_build():
     with pytest.raises(RuntimeError, match="build"):
-        Contrastive()(contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.zeros(2, 4)))
+        Contrastive()(contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), torch.zeros(2, 4)))
 
 
 # ---------------------------------------------------------------- build_terms
 def test_build_terms_instantiates_class_terms():
     (term,) = build_terms({"contrastive": {"weight": 0.8, "T": 0.1, "bank_size": 16}}, "phases.0.losses")
     assert isinstance(term.term, Contrastive) and term.weight == 0.8
-    assert term.term.T == 0.1 and term.term.bank.shape == (16, 128)
-    assert term.term.needs == ("teacher",) and term.term.taps() == {"teacher": ["<embedding>"], "student": []}
+    assert term.term.needs == ("teacher",) and term.term.taps() == {"teacher": [BN_INPUT_MEANS], "student": []}
     term.term.build_head(4)
-    ctx = contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.randn(2, 4))
-    assert torch.isfinite(term(ctx))  # called as instance(ctx)
+    assert term.term.T == 0.1 and term.term.bank.shape == (16, 8) and term.term.head[2].out_features == 256
+    ctx = contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.rand(2, 4), torch.rand(2, 4))
+    assert torch.isfinite(term(ctx))
 
 
 def test_build_terms_rejects_bad_params_and_weights():

@@ -155,3 +155,14 @@ def test_a_registered_wrapper_is_built_trained_saved_and_reloaded_without_engine
         assert engine.evaluate(model)["acc"] == pytest.approx(summary["final_acc"])
     finally:
         MODEL_WRAPPERS._items.pop("test_scale")
+
+
+def test_lenet5_without_batchnorm_is_dafl_and_dfads_pair():
+    for name, widths in (("lenet5", (6, 16, 120)), ("lenet5_half", (3, 8, 60))):
+        model = create_model(name, in_channels=1, num_classes=10, image_size=32, batchnorm=False)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == list(widths) and all(c.bias is not None for c in convs)
+        paths = dict(model.named_modules())
+        assert "relu3" in paths and "bn1" not in paths
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -134,13 +134,21 @@ class PerBatchSynthesizer(Synthesizer):
         """The optimizer's parameter groups for one batch, and how to make the images from them."""
         raise NotImplementedError
 
+    def gradients_ready(self) -> None:
+        """After an inner step's backward, before its optimizer step."""
+
+    def after_step(self) -> None:
+        """After an inner step's optimizer step."""
+
     def finish(self) -> None:
         """After a batch's inner steps."""
 
     def synthesize(self, run_step: Callable[[Batch], torch.Tensor], steps: int,
-                   after_backward: Callable[[], None] = lambda: None) -> None:
+                   after_backward: Callable[[], None] = lambda: None, on_keep: Callable[[], None] = lambda: None
+                   ) -> None:
         """Optimize one batch for ``steps`` inner steps; ``run_step(batch)`` returns the weighted
-        loss of the phase's terms on ``batch``. The kept batch goes to the pool."""
+        loss of the phase's terms on ``batch``; ``on_keep()`` is told when a step's batch becomes
+        the one kept. The kept batch goes to the pool."""
         n = self.cfg.batch_size
         labels = self.sample_labels(n)
         params, make = self.variables(n, labels)
@@ -149,15 +157,18 @@ class PerBatchSynthesizer(Synthesizer):
         for _ in range(steps):
             with self.runtime.autocast():
                 images = make().float()
-            loss = run_step(Batch(self.augment(images), labels, "synthetic"))
+            loss = run_step(Batch(self.augment(images), labels, "synthetic", plain=images))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.gradients_ready()
             optimizer.step()
+            self.after_step()
             after_backward()
             # CMI keeps the best batch of the inner loop, the others the last one
             value = loss.item()
             if self.cfg.keep == "last" or value < best_loss:
                 best, best_loss = images.detach(), value
+                on_keep()
         self.finish()
         self.last = Batch(best, labels, "synthetic")
         self.keep(self.last)

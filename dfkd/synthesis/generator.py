@@ -6,12 +6,18 @@ import torch
 from torch import nn
 
 from ..checkpoint import unwrap
+from ..errors import ConfigError
 from ..phases import Batch
 from .base import SYNTHESIZERS, Synthesizer
 
 
 @SYNTHESIZERS.register("generator")
 class GeneratorSynthesizer(Synthesizer):
+    def __init__(self, cfg, info, runtime):
+        super().__init__(cfg, info, runtime)
+        self.drawn: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the latest fresh latents, labels
+        self._regenerated: tuple[object, Batch] | None = None  # (version, batch)
+
     def fresh(self, generator: nn.Module, train_generator: bool) -> Batch:
         """A new batch from ``generator``: with gradients and ``synthesis.augment`` when the
         phase trains the generator, plain and detached otherwise. ``last`` is set to it,
@@ -21,7 +27,26 @@ class GeneratorSynthesizer(Synthesizer):
         net = unwrap(generator)  # the network's attributes, not the DDP wrapper's
         if getattr(net, "conditional", False) and labels is None:
             labels = torch.randint(self.num_classes, (n,), device=self.device)
+        z = self.latents(net, n)
+        self.drawn, self._regenerated = (z, labels), None
         with torch.set_grad_enabled(train_generator), self.runtime.autocast():
-            images = generator(self.latents(net, n), labels).float()
+            images = generator(z, labels).float()
         self.last = Batch(images.detach(), labels, "synthetic")
         return Batch(self.augment(images), labels, "synthetic") if train_generator else self.last
+
+    @torch.no_grad()
+    def regenerate(self, generator: nn.Module, version: object) -> tuple[Batch, bool]:
+        """The latest fresh latents through ``generator`` as it is now (ZSKT trains its student on
+        the generator's images after the generator's step, from the same z). ``version`` names the
+        generator's weights: while it is unchanged the batch is reused, not recomputed. Returns the
+        batch and whether it is new."""
+        if self.drawn is None:
+            raise ConfigError("a 'regenerated' batch needs an earlier phase that draws a 'fresh' one")
+        if self._regenerated is not None and self._regenerated[0] == version:
+            return self._regenerated[1], False
+        z, labels = self.drawn
+        with self.runtime.autocast():
+            images = generator(z, labels).float()
+        self.last = Batch(images, labels, "synthetic")
+        self._regenerated = (version, self.last)
+        return self.last, True

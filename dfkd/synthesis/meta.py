@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from ..players import build_optimizer
 from .base import SYNTHESIZERS
 from .reinit import ReinitGenerator
@@ -11,24 +13,33 @@ from .reinit import ReinitGenerator
 
 @SYNTHESIZERS.register("meta")
 class MetaGenerator(ReinitGenerator):
+    """The meta-gradient: Reptile's θ − θ' (the shared weights move toward the adapted copy), or
+    first-order MAML's sum of the copy's gradients over all inner steps, as Fast-DFKD's code
+    accumulates them. Fast-DFKD's outer learning rate is the inner one times the inner steps."""
+
     def __init__(self, cfg, info, runtime):
         super().__init__(cfg, info, runtime)
         self.outer = build_optimizer(self.generator.parameters(), cfg.outer)
         self.fast = None
+        self.grad_sum: list[torch.Tensor | None] = []
 
     def variables(self, n, labels):
         # optimize a copy; the shared weights move only in the outer step
         self.fast = copy.deepcopy(self.generator)
+        self.grad_sum = [None] * len(list(self.fast.parameters()))
         return self.generator_variables(self.fast, n, labels)
 
+    @torch.no_grad()
+    def gradients_ready(self) -> None:
+        if self.cfg.meta != "fomaml":
+            return
+        for i, q in enumerate(self.fast.parameters()):
+            if q.grad is not None:
+                self.grad_sum[i] = q.grad.clone() if self.grad_sum[i] is None else self.grad_sum[i] + q.grad
+
     def finish(self) -> None:
-        """Reptile: move the shared weights toward the adapted copy (gradient θ − θ'); first-order
-        MAML: apply the copy's last gradient to the shared weights."""
-        for p, q in zip(self.generator.parameters(), self.fast.parameters()):
-            if self.cfg.meta == "reptile":
-                p.grad = (p.detach() - q.detach()).clone()
-            else:
-                p.grad = None if q.grad is None else q.grad.detach().clone()
+        for p, q, summed in zip(self.generator.parameters(), self.fast.parameters(), self.grad_sum):
+            p.grad = (p.detach() - q.detach()).clone() if self.cfg.meta == "reptile" else summed
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
         # BatchNorm running statistics are not parameters: carry them over from the copy

@@ -1,15 +1,33 @@
 """``reinit``: a generator and its latents re-initialized for every batch (CMI)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import SYNTHESIZERS, PerBatchSynthesizer, build_generator
 
 
 def reset_parameters(module: nn.Module) -> None:
+    """PyTorch's default initialization of every layer."""
     for m in module.modules():
         if m is not module and hasattr(m, "reset_parameters"):
             m.reset_parameters()
+
+
+@torch.no_grad()
+def reset_dcgan(module: nn.Module) -> None:
+    """DCGAN's initialization, which CMI re-applies to its generator for every batch: convolution
+    and linear weights N(0, 0.02), BatchNorm scales N(1, 0.02), biases 0; running statistics reset."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            if m.affine:
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
 
 
 @SYNTHESIZERS.register("reinit")
@@ -19,7 +37,7 @@ class ReinitGenerator(PerBatchSynthesizer):
         self.generator = build_generator(cfg.net, info, self.device)
 
     def variables(self, n, labels):
-        reset_parameters(self.generator)
+        (reset_dcgan if self.cfg.init == "dcgan" else reset_parameters)(self.generator)
         return self.generator_variables(self.generator, n, labels)
 
     def generator_variables(self, generator: nn.Module, n, labels):
