@@ -8,6 +8,7 @@ A data-free config never reads the training split: it is loaded only when some p
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
 import torch
@@ -22,11 +23,11 @@ from .modalities import get_modality
 from .models import create_model
 from .phases import SYNTHESIZER, Phase, RealStream, build_phases
 from .players import Player, Players
-from .runs import rank, world_size
+from .runs import is_main_process, rank, world_size
 from .runtime import Runtime, seed_everything
 from .synthesis import Synthesizer, build_generator, create_synthesizer
 from .taps import FeatureTap, probe
-from .teachers import Teachers, load_teacher
+from .teachers import Teachers, expected_arch_warning, load_teacher
 
 
 @dataclasses.dataclass
@@ -146,7 +147,14 @@ def _load_teachers(config: Config, info: DatasetInfo, runtime: Runtime) -> list[
         return []
     if not tc.checkpoints:
         raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher`)")
-    return [load_teacher(path, info, runtime) for path in tc.checkpoints]
+    teachers = []
+    for path in tc.checkpoints:
+        teacher, arch = load_teacher(path, info, runtime)
+        warning = expected_arch_warning(arch, tc.expected, path, config.experiment)
+        if warning and is_main_process():
+            print(f"dfkd: warning: {warning}", file=sys.stderr)
+        teachers.append(teacher)
+    return teachers
 
 
 def _create_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality, student_shape) -> nn.Module:

@@ -88,6 +88,8 @@ class TeacherConfig:
 
     checkpoint: Union[str, list[str], None] = None
     ensemble: Literal["mean", "random", "confidence"] = "mean"
+    # the teacher a paper's recipe was written for (name and kwargs); another gets a one-line warning
+    expected: Optional[NetConfig] = None
 
     @property
     def checkpoints(self) -> list[str]:

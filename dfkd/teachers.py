@@ -20,8 +20,23 @@ from .runtime import Runtime
 from .taps import BNStats, BNStatsTap, FeatureTap, probe
 
 
-def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> nn.Module:
-    """A teacher model file, checked against the dataset, frozen, on the run's device."""
+def describe_arch(name: str, kwargs: dict) -> str:
+    return name + (f" ({', '.join(f'{k}={v}' for k, v in kwargs.items())})" if kwargs else "")
+
+
+def expected_arch_warning(arch: dict, expected, path: str, experiment: str) -> str | None:
+    """The one-line warning for a teacher other than the one a recipe was written for, or None."""
+    if expected is None:
+        return None
+    kwargs = arch.get("kwargs") or {}
+    if arch["name"] == expected.name and all(kwargs.get(k) == v for k, v in expected.kwargs.items()):
+        return None
+    return (f"{experiment} was written for a {describe_arch(expected.name, expected.kwargs)} teacher; "
+            f"{path} is a {describe_arch(arch['name'], kwargs)}; running it anyway")
+
+
+def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> tuple[nn.Module, dict]:
+    """A teacher model file, checked against the dataset, frozen, on the run's device; and its arch."""
     teacher, meta = ckpt_io.load_model(path, runtime.device)
     arch = meta["arch"]
     try:
@@ -35,7 +50,7 @@ def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> nn.Module:
                           f"{arch['num_classes']} classes; dataset '{info.name}' has "
                           f"{info.shape[0]} and {info.num_classes}")
     teacher.requires_grad_(False)
-    return runtime.prepare(teacher).eval()
+    return runtime.prepare(teacher).eval(), arch
 
 
 def combine_logits(logits: list[torch.Tensor], ensemble: str) -> torch.Tensor:

@@ -213,3 +213,39 @@ def test_inversion_clamp_keeps_pixels_in_the_range_of_real_images():
     images = synth.last.images
     assert images.min().item() >= low - 1e-6 and images.max().item() <= high + 1e-6
     assert math.isclose(images.max().item(), high, rel_tol=1e-5)  # it was pushed to the bound and held there
+
+
+# ---------------------------------------------------------------- paper recipes
+PAPER = ["dafl", "dfad", "zskt", "dfq", "deepinv", "cmi", "fast"]
+
+
+def shrunk(name: str) -> list[str]:
+    """The recipe at a few steps: its phases, terms and synthesis as written, the budget cut."""
+    cut = ["train.epochs=1", "train.iters_per_epoch=1", "synthesis.batch_size=8", "synthesis.warmup_epochs=0"]
+    steps = {"deepinv": ["phases.0.steps=2", "phases.1.steps=2"], "cmi": ["phases.0.steps=2", "phases.1.steps=2"],
+             "fast": ["phases.0.steps=2", "phases.1.steps=2", "phases.0.losses.adv_kl.from_epoch=0"],
+             "zskt": ["phases.1.steps=2"], "dfq": ["phases.1.steps=2"]}
+    return cut + steps.get(name, [])
+
+
+@pytest.mark.parametrize("method", PAPER)
+def test_paper_recipes_run_and_name_a_teacher_other_than_their_papers(method, teacher, tmp_path, capsys):
+    config = f"datafree/{method}-digits-paper"
+    engine = engine_for(config, teacher, tmp_path, *shrunk(method))
+    summary = engine.fit()
+    assert summary["steps"] == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "was written for" in line]
+    if method in ("dafl", "dfad"):  # their papers' LeNets have no BatchNorm; this teacher has
+        assert warnings == [f"dfkd: warning: {method}-digits-paper was written for a lenet5 (batchnorm=False) "
+                            f"teacher; {teacher} is a lenet5; running it anyway"]
+    else:
+        assert warnings == []
+
+
+def test_paper_recipes_exist_for_both_datasets():
+    from dfkd.config import named_configs
+
+    names = set(named_configs())
+    for method in PAPER:
+        assert {f"datafree/{method}-digits-paper", f"datafree/{method}-fmnist-paper"} <= names
+        assert load_config(f"datafree/{method}-fmnist-paper").data.name == "fashion-mnist"
