@@ -175,3 +175,26 @@ def test_throughput_rejects_a_bad_model_name_in_one_line(tmp_path, capsys):
     assert throughput.main(["--dataset", "digits", "--teacher-net", "lenet6", "--out", str(tmp_path / "t.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "lenet6" in err and not (tmp_path / "t.json").exists()
+
+
+# ------------------------------------------------------------------ reproduce.py
+def test_reproduce_writes_the_table_with_budgets_teacher_hash_and_published_numbers(tmp_path, teacher, capsys):
+    reproduce = load_script("reproduce")
+    out = tmp_path / "table"
+    tiny = ["train.epochs=1", "train.iters_per_epoch=2", "synthesis.batch_size=16"]
+    assert reproduce.main(["--datasets", "digits", "--methods", "dfq", "dafl", "--seeds", "0", "1",
+                           "--teacher-digits", teacher, "--out", str(out), "--set", *tiny]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["config"], r["seed"]) for r in rows] == [("datafree/dfq-digits", 0), ("datafree/dfq-digits", 1),
+                                                        ("datafree/dafl-digits", 0), ("datafree/dafl-digits", 1)]
+    table = (out / "results.md").read_text()
+    dafl = next(line for line in table.splitlines() if "datafree/dafl-digits" in line)
+    sha = json.loads((out / "results.jsonl").read_text().splitlines()[0])["teacher_sha256"][:12]
+    assert "2 it × 16 / 24000 it × 512" in dafl and "DAFL 98.20 (MNIST)" in dafl and sha in dafl
+    assert "ZSKD 79.62" in table
+    # a killed table resumes: nothing left to run, the same rows
+    capsys.readouterr()
+    assert reproduce.main(["--datasets", "digits", "--methods", "dfq", "dafl", "--seeds", "0", "1",
+                           "--teacher-digits", teacher, "--out", str(out), "--skip-done", "--set", *tiny]) == 0
+    assert "reproduce:" not in capsys.readouterr().err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
