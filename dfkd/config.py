@@ -106,8 +106,9 @@ class PlayerConfig:
     net: NetConfig = field(default_factory=NetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
-    # decay of an exponential moving average of a model's weights (timm's model EMA; e.g. 0.999):
-    # the average is what is evaluated and exported, the raw weights keep training
+    # decay of an exponential moving average of the weights (timm's model EMA; e.g. 0.999): a model's
+    # average is what is evaluated and exported, the raw weights keep training; a generator's average
+    # makes the 'fresh+ema' batches (MAD)
     ema: Optional[float] = None
 
 
@@ -119,8 +120,9 @@ class PhaseConfig:
     ``data.labeled_fraction`` subset, for few-label fine-tuning and baselines), ``fresh`` (a new
     synthetic batch each step), ``same`` (the batch an earlier phase drew last; synthetic ones
     detached and without the generator's augmentation), ``regenerated`` (the latents of the latest
-    ``fresh`` batch through the generator as it is now, after its update: ZSKT) or ``pool`` (replay
-    of the image pool).
+    ``fresh`` batch through the generator as it is now, after its update: ZSKT), ``fresh+ema`` (a
+    fresh batch of the generator and one of its weight average, with their own latents, as one:
+    MAD) or ``pool`` (replay of the image pool).
     ``losses``: term name → weight, or term name → {weight: w, <term parameters>}.
     ``augment`` and ``mixup`` transform the batch before this phase's networks see it (e.g. the
     student's view of synthetic or replayed images); the generator's own augmentation is
@@ -129,7 +131,7 @@ class PhaseConfig:
 
     player: str = "student"
     steps: int = 1
-    batch: Literal["real", "labeled", "fresh", "same", "regenerated", "pool"] = "real"
+    batch: Literal["real", "labeled", "fresh", "fresh+ema", "same", "regenerated", "pool"] = "real"
     losses: dict[str, Any] = field(default_factory=dict)
     name: Optional[str] = None          # defaults to the player's name; used in log tags
     also: list[str] = field(default_factory=list)  # more players updated by this phase's loss, in one backward
@@ -153,9 +155,9 @@ class AugmentConfig:
 class SynthesisConfig:
     """Where data-free batches come from (see dfkd/synthesis.py)."""
 
-    kind: Literal["none", "generator", "inversion", "reinit", "meta"] = "none"
+    kind: Literal["none", "generator", "inversion", "reinit", "meta", "nayer"] = "none"
     generator: str = "generator"        # kind=generator: the player that generates
-    net: NetConfig = field(default_factory=lambda: NetConfig(name="dcgan", kwargs={"nz": 256}))  # reinit / meta
+    net: NetConfig = field(default_factory=lambda: NetConfig(name="dcgan", kwargs={"nz": 256}))  # reinit / meta / nayer
     batch_size: int = 256               # synthetic batch, and replay batch from the pool
     labels: Literal["none", "random", "balanced"] = "none"  # classes to ask for (conditional G, onehot_ce)
     inner: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.1, betas=[0.5, 0.999]))
@@ -165,6 +167,7 @@ class SynthesisConfig:
     keep: Literal["last", "best"] = "last"   # which batch of the inner loop enters the pool
     clamp: bool = False                 # inversion: keep pixels in the dataset's valid range after each step
     init: Literal["default", "dcgan"] = "default"  # reinit: PyTorch's init, or N(0, 0.02) weights (CMI's)
+    reset_every: int = 0                # nayer: re-initialize the whole generator every this many batches; 0: never
     pool_size: int = 0                  # synthetic images kept for replay; 0: no pool
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     warmup_epochs: int = 0              # epochs of synthesis alone before the other phases start
@@ -440,12 +443,12 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     """Cross-field checks that types alone can't express."""
     v = validator or _Validator({}, "config")
     syn = config.synthesis
-    per_batch = syn.kind in ("inversion", "reinit", "meta")
+    per_batch = syn.kind in ("inversion", "reinit", "meta", "nayer")
     for i, phase in enumerate(config.phases):
         if phase.player == "synthesizer":
             if not per_batch:
                 v.fail(f"phases.{i}.player", f"phases.{i}: the 'synthesizer' phase needs synthesis.kind inversion, "
-                                             f"reinit or meta (it is '{syn.kind}')")
+                                             f"reinit, meta or nayer (it is '{syn.kind}')")
         elif phase.player not in config.players:
             v.fail(f"phases.{i}.player", f"phases.{i}.player '{phase.player}' is not a player "
                                          f"(players: {', '.join(config.players) or 'none'})")
@@ -459,7 +462,11 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
             v.fail(f"phases.{i}.losses", f"phases.{i} has no loss terms")
         if phase.batch == "same" and not any(p.batch != "same" for p in config.phases):
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'same' needs another phase that draws a batch")
-        if phase.batch in ("fresh", "regenerated") and phase.player != "synthesizer" and syn.kind != "generator":
+        if phase.batch == "fresh+ema" and config.players.get(syn.generator, PlayerConfig()).ema is None:
+            v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'fresh+ema' needs players.{syn.generator}.ema "
+                                        f"(the generator's weight average)")
+        if phase.batch in ("fresh", "fresh+ema", "regenerated") and phase.player != "synthesizer" \
+                and syn.kind != "generator":
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch '{phase.batch}' needs synthesis.kind 'generator' "
                                         f"(it is '{syn.kind}')")
         if phase.epochs is not None and (len(phase.epochs) != 2 or not 0 <= phase.epochs[0] < phase.epochs[1]):
@@ -476,9 +483,9 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     for name, player in config.players.items():
         if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
-        if player.ema is not None and (player.kind != "model" or not 0 < player.ema < 1):
-            v.fail(f"players.{name}.ema", f"players.{name}.ema must be a decay in (0, 1) on a model player, "
-                                          f"got {player.ema} on a {player.kind}")
+        if player.ema is not None and (player.kind not in ("model", "generator") or not 0 < player.ema < 1):
+            v.fail(f"players.{name}.ema", f"players.{name}.ema must be a decay in (0, 1) on a model or generator "
+                                          f"player, got {player.ema} on a {player.kind}")
     if config.data.pairs and config.data.modality:
         v.fail("data.pairs", "data.pairs and data.modality both give students their modality; set one")
     if config.data.pairs and config.synthesis.kind != "none":

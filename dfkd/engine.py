@@ -110,6 +110,10 @@ class Engine:
             batch = (self.real if phase.batch == "real" else self.labeled).next()
         elif phase.batch == "pool":
             batch = self.synth.replay()
+        elif phase.batch == "fresh+ema":
+            gen = self.players[self.config.synthesis.generator]
+            batch = self.synth.fresh_with_average(self.players.module(gen.name), gen.ema)
+            self.synth.keep(batch)
         elif phase.batch == "regenerated":
             gen_name = self.config.synthesis.generator
             batch, new = self.synth.regenerate(self.players.module(gen_name), self.players[gen_name].steps)

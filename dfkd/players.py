@@ -48,7 +48,8 @@ class Player:
         self.kind = cfg.kind
         self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
         self.optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg.optim)
-        self.ema = copy.deepcopy(module).eval().requires_grad_(False) if cfg.ema else None
+        # a generator's average runs in train mode, as generators do (batch statistics in its last BN)
+        self.ema = copy.deepcopy(module).train(cfg.kind == "generator").requires_grad_(False) if cfg.ema else None
         self.total_steps = max(1, total_steps)
         self.steps = 0
         self._apply_lr()

@@ -189,10 +189,14 @@ def test_weight_average_follows_its_formula_and_is_what_is_evaluated_and_exporte
 
 
 @pytest.mark.parametrize("override, message", [
-    ("players.model.ema=1.0", "players.model.ema must be a decay in (0, 1) on a model player, got 1.0 on a model"),
-    ("players.generator.ema=0.9", "players.generator.ema must be a decay in (0, 1) on a model player, got 0.9 on a generator"),
+    ("players.model.ema=1.0", "players.model.ema must be a decay in (0, 1) on a model or generator player, "
+                              "got 1.0 on a model"),
+    ("players.disc.ema=0.9", "players.disc.ema must be a decay in (0, 1) on a model or generator player, "
+                             "got 0.9 on a discriminator"),
+    ("phases.1.batch=fresh+ema", "phases.1.batch 'fresh+ema' needs players.generator.ema"),
 ])
 def test_weight_average_rejects_bad_settings(override, message):
-    config = "teacher/lenet5-digits" if "model" in override else "datafree/dfq-digits"
+    config = {"model": "teacher/lenet5-digits", "disc": "datafree/dfad+advkd-logit-digits"}.get(
+        override.split(".")[1], "datafree/dfq-digits")
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(config, [override])

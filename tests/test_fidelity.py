@@ -249,3 +249,63 @@ def test_paper_recipes_exist_for_both_datasets():
     for method in PAPER:
         assert {f"datafree/{method}-digits-paper", f"datafree/{method}-fmnist-paper"} <= names
         assert load_config(f"datafree/{method}-fmnist-paper").data.name == "fashion-mnist"
+
+
+# ---------------------------------------------------------------- NAYER
+def test_nayer_generator_draws_its_variety_from_the_noisy_layer_not_from_latents():
+    torch.manual_seed(0)
+    g = create_generator("nayer", nz=16, img_shape=(1, 32, 32), num_classes=10, ngf=4, noise_dim=32,
+                         batch_size=25, output="pixels", mean=(0.5,), std=(0.5,))
+    assert len(g.noisy) == 3  # groups of 10 samples: 25 need three noisy layers
+    y = torch.arange(25) % 10
+    g.reset_noise()
+    a = g(None, y)
+    assert torch.equal(a, g(torch.randn(25, 16), y))  # latents play no part
+    g.reset_noise()
+    assert not torch.allclose(a, g(None, y))  # a new noisy layer, new images
+    assert "class_embeddings" in g.state_dict()  # the fixed embeddings travel with the generator
+    with pytest.raises(Exception, match="noisy layers for 30 samples, got 31"):
+        g(None, torch.zeros(31, dtype=torch.long))
+
+
+def test_nayer_synthesis_keeps_its_generator_across_batches_and_orders_labels_as_nayer():
+    cfg = SynthesisConfig(kind="nayer", batch_size=12, labels="balanced", reset_every=2,
+                          net=NetConfig(name="nayer", kwargs={"nz": 8, "ngf": 2, "noise_dim": 16}),
+                          inner=OptimConfig(name="adam", lr=0.01, betas=[0.5, 0.999]))
+    torch.manual_seed(0)
+    synth = create_synthesizer(cfg, dataset_info("digits"), Runtime(RuntimeConfig(device="cpu")))
+    labels = synth.sample_labels(12)
+    assert labels[:10].tolist() == list(range(10))  # each class once per noisy-layer group, in order
+    body = lambda: [p.detach().clone() for n, p in synth.generator.named_parameters() if not n.startswith("noisy")]
+    start = body()
+    synth.synthesize(lambda batch: batch.images.mean(), steps=2)
+    after_first = body()
+    assert not torch.allclose(start[0], after_first[0])
+    synth.synthesize(lambda batch: batch.images.mean(), steps=1)  # batch 2 starts from batch 1's weights
+    assert synth.batches == 2
+    saved = {k: v.clone() for k, v in synth.generator.state_dict().items()}
+    synth.variables(12, labels)  # the third batch: reset_every 2 re-initializes the whole generator
+    assert not torch.allclose(saved["project.weight"], synth.generator.state_dict()["project.weight"])
+
+
+# ---------------------------------------------------------------- MAD
+def test_mad_student_batches_hold_samples_of_the_generator_and_of_its_average(teacher, tmp_path):
+    engine = engine_for("datafree/mad-digits", teacher, tmp_path, "synthesis.batch_size=8", "train.epochs=1",
+                        "train.iters_per_epoch=3")
+    gen = engine.players["generator"]
+    assert gen.ema is not None and gen.ema.training  # the average runs as generators do
+    engine.fit()
+    # the average trails the generator: decay 0.95 after 3 steps (ramped as (1 + n) / (10 + n))
+    live, avg = gen.module.state_dict()["project.weight"], gen.ema.state_dict()["project.weight"]
+    assert not torch.allclose(live, avg)
+    student_phase = engine.phases[1]
+    engine.players.active = {"student"}
+    zs = [torch.randn(8, 100), torch.randn(8, 100)]
+    draws = iter(zs)
+    engine.synth.latents = lambda generator, n: next(draws)
+    batch = engine.next_batch(student_phase)
+    assert batch.images.shape[0] == 16 and batch.labels.shape == (16,)
+    with torch.no_grad():  # the first half is the generator's, the second its average's, from their own latents
+        assert torch.allclose(batch.images[:8], gen.module(zs[0], batch.labels[:8]), atol=1e-5)
+        assert torch.allclose(batch.images[8:], gen.ema(zs[1], batch.labels[8:]), atol=1e-5)
+        assert not torch.allclose(batch.images[8:], gen.module(zs[1], batch.labels[8:]), atol=1e-3)

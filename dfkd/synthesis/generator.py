@@ -35,6 +35,21 @@ class GeneratorSynthesizer(Synthesizer):
         return Batch(self.augment(images), labels, "synthetic") if train_generator else self.last
 
     @torch.no_grad()
+    def fresh_with_average(self, generator: nn.Module, average: nn.Module) -> Batch:
+        """MAD's student batch: a fresh batch of ``generator`` and one of its weight ``average``,
+        each from its own latents (and labels), concatenated; ``last`` is set to it."""
+        halves = [self.fresh(generator, train_generator=False).images]
+        first_labels = self.last.labels
+        with self.runtime.autocast():
+            labels = self.sample_labels(self.cfg.batch_size)
+            if getattr(average, "conditional", False) and labels is None:
+                labels = torch.randint(self.num_classes, (self.cfg.batch_size,), device=self.device)
+            halves.append(average(self.latents(average, self.cfg.batch_size), labels).float())
+        labels = None if labels is None else torch.cat([first_labels, labels])
+        self.last = Batch(torch.cat(halves), labels, "synthetic")
+        return self.last
+
+    @torch.no_grad()
     def regenerate(self, generator: nn.Module, version: object) -> tuple[Batch, bool]:
         """The latest fresh latents through ``generator`` as it is now (ZSKT trains its student on
         the generator's images after the generator's step, from the same z). ``version`` names the
