@@ -99,35 +99,22 @@ class Engine:
 
     # ---------------------------------------------------------------- batches
     def next_batch(self, phase: Phase) -> Batch:
-        """A batch from the phase's source. ``same`` is the batch an earlier phase drew last
-        (a synthetic one without the generator's augmentation, and detached); ``regenerated`` the
-        latest fresh latents through the generator as it is now."""
+        """A batch from the phase's source. ``same`` is the batch an earlier phase drew last (a
+        synthetic one without the generator's augmentation, and detached); the generator's sources
+        (``fresh``, ``fresh+ema``, ``regenerated``) are drawn by the synthesizer."""
         if phase.batch == "same":
             if self.last_batch is None:
                 raise ConfigError(f"phase '{phase.name}': a 'same' batch needs an earlier phase that draws one")
             return self.last_batch
         if phase.batch in ("real", "labeled"):
-            batch = (self.real if phase.batch == "real" else self.labeled).next()
+            batch = self.last_batch = (self.real if phase.batch == "real" else self.labeled).next()
         elif phase.batch == "pool":
-            batch = self.synth.replay()
-        elif phase.batch == "fresh+ema":
-            gen = self.players[self.config.synthesis.generator]
-            batch = self.synth.fresh_with_average(self.players.module(gen.name), gen.ema)
-            self.synth.keep(batch)
-        elif phase.batch == "regenerated":
-            gen_name = self.config.synthesis.generator
-            batch, new = self.synth.regenerate(self.players.module(gen_name), self.players[gen_name].steps)
-            if new:
-                self.synth.keep(batch)
-        else:  # fresh
-            gen_name = self.config.synthesis.generator
-            trains_generator = phase.player == gen_name
-            batch = self.synth.fresh(self.players.module(gen_name), train_generator=trains_generator)
-            if not trains_generator:  # what the student saw, kept for replay
-                self.synth.keep(self.synth.last)
+            batch = self.last_batch = self.synth.replay()
+        else:
+            generator = self.players[self.config.synthesis.generator]
+            batch = self.synth.draw(phase.batch, self.players.module(generator.name), generator,
+                                    trains_generator=phase.player == generator.name)
             self.last_batch = self.synth.last
-            return batch
-        self.last_batch = batch
         return batch
 
     def student_view(self, batch: Batch) -> Batch:

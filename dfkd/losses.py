@@ -296,21 +296,24 @@ def bn_layer_distances(stats, norm: str = "l2") -> list[torch.Tensor]:
             for s in stats]
 
 
-def bn_stats_distance(stats, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
+def bn_stats_distance(stats, first_layer_weight: float = 1.0, norm: str = "l2", layers: str = "sum") -> torch.Tensor:
     """Σ_l w_l (d(μ_l, μ̂_l) + d(σ²_l, σ̂²_l)) over ``stats``, w_0 = ``first_layer_weight``, the
-    others 1 (see :func:`bn_layer_distances`)."""
-    return sum((first_layer_weight if i == 0 else 1.0) * d for i, d in enumerate(bn_layer_distances(stats, norm)))
+    others 1 (see :func:`bn_layer_distances`); ``layers="mean"`` divides by the number of layers."""
+    total = sum((first_layer_weight if i == 0 else 1.0) * d for i, d in enumerate(bn_layer_distances(stats, norm)))
+    return total / len(stats) if layers == "mean" else total
 
 
-def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2") -> torch.Tensor:
+def bn_stats(ctx, first_layer_weight: float = 1.0, norm: str = "l2", layers: str = "sum") -> torch.Tensor:
     """Feature-distribution regularizer of DeepInversion (Yin et al. 2020):
     Σ_l w_l (‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂) over the teacher's BN layers, μ_l and σ²_l the batch
     mean and biased variance of layer l's input, μ̂_l and σ̂²_l its running statistics;
     w_0 = ``first_layer_weight``, the others 1. ``norm="mse"`` uses MSE(μ, μ̂) + MSE(σ², σ̂²)
     instead (GDFQ, Xu et al. 2020, which averages over layers where this sums).
 
-    DeepInversion weights it 10 on CIFAR-10, and 0.01 with first_layer_weight 10 on ImageNet."""
-    return bn_stats_distance(ctx.teacher_bn, first_layer_weight, norm)
+    DeepInversion weights it 10 on CIFAR-10, and 0.01 with first_layer_weight 10 on ImageNet.
+    ``layers="mean"`` divides the sum by the number of BN layers, so the term's scale does not grow
+    with the teacher's depth (the papers sum, and tune their weight per teacher)."""
+    return bn_stats_distance(ctx.teacher_bn, first_layer_weight, norm, layers)
 
 
 @register("bn_stats", needs=("teacher", "teacher_bn"))
@@ -321,9 +324,11 @@ class BNStatistics(Term):
     batch is pushed to complete what earlier ones left unmatched. The average takes each batch's
     final statistics once the batch is done (``end_batch``) and is saved with the run."""
 
-    def __init__(self, first_layer_weight: float = 1.0, norm: str = "l2", momentum: float = 0.0):
+    def __init__(self, first_layer_weight: float = 1.0, norm: str = "l2", momentum: float = 0.0, layers: str = "sum"):
         super().__init__()
         _option(_BN_DISTANCES, norm, "bn_stats.norm")
+        _option({"sum": 0, "mean": 0}, layers, "bn_stats.layers")
+        self.layers = layers
         if not 0 <= momentum < 1:
             raise ConfigError(f"bn_stats.momentum must be in [0, 1), got {momentum}")
         self.first_layer_weight, self.norm, self.momentum = first_layer_weight, norm, momentum
@@ -338,7 +343,7 @@ class BNStatistics(Term):
                 m = self.momentum
                 stats = [s._replace(mean=m * pm + (1 - m) * s.mean.float(), var=m * pv + (1 - m) * s.var.float())
                          for s, (pm, pv) in zip(stats, self.previous)]
-        return bn_stats_distance(stats, self.first_layer_weight, self.norm)
+        return bn_stats_distance(stats, self.first_layer_weight, self.norm, self.layers)
 
     def end_batch(self) -> None:
         if not self.momentum or self._current is None:

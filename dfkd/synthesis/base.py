@@ -112,9 +112,9 @@ class Synthesizer:
         images, labels = self.pool.sample(self.cfg.batch_size)
         return Batch(images, labels if bool((labels >= 0).all()) else None, "pool")
 
-    def fresh(self, generator: nn.Module, train_generator: bool) -> Batch:
+    def draw(self, source: str, module: nn.Module, player, trains_generator: bool) -> Batch:
         raise ConfigError(f"synthesis.kind '{self.cfg.kind}' makes batches in a 'synthesizer' phase; "
-                          f"'fresh' batches need synthesis.kind generator")
+                          f"'{source}' batches need synthesis.kind generator")
 
     def state_dict(self) -> dict:
         return {"pool": self.pool.state_dict()} if self.pool is not None else {}

@@ -18,6 +18,23 @@ class GeneratorSynthesizer(Synthesizer):
         self.drawn: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the latest fresh latents, labels
         self._regenerated: tuple[object, Batch] | None = None  # (version, batch)
 
+    def draw(self, source: str, module: nn.Module, player, trains_generator: bool) -> Batch:
+        """A batch from the generator ``player`` (called through ``module``) for a phase whose
+        source is ``fresh``, ``fresh+ema`` or ``regenerated``; what a student trains on is kept for
+        replay."""
+        if source == "fresh":
+            batch = self.fresh(module, train_generator=trains_generator)
+            if not trains_generator:
+                self.keep(self.last)
+            return batch
+        if source == "fresh+ema":
+            batch, new = self.fresh_with_average(module, player.ema), True
+        else:
+            batch, new = self.regenerate(module, version=player.steps)
+        if new:
+            self.keep(batch)
+        return batch
+
     def fresh(self, generator: nn.Module, train_generator: bool) -> Batch:
         """A new batch from ``generator``: with gradients and ``synthesis.augment`` when the
         phase trains the generator, plain and detached otherwise. ``last`` is set to it,
