@@ -127,6 +127,9 @@ def test_bn_stats_two_layers():
     assert bn_stats(ctx, first_layer_weight=10, norm="mse").item() == approx(10 * 6.5 + 9)
     with pytest.raises(ConfigError, match="bn_stats.norm must be one of l2, mse"):
         bn_stats(ctx, norm="l1")
+    assert bn_stats(ctx, layers="mean").item() == approx((5 + 3) / 2)  # the teacher's depth divided out
+    with pytest.raises(ConfigError, match="bn_stats.layers must be one of sum, mean"):
+        build_terms({"bn_stats": {"layers": "max"}}, "losses")
 
 
 def test_bn_stats_zero_at_running_stats_and_float32_from_bf16():
