@@ -198,3 +198,19 @@ def test_reproduce_writes_the_table_with_budgets_teacher_hash_and_published_numb
                            "--teacher-digits", teacher, "--out", str(out), "--skip-done", "--set", *tiny]) == 0
     assert "reproduce:" not in capsys.readouterr().err
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+# ------------------------------------------------------------------ fingerprint.py
+def test_fingerprint_reports_identical_runs_and_names_what_differs(tmp_path, capsys):
+    fingerprint = load_script("fingerprint")
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert fingerprint.main(["--out", str(first), "--cases", "teacher", "--root", str(tmp_path / "r1")]) == 0
+    assert fingerprint.main(["--out", str(second), "--cases", "teacher", "--root", str(tmp_path / "r2"),
+                             "--compare", str(first)]) == 0
+    assert capsys.readouterr().out.strip().endswith("identical")  # the same seed, the same weights
+    report = json.loads(first.read_text())
+    report["cases"]["teacher"]["model"] = "0" * 64  # as if the code had changed one weight
+    first.write_text(json.dumps(report))
+    assert fingerprint.main(["--out", str(second), "--cases", "teacher", "--root", str(tmp_path / "r3"),
+                             "--compare", str(first)]) == 1
+    assert "differ: teacher.model" in capsys.readouterr().out
