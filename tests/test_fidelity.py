@@ -309,3 +309,8 @@ def test_mad_student_batches_hold_samples_of_the_generator_and_of_its_average(te
         assert torch.allclose(batch.images[:8], gen.module(zs[0], batch.labels[:8]), atol=1e-5)
         assert torch.allclose(batch.images[8:], gen.ema(zs[1], batch.labels[8:]), atol=1e-5)
         assert not torch.allclose(batch.images[8:], gen.module(zs[1], batch.labels[8:]), atol=1e-3)
+
+
+def test_a_tap_layer_that_does_not_exist_is_a_one_line_error_naming_the_nearest(teacher, tmp_path):
+    with pytest.raises(ConfigError, match="no module 'relu33' in LeNet5; nearest: relu3"):
+        engine_for("datafree/dafl-digits", teacher, tmp_path, "phases.0.losses.activation_norm.layer=relu33")
