@@ -220,25 +220,30 @@ def _install_taps(phases: list[Phase], players: dict[str, Player], teachers: Tea
 
 class _Shapes:
     """The one probe: a network's logit and tapped-feature shapes (without the batch) from a
-    dummy batch in eval mode, so no running statistic moves."""
+    dummy batch in eval mode, so no running statistic moves; one forward per network."""
 
     def __init__(self, runtime, teachers, players, model_taps, info, student_shape):
         self.runtime, self.teachers, self.players, self.model_taps = runtime, teachers, players, model_taps
         self.info, self.student_shape = info, student_shape
+        self._seen: dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]] = {}
+
+    def _probe(self, network: str) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+        if network == "teacher":
+            return self.teachers.shapes(torch.zeros((2, *self.info.shape), device=self.runtime.device))
+        logits, features = probe(self.players[network].module,
+                                 torch.zeros((2, *self.student_shape), device=self.runtime.device),
+                                 self.runtime.forward, self.model_taps.get(network))
+        return tuple(logits.shape[1:]), features
 
     def __call__(self, feature: Feature) -> tuple[int, ...]:
-        if feature.network == "teacher":
-            logits, features = self.teachers.shapes(torch.zeros((2, *self.info.shape), device=self.runtime.device))
-        else:
-            logits, features = probe(self.players[feature.network].module,
-                                     torch.zeros((2, *self.student_shape), device=self.runtime.device),
-                                     self.runtime.forward, self.model_taps.get(feature.network))
-            logits = tuple(logits.shape[1:])
+        if feature.network not in self._seen:
+            self._seen[feature.network] = self._probe(feature.network)
+        logits, features = self._seen[feature.network]
         return logits if feature.layer is None else features[feature.layer]
 
 
 def _build_sized_players(config: Config, phases: list[Phase], shape: _Shapes,
-                  info: DatasetInfo) -> dict[str, tuple[PlayerConfig, nn.Module]]:
+                         info: DatasetInfo) -> dict[str, tuple[PlayerConfig, nn.Module]]:
     """Discriminators and adapters, sized by probing the layers their terms read: a
     discriminator by its real side's output, an adapter from the student's layer to the real
     side's."""
@@ -299,7 +304,6 @@ def _build_terms(config: Config, phases: list[Phase], shape: _Shapes, device: to
     (Adam at the phase's learning rate unless the term says otherwise), stepped with their phase."""
     for phase in phases:
         for term in phase.terms:
-            term.term.to(device)
             term.term.build(shape)
             term.term.to(device)
             params = [p for p in term.term.parameters() if p.requires_grad]

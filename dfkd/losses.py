@@ -61,6 +61,10 @@ class PlayerUse:
 Probe = Callable[[Feature], tuple[int, ...]]  # the shape, without the batch, of a feature
 
 
+def no_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {"teacher": [], "student": []}
+
+
 class Term(nn.Module):
     """A loss term: ``forward(ctx)`` returns a scalar from the step's
     :class:`~dfkd.context.StepContext`. What a run must provide for it is declared, not
@@ -86,7 +90,7 @@ class Term(nn.Module):
         return dict(inspect.signature(cls).parameters)
 
     def taps(self) -> dict[str, list[str]]:
-        return {"teacher": [], "student": []}
+        return no_taps({})
 
     def player_uses(self) -> dict[str, PlayerUse]:
         return {}
@@ -109,7 +113,7 @@ class FunctionTerm(Term):
     """A stateless term written as ``fn(ctx, **params)``, bound to its params."""
 
     fn: Callable = staticmethod(lambda ctx: None)
-    taps_of: Callable[[dict], dict[str, list[str]]] = staticmethod(lambda params: {"teacher": [], "student": []})
+    taps_of: Callable[[dict], dict[str, list[str]]] = staticmethod(no_taps)
 
     def __init__(self, **params):
         super().__init__()
@@ -124,10 +128,6 @@ class FunctionTerm(Term):
 
     def forward(self, ctx) -> torch.Tensor:
         return self.fn(ctx, **self.params)
-
-
-def no_taps(params: dict[str, Any]) -> dict[str, list[str]]:
-    return {"teacher": [], "student": []}
 
 
 def register(name: str, needs: tuple[str, ...] = (), taps: Callable[[dict], dict[str, list[str]]] = no_taps):

@@ -142,9 +142,6 @@ class Phase:
         """Whether a term reads the teacher's BatchNorm statistics (only then are they computed)."""
         return any("teacher_bn" in t.term.needs for t in self.terms)
 
-    def needs(self, what: str) -> list[WeightedTerm]:
-        return [t for t in self.terms if what in t.term.needs]
-
     def zero_term_grads(self) -> None:
         for t in self.terms:
             if t.optimizer is not None:

@@ -132,9 +132,6 @@ class Players(Mapping[str, Player]):
         player = self._players[name]
         return player.ddp if player.ddp is not None and name in self.active else player.module
 
-    def model_names(self) -> list[str]:
-        return [n for n, p in self._players.items() if p.kind == "model"]
-
     @contextlib.contextmanager
     def training(self, active: set[str]):
         """During a phase only the ``active`` players' parameters take gradients (saving the

@@ -85,6 +85,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
     """The full training state of ``run``."""
     ident = identity(run.config)
     terms = [(p, t) for p in run.phases for t in p.terms]
+    term_states = {_term_key(p, t): t.term.state_dict() for p, t in terms}
     return {"format": ckpt_io.STATE_FORMAT, "identity": ident,
             "identity_sha256": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(),
             "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
@@ -94,7 +95,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
             "real": run.real.state_dict() if run.real else None,
             "labeled": run.labeled.state_dict() if run.labeled else None,
             "synthesis": run.synth.state_dict() if run.synth else None,
-            "terms": {_term_key(p, t): t.term.state_dict() for p, t in terms if t.term.state_dict()},
+            "terms": {key: state for key, state in term_states.items() if state},
             "term_optimizers": {_term_key(p, t): t.optimizer.state_dict() for p, t in terms if t.optimizer}}
 
 
