@@ -155,9 +155,9 @@ class AugmentConfig:
 class SynthesisConfig:
     """Where data-free batches come from (see dfkd/synthesis.py)."""
 
-    kind: Literal["none", "generator", "inversion", "reinit", "meta", "nayer"] = "none"
+    kind: Literal["none", "generator", "inversion", "reinit", "meta", "nayer", "spaceship"] = "none"
     generator: str = "generator"        # kind=generator: the player that generates
-    net: NetConfig = field(default_factory=lambda: NetConfig(name="dcgan", kwargs={"nz": 256}))  # reinit / meta / nayer
+    net: NetConfig = field(default_factory=lambda: NetConfig(name="dcgan", kwargs={"nz": 256}))  # per-batch kinds
     batch_size: int = 256               # synthetic batch, and replay batch from the pool
     labels: Literal["none", "random", "balanced"] = "none"  # classes to ask for (conditional G, onehot_ce)
     inner: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.1, betas=[0.5, 0.999]))
@@ -168,6 +168,8 @@ class SynthesisConfig:
     clamp: bool = False                 # inversion: keep pixels in the dataset's valid range after each step
     init: Literal["default", "dcgan"] = "default"  # reinit: PyTorch's init, or N(0, 0.02) weights (CMI's)
     reset_every: int = 0                # nayer: re-initialize the whole generator every this many batches; 0: never
+    levels: list[int] = field(default_factory=lambda: [0, 1, 2])  # spaceship: generator levels to regenerate from
+    exchange_p: float = 0.7             # spaceship: probability that a replayed batch's channels are exchanged
     pool_size: int = 0                  # synthetic images kept for replay; 0: no pool
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     warmup_epochs: int = 0              # epochs of synthesis alone before the other phases start
@@ -443,12 +445,12 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     """Cross-field checks that types alone can't express."""
     v = validator or _Validator({}, "config")
     syn = config.synthesis
-    per_batch = syn.kind in ("inversion", "reinit", "meta", "nayer")
+    per_batch = syn.kind in ("inversion", "reinit", "meta", "nayer", "spaceship")
     for i, phase in enumerate(config.phases):
         if phase.player == "synthesizer":
             if not per_batch:
                 v.fail(f"phases.{i}.player", f"phases.{i}: the 'synthesizer' phase needs synthesis.kind inversion, "
-                                             f"reinit, meta or nayer (it is '{syn.kind}')")
+                                             f"reinit, meta, nayer or spaceship (it is '{syn.kind}')")
         elif phase.player not in config.players:
             v.fail(f"phases.{i}.player", f"phases.{i}.player '{phase.player}' is not a player "
                                          f"(players: {', '.join(config.players) or 'none'})")

@@ -33,8 +33,10 @@ class Services(NamedTuple):
 
 
 class StepContext:
-    def __init__(self, phase: Phase, batch: Batch, services: Services, step: int):
-        self.phase, self.batch, self.step = phase, batch, step
+    """One optimizer step's view: ``step`` the iteration, ``epoch`` the (0-based) epoch it is in."""
+
+    def __init__(self, phase: Phase, batch: Batch, services: Services, step: int, epoch: int = 0):
+        self.phase, self.batch, self.step, self.epoch = phase, batch, step, epoch
         self._services = services
         self._outputs: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
 
@@ -42,6 +44,15 @@ class StepContext:
     def module(self, player: str) -> nn.Module:
         """What to call ``player``'s network through in this phase (its DDP wrapper if it trains)."""
         return self._services.players.module(player)
+
+    def network(self, network: str) -> nn.Module:
+        """The bare module of ``teacher`` (the first teacher running), ``student`` or a model player,
+        for reading its weights (a DDP wrapper unwrapped)."""
+        if network == "teacher":
+            teachers = self._services.teachers
+            return teachers.modules[teachers.running()[0]]
+        module = self.module(self.phase.student if network == "student" else network)
+        return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
     def record(self, tag: str, value: torch.Tensor) -> None:
         """A diagnostic scalar (not part of the loss), averaged and logged with the losses."""

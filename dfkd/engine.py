@@ -95,7 +95,8 @@ class Engine:
         return evaluate(model, loader or self.test_loader, self.runtime.forward, self.modality, self.info, student)
 
     def context(self, phase: Phase, batch: Batch) -> StepContext:
-        return StepContext(phase, self.student_view(batch), self.services, self.step)
+        return StepContext(phase, self.student_view(batch), self.services, self.step,
+                           self.step // self.iters_per_epoch)
 
     # ---------------------------------------------------------------- batches
     def next_batch(self, phase: Phase) -> Batch:

@@ -30,7 +30,7 @@ from kornia.augmentation import RandomResizedCrop
 from .checkpoint import unwrap as ckpt_unwrap
 from .errors import ConfigError, ShapeError
 from .registry import Registry, nearest
-from .taps import BN_INPUT_MEANS, EMBEDDING
+from .taps import BN_INPUT_MEANS, EMBEDDING, embedding_layer
 
 LOSSES: Registry[type["Term"]] = Registry("loss term")
 
@@ -279,6 +279,196 @@ def attention(ctx, pairs: list[list[str]], p: float = 2) -> torch.Tensor:
                              f"teacher '{teacher_path}' has {tuple(f_t.shape[2:])}; pair layers of equal resolution")
         total = total + F.mse_loss(attention_map(f_s), attention_map(f_t))
     return total
+
+
+def _spatial_pairs(term: str, pairs, maps_s, maps_t) -> None:
+    for (student_path, teacher_path), f_s, f_t in zip(pairs, maps_s, maps_t):
+        if f_s.shape[2:] != f_t.shape[2:]:
+            raise ShapeError(f"{term}: student '{student_path}' has spatial size {tuple(f_s.shape[2:])}, "
+                             f"teacher '{teacher_path}' has {tuple(f_t.shape[2:])}; pair layers of equal resolution")
+
+
+@register("grad_cam", needs=("teacher",), taps=_attention_taps)
+def grad_cam(ctx, pairs: list[list[str]]) -> torch.Tensor:
+    """The Grad-CAM half of SpaceshipNet's multi-scale activation-region constraint (mSARC, Yu
+    et al. 2023): Σ_pairs MSE(g(A_S), g(A_T)) over ``[student_path, teacher_path]`` pairs, where
+    g(A) = Σ_c w_c A_c and w_c is the spatial mean of ∂y_k/∂A_c, y_k the network's logit of the
+    class the teacher predicts. As in the paper's code the weights w are constants (no
+    second-order gradient) and the teacher's maps are targets; SpaceshipNet weights it 1 over the
+    four stage outputs of its ResNets."""
+    images = ctx.teacher_images.detach().requires_grad_(True)  # a teacher pass with a graph to its maps
+    teacher_logits, teacher_features = ctx.teacher_view(images)
+    maps_t = [teacher_features[t] for _, t in pairs]
+    maps_s = [ctx.student_features[s] for s, _ in pairs]
+    _spatial_pairs("grad_cam", pairs, maps_s, maps_t)
+    target = teacher_logits.detach().argmax(1, keepdim=True)
+
+    def cams(logits: torch.Tensor, maps: list[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(logits.gather(1, target).sum(), maps, retain_graph=retain)
+        return [(g.float().mean((2, 3), keepdim=True) * a.float()).sum(1) for g, a in zip(grads, maps)]
+
+    teacher_cams = [c.detach() for c in cams(teacher_logits, maps_t, retain=False)]
+    student_cams = cams(ctx.student_logits, maps_s, retain=True)
+    return sum(F.mse_loss(s, t) for s, t in zip(student_cams, teacher_cams))
+
+
+@register("class_activation", needs=("teacher",), taps=lambda p: {"student": [p["pair"][0]], "teacher": [p["pair"][1]]})
+def class_activation(ctx, pair: list[str]) -> torch.Tensor:
+    """The CAM half of SpaceshipNet's mSARC: MSE between the student's and the teacher's class
+    activation maps, CAM_k = Σ_c W_kc A_c for every class k, where A is the feature map (at
+    ``[student_path, teacher_path]``) that global average pooling turns into the input of the
+    network's last Linear layer, and W that layer's weight (a constant here, as in the paper's
+    code). SpaceshipNet weights it 1."""
+    maps = []
+    for network, path in zip(("student", "teacher"), pair):
+        a = ctx.features_of(network)[path].float()
+        model = ctx.network(network)
+        weight = model.get_submodule(embedding_layer(model)).weight.detach().float()
+        if a.dim() != 4 or a.shape[1] != weight.shape[1]:
+            raise ShapeError(f"class_activation: the {network}'s '{path}' is {tuple(a.shape[1:])} and its classifier "
+                             f"takes {weight.shape[1]} features; CAMs need the map that global pooling feeds the "
+                             f"classifier")
+        maps.append(torch.einsum("bchw,kc->bkhw", a, weight))
+    _spatial_pairs("class_activation", [pair], maps[:1], maps[1:])
+    return F.mse_loss(maps[0], maps[1].detach())
+
+
+# --------------------------------------------------------------------------------------
+# Relation-based and decoupled KD terms
+# --------------------------------------------------------------------------------------
+def _layer_pair_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    student, teacher = params.get("layers", [EMBEDDING, EMBEDDING])
+    return {"student": [student], "teacher": [teacher]}
+
+
+def _related(ctx, term: str, layers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's features at ``layers`` as (N, D) rows, the teacher's
+    detached; a relation compares samples pairwise, so both must hold the same samples."""
+    if len(layers) != 2:
+        raise ConfigError(f"{term}.layers must be [student_path, teacher_path], got {layers}")
+    student, teacher = ctx.student_features[layers[0]], ctx.teacher_features[layers[1]]
+    if student.shape[0] != teacher.shape[0]:
+        raise ShapeError(f"{term}: the student's '{layers[0]}' holds {student.shape[0]} samples and the teacher's "
+                         f"'{layers[1]}' {teacher.shape[0]}; relations between samples need the same batch")
+    return student.float().flatten(1), teacher.detach().float().flatten(1)
+
+
+def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Euclidean distances between the rows of ``e``, the diagonal exactly 0."""
+    squared = e.pow(2).sum(1)
+    d = (squared[:, None] + squared[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+@register("rkd_distance", needs=("teacher",), taps=_layer_pair_taps)
+def rkd_distance(ctx, layers: list[str] = (EMBEDDING, EMBEDDING)) -> torch.Tensor:
+    """RKD's distance-wise term (Park et al. 2019): smooth-L1 between the student's and the
+    teacher's pairwise distances, each divided by its mean non-zero distance. ``layers``:
+    ``[student_path, teacher_path]``, by default both penultimate embeddings; weight 25 in the
+    authors' code."""
+    student, teacher = _related(ctx, "rkd_distance", list(layers))
+
+    def normalized(e: torch.Tensor) -> torch.Tensor:
+        d = pairwise_distances(e)
+        return d / d[d > 0].mean()
+
+    return F.smooth_l1_loss(normalized(student), normalized(teacher))
+
+
+@register("rkd_angle", needs=("teacher",), taps=_layer_pair_taps)
+def rkd_angle(ctx, layers: list[str] = (EMBEDDING, EMBEDDING)) -> torch.Tensor:
+    """RKD's angle-wise term: smooth-L1 between the cosines of the angles that every triplet of
+    samples (i, j, k) makes at j, cos∠(e_i − e_j, e_k − e_j), of the student and of the teacher.
+    Weight 50 in the authors' code."""
+    student, teacher = _related(ctx, "rkd_angle", list(layers))
+
+    def angles(e: torch.Tensor) -> torch.Tensor:
+        directions = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)
+        return torch.bmm(directions, directions.transpose(1, 2)).flatten()
+
+    return F.smooth_l1_loss(angles(student), angles(teacher))
+
+
+@register("sp", needs=("teacher",), taps=_layer_pair_taps)
+def similarity_preserving(ctx, layers: list[str] = (EMBEDDING, EMBEDDING)) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019): ‖G_S − G_T‖²_F / b², G the batch's Gram
+    matrix of flattened features with each row L2-normalized. Its code reads the last stage's
+    feature map (pass its paths as ``layers``) and weights it 3000."""
+    student, teacher = _related(ctx, "sp", list(layers))
+    g_s, g_t = F.normalize(student @ student.t(), dim=1), F.normalize(teacher @ teacher.t(), dim=1)
+    return (g_s - g_t).pow(2).sum() / len(student) ** 2
+
+
+@register("pkt", needs=("teacher",), taps=_layer_pair_taps)
+def pkt(ctx, layers: list[str] = (EMBEDDING, EMBEDDING), eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): each sample's cosine similarities
+    to the batch, mapped to [0, 1] by (s + 1) / 2 and normalized to sum to 1 over the batch, are a
+    distribution; the term is KL(teacher ‖ student) of these, averaged over all b² entries as the
+    authors' code does (so its weight, 30000 there, is on that scale)."""
+    student, teacher = _related(ctx, "pkt", list(layers))
+
+    def conditional(e: torch.Tensor) -> torch.Tensor:
+        e = e / (e.norm(dim=1, keepdim=True) + eps)
+        similarity = (e @ e.t() + 1) / 2
+        return similarity / similarity.sum(1, keepdim=True)
+
+    p_s, p_t = conditional(student), conditional(teacher)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def _fsp_taps(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {"student": list(params["student"]), "teacher": list(params["teacher"])}
+
+
+def fsp_matrices(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FSP matrices of consecutive feature maps: (N, C_i, C_{i+1}) = Σ_hw F_i F_{i+1} / (h·w), the
+    larger map average-pooled to the smaller's size first."""
+    out = []
+    for a, b in zip(maps, maps[1:]):
+        a, b = a.float(), b.float()
+        if a.shape[2:] != b.shape[2:]:
+            a = F.adaptive_avg_pool2d(a, b.shape[2:])
+        out.append(torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)) / a[0, 0].numel())
+    return out
+
+
+@register("fsp", needs=("teacher",), taps=_fsp_taps)
+def fsp(ctx, student: list[str], teacher: list[str]) -> torch.Tensor:
+    """Flow of solution procedure (Yim et al. 2017), relation between layers: Σ_pairs
+    MSE(FSP_S, FSP_T) of the FSP matrices of consecutive layers in ``student`` and ``teacher``
+    (equal-length lists of paths whose channel counts agree layer by layer). Its authors train it
+    as a first stage, then the task (``phases.N.epochs``); weight 50 in RepDistiller."""
+    if len(student) != len(teacher) or len(student) < 2:
+        raise ConfigError(f"fsp: student and teacher need equally many layers, at least 2; got {len(student)} "
+                          f"and {len(teacher)}")
+    total = 0.0
+    pairs = zip(fsp_matrices([ctx.student_features[p] for p in student]),
+                fsp_matrices([ctx.teacher_features[p].detach() for p in teacher]))
+    for i, (g_s, g_t) in enumerate(pairs):
+        if g_s.shape != g_t.shape:
+            raise ShapeError(f"fsp: between '{student[i]}' and '{student[i + 1]}' the student's FSP matrix is "
+                             f"{tuple(g_s.shape[1:])}, the teacher's {tuple(g_t.shape[1:])}; pair layers with "
+                             f"equal channels")
+        total = total + F.mse_loss(g_s, g_t)
+    return total
+
+
+@register("dkd", needs=("teacher", "labels"))
+def dkd(ctx, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int = 20) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022): α·TCKD + β·NCKD, scaled by min((epoch + 1) / warmup, 1).
+    TCKD is the KL between the binary distributions (target class, all others) of teacher and
+    student; NCKD the KL between their distributions over the non-target classes alone; both at
+    temperature T, batchmean, times T²."""
+    s, t, y = ctx.student_logits.float() / T, ctx.teacher_logits.float() / T, ctx.labels
+    target = F.one_hot(y, s.shape[1]).bool()
+    p_s, p_t = s.softmax(1), t.softmax(1)
+    binary_s = torch.stack([p_s[target], p_s.masked_fill(target, 0).sum(1)], 1)
+    binary_t = torch.stack([p_t[target], p_t.masked_fill(target, 0).sum(1)], 1)
+    tckd = F.kl_div(binary_s.clamp_min(1e-12).log(), binary_t, reduction="batchmean")
+    # the target class masked out of both: distributions over the other classes
+    nckd = F.kl_div(s.masked_fill(target, -1e4).log_softmax(1), t.masked_fill(target, -1e4).softmax(1),
+                    reduction="batchmean")
+    return min((ctx.epoch + 1) / warmup, 1.0) * (alpha * tckd + beta * nckd) * T * T
 
 
 # --------------------------------------------------------------------------------------

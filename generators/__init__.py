@@ -85,8 +85,28 @@ class DCGANGenerator(nn.Module):
             raise ShapeError(f"{type(self).__name__} expects z of shape (N, {self.nz}), got {tuple(z.shape)}")
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        images = self.to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
+        return self._to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
+
+    def _to_image(self, features: torch.Tensor) -> torch.Tensor:
+        images = self.to_image(features)
         return (images - self.mean) / self.std if self.output == "pixels" else images
+
+    # Feature levels (SpaceshipNet's generator features): level 0 is the first BatchNorm's output at
+    # 1/2^k of the image size, level i >= 1 the output of upsampling block i.
+    def level_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are levels 0, 1, ...: forward hooks on them read a batch's levels."""
+        return [self.blocks[i - 1] for i in self._level_cuts()]
+
+    def from_level(self, features: torch.Tensor, level: int) -> torch.Tensor:
+        """Images from ``features`` of ``level``, through the rest of the generator as it is now."""
+        cuts = self._level_cuts()
+        if not 0 <= level < len(cuts):
+            raise ValueError(f"{type(self).__name__} has feature levels 0..{len(cuts) - 1}, got {level}")
+        return self._to_image(self.blocks[cuts[level]:](features))
+
+    def _level_cuts(self) -> list[int]:
+        """Where each level ends in ``blocks``: after the first BatchNorm, then after each 4-layer block."""
+        return [1 + 4 * i for i in range(len(self.width_multipliers) + 1)]
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         self._check_latent(z)

@@ -454,7 +454,8 @@ def test_image_pool_add_batch_larger_than_capacity():
 # --------------------------------------------------------------------------------------
 # 7. Resume of data-free runs: generators, pools, memory banks, term optimizers, RNG
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["datafree/dfq-digits", "datafree/cmi-digits", "datafree/fast-digits"])
+@pytest.mark.parametrize("name", ["datafree/dfq-digits", "datafree/cmi-digits", "datafree/fast-digits",
+                                  "datafree/spaceship-digits"])
 def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, fit_until_killed, untrained_teachers):
     overrides = [*tiny(name, "train.epochs=3", "synthesis.pool_size=24", "runtime.deterministic=true",
                        "output.tensorboard=false", "data.eval=false"),

@@ -314,3 +314,145 @@ def test_mad_student_batches_hold_samples_of_the_generator_and_of_its_average(te
 def test_a_tap_layer_that_does_not_exist_is_a_one_line_error_naming_the_nearest(teacher, tmp_path):
     with pytest.raises(ConfigError, match="no module 'relu33' in LeNet5; nearest: relu3"):
         engine_for("datafree/dafl-digits", teacher, tmp_path, "phases.0.losses.activation_norm.layer=relu33")
+
+
+# ---------------------------------------------------------------- SpaceshipNet
+def test_dcgan_generators_regenerate_their_images_from_every_feature_level():
+    torch.manual_seed(0)
+    g = create_generator("dcgan_deep", nz=8, img_shape=(1, 32, 32), ngf=2, output="pixels", mean=(0.5,), std=(0.5,))
+    g.eval()
+    levels = []
+    hooks = [m.register_forward_hook(lambda m, i, o: levels.append(o)) for m in g.level_modules()]
+    images = g(torch.randn(3, 8))
+    for h in hooks:
+        h.remove()
+    assert [f.shape[-1] for f in levels] == [4, 8, 16, 32]
+    for level, features in enumerate(levels):
+        assert torch.allclose(g.from_level(features, level), images)
+    with pytest.raises(ValueError, match="feature levels 0..3, got 4"):
+        g.from_level(levels[0], 4)
+
+
+def test_channel_exchange_takes_half_of_each_samples_channels_from_its_mirror_partner():
+    from dfkd.synthesis.spaceship import exchange_channels
+
+    torch.manual_seed(0)
+    n, channels = 6, 8
+    features = torch.arange(n, dtype=torch.float).view(n, 1, 1, 1).expand(n, channels, 3, 3).clone()
+    mixed = exchange_channels(features)
+    for i in range(n):
+        per_channel = mixed[i, :, 0, 0]
+        assert set(per_channel.tolist()) == {float(i), float(n - 1 - i)}  # only itself and sample N-1-i
+        assert int((per_channel == i).sum()) == channels // 2
+        assert torch.equal(mixed[i], mixed[i, :, :1, :1].expand(channels, 3, 3))  # whole channels move
+    assert not torch.equal(mixed[0, :, 0, 0] == 0, mixed[1, :, 0, 0] == 1)  # halves drawn per sample
+
+
+def _spaceship(**overrides):
+    cfg = SynthesisConfig(kind="spaceship", batch_size=6, labels="balanced", keep="best", pool_size=12,
+                          net=NetConfig(name="dcgan", kwargs={"nz": 8, "ngf": 2, "output": "pixels"}),
+                          inner=OptimConfig(name="adam", lr=0.01, betas=[0.5, 0.999]), **overrides)
+    return create_synthesizer(cfg, dataset_info("digits"), Runtime(RuntimeConfig(device="cpu")))
+
+
+def test_spaceship_keeps_the_best_steps_features_and_regenerates_replays_from_them_in_eval_mode():
+    torch.manual_seed(0)
+    synth = _spaceship(levels=[1], exchange_p=0.0)
+    seen = []  # the level-1 features of every inner step
+    synth.generator.level_modules()[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    losses = iter([3.0, 1.0, 2.0])
+    start = [p.detach().clone() for p in synth.generator.parameters()]
+    synth.synthesize(lambda batch: batch.images.mean() * 1e-3 + next(losses), steps=3)
+    assert torch.equal(synth.features.features[1][:6], seen[1])  # the best step's, not the last one's
+    assert len(synth.features) == 6 and len(synth.pool) == 6
+    assert not torch.equal(start[0], synth.generator.project.weight)  # one generator, trained in place
+    assert synth.generator.training
+    seen.clear()
+    batch = synth.replay()
+    assert synth.generator.training  # put back after regenerating
+    with torch.no_grad():
+        synth.generator.eval()
+        every = synth.generator.from_level(synth.features.features[1][:6], 1)
+        synth.generator.train()
+    for image in batch.images:  # each replayed image is one stored sample through the generator as it is now
+        assert min(float((image - e).abs().max()) for e in every) < 1e-6
+    assert batch.labels is not None and batch.source == "pool"
+
+
+def test_spaceship_exchanged_replays_carry_no_labels_and_bad_levels_are_one_line_errors():
+    torch.manual_seed(0)
+    synth = _spaceship(exchange_p=1.0)
+    synth.synthesize(lambda batch: batch.images.mean(), steps=1)
+    assert synth.replay().labels is None  # exchanged samples mix two classes
+    with pytest.raises(ConfigError, match=r"synthesis.levels must be .* levels 0..2, got \[0, 3\]"):
+        _spaceship(levels=[0, 3])
+    with pytest.raises(ConfigError, match="exchange_p must be a probability"):
+        _spaceship(exchange_p=1.5)
+
+
+class _MapNet(nn.Module):
+    """conv → global average pool → fc: Grad-CAM's weights are fc's row of the class over H·W."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.fc = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        self.maps = self.conv(x)
+        return self.fc(self.maps.mean((2, 3)))
+
+
+def _cam_ctx(teacher, student, x):
+    from types import SimpleNamespace
+
+    def teacher_view(images):
+        logits = teacher(images)
+        return logits, {"conv": teacher.maps}
+
+    s_logits = student(x)
+    t_logits = teacher(x)
+    return SimpleNamespace(teacher_images=x, teacher_view=teacher_view, student_logits=s_logits,
+                           student_features={"conv": student.maps}, teacher_logits=t_logits,
+                           features_of=lambda n: {"conv": (student if n == "student" else teacher).maps},
+                           network=lambda n: student if n == "student" else teacher)
+
+
+def test_grad_cam_term_is_the_mse_of_hand_computed_grad_cams_with_constant_weights():
+    from dfkd.losses import grad_cam
+
+    torch.manual_seed(0)
+    teacher, student = _MapNet(4), _MapNet(2)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(5, 1, 6, 6)
+    ctx = _cam_ctx(teacher, student, x)
+    loss = grad_cam(ctx, pairs=[["conv", "conv"]])
+    k = teacher(x).argmax(1)
+    hw = 36
+    with torch.no_grad():
+        cam_t = torch.einsum("bchw,bc->bhw", teacher.conv(x), teacher.fc.weight[k]) / hw
+    cam_s = torch.einsum("bchw,bc->bhw", student.conv(x), student.fc.weight[k].detach()) / hw
+    expected = F.mse_loss(cam_s, cam_t)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    loss.backward()
+    assert student.fc.weight.grad is None  # Grad-CAM's weights are constants
+    conv_grad = torch.autograd.grad(expected, student.conv.weight)[0]
+    assert torch.allclose(student.conv.weight.grad, conv_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_class_activation_term_compares_cams_made_with_each_networks_own_classifier():
+    from dfkd.errors import ShapeError
+    from dfkd.losses import class_activation
+
+    torch.manual_seed(0)
+    teacher, student = _MapNet(4), _MapNet(2)
+    x = torch.randn(5, 1, 6, 6)
+    ctx = _cam_ctx(teacher, student, x)
+    loss = class_activation(ctx, pair=["conv", "conv"])
+    cam_s = torch.einsum("bchw,kc->bkhw", student.maps, student.fc.weight)
+    cam_t = torch.einsum("bchw,kc->bkhw", teacher.maps, teacher.fc.weight)
+    assert torch.allclose(loss, F.mse_loss(cam_s, cam_t), rtol=1e-5)
+    student.fc = nn.Linear(3, 3)  # a classifier that does not take the map's channels
+    with pytest.raises(ShapeError, match=r"the student's 'conv' is \(2, 6, 6\) and its classifier takes 3 features"):
+        class_activation(ctx, pair=["conv", "conv"])

@@ -280,3 +280,88 @@ def test_build_terms_tagged_duplicates():
     ctx = SimpleNamespace(teacher_logits=t([2.0, 0.0]), student_logits=t([0.0, 1.0]))
     assert terms[1](ctx).item() == approx(kd_kl(ctx, T=4).item())
     assert terms[0](ctx).item() != approx(terms[1](ctx).item())
+
+
+# ---------------------------------------------------------------- relation-based and decoupled terms
+def relation_ctx(student, teacher):
+    from dfkd.taps import EMBEDDING
+    return SimpleNamespace(student_features={EMBEDDING: student}, teacher_features={EMBEDDING: teacher})
+
+
+def smooth_l1(x):
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def test_rkd_distance_hand_example():
+    from dfkd.losses import rkd_distance
+    # teacher: a 3-4-5 triangle, mean distance 4 -> 0.75, 1, 1.25; student: a right isosceles one
+    teacher, student = t([0, 0], [3, 0], [0, 4]), t([0, 0], [1, 0], [0, 1])
+    m = (2 + math.sqrt(2)) / 3
+    pairs = [(1 / m, 0.75), (1 / m, 1.0), (math.sqrt(2) / m, 1.25)]  # (0,1), (0,2), (1,2), each twice
+    expected = 2 * sum(smooth_l1(s - t_) for s, t_ in pairs) / 9
+    assert rkd_distance(relation_ctx(student, teacher)).item() == approx(expected)
+    assert rkd_distance(relation_ctx(2 * teacher, teacher)).item() == approx(0.0)  # scale-free
+
+
+def test_rkd_angle_hand_example():
+    from dfkd.losses import rkd_angle
+    # teacher: right isosceles triangle (cosines 0 at the right angle, 1/√2 at the others);
+    # student: equilateral (0.5 everywhere); each vertex contributes its two off-diagonal cosines
+    teacher = t([0, 0], [1, 0], [0, 1])
+    student = t([0, 0], [1, 0], [0.5, math.sqrt(3) / 2])
+    expected = (2 * smooth_l1(0.5) + 4 * smooth_l1(0.5 - 1 / math.sqrt(2))) / 27
+    assert rkd_angle(relation_ctx(student, teacher)).item() == approx(expected)
+
+
+def test_sp_hand_example():
+    from dfkd.losses import similarity_preserving
+    student, teacher = t([1, 0], [0, 1]), t([1, 0], [1, 0])
+    # G_S = I (rows already unit); G_T = [[1, 1], [1, 1]] -> rows (1/√2, 1/√2)
+    r = 1 / math.sqrt(2)
+    expected = (2 * (1 - r) ** 2 + 2 * r ** 2) / 4
+    assert similarity_preserving(relation_ctx(student, teacher)).item() == approx(expected)
+
+
+def test_pkt_hand_example():
+    from dfkd.losses import pkt
+    student, teacher = t([1, 0], [0, 1]), t([1, 0], [1, 0])
+    # student cosines [[1, 0], [0, 1]] -> (s+1)/2 = [[1, .5], [.5, 1]] -> rows (2/3, 1/3);
+    # teacher cosines all 1 -> rows (1/2, 1/2); KL(teacher ‖ student) per entry, mean over 4 entries
+    row = 0.5 * math.log(0.5 / (2 / 3)) + 0.5 * math.log(0.5 / (1 / 3))
+    assert pkt(relation_ctx(student, teacher)).item() == pytest.approx(2 * row / 4, rel=1e-4)
+
+
+def test_relation_terms_need_the_same_samples_from_both_networks():
+    from dfkd.losses import rkd_distance
+    with pytest.raises(ShapeError, match="holds 3 samples and the teacher's '<embedding>' 2"):
+        rkd_distance(relation_ctx(torch.randn(3, 4), torch.randn(2, 4)))
+
+
+def test_fsp_hand_example_and_channel_mismatch():
+    from dfkd.losses import fsp
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])            # (1, 1, 2, 2)
+    b = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    c = torch.tensor([[[[2.0]]]])                              # (1, 1, 1, 1): a and b pooled to 1x1
+    ctx = SimpleNamespace(student_features={"a": a, "b": b, "c": c},
+                          teacher_features={"a": a, "b": 2 * b, "c": c})
+    # student FSP(a, b) = (1 + 4) / 4; teacher's = 2 * that; FSP(b, c): mean(b) * 2 = 1 vs mean(2b) * 2 = 2
+    expected = (1.25 - 2.5) ** 2 + (1.0 - 2.0) ** 2
+    assert fsp(ctx, student=["a", "b", "c"], teacher=["a", "b", "c"]).item() == approx(expected)
+    ctx.teacher_features["b"] = torch.ones(1, 3, 2, 2)
+    with pytest.raises(ShapeError, match=r"student's FSP matrix is \(1, 1\), the teacher's \(1, 3\)"):
+        fsp(ctx, student=["a", "b"], teacher=["a", "b"])
+
+
+def test_dkd_rebuilds_classical_kd_from_its_two_parts():
+    from dfkd.losses import dkd
+    # DKD's identity: KD = TCKD + (1 - p_t) NCKD, p_t the teacher's target probability (one sample)
+    torch.manual_seed(0)
+    s, te, y, T = torch.randn(1, 5), torch.randn(1, 5), torch.tensor([2]), 4.0
+    ctx = SimpleNamespace(student_logits=s, teacher_logits=te, labels=y, epoch=0)
+    p_target = (te / T).softmax(1)[0, 2].item()
+    rebuilt = dkd(ctx, alpha=1.0, beta=1 - p_target, T=T, warmup=1)
+    assert rebuilt.item() == approx(kd_kl(ctx, T=T).item())
+    # warm-up: epoch 0 of 20 counts 1/20, epoch 19 and later fully
+    full = dkd(SimpleNamespace(student_logits=s, teacher_logits=te, labels=y, epoch=19))
+    assert dkd(ctx).item() == approx(full.item() / 20)
+    assert dkd(SimpleNamespace(student_logits=s, teacher_logits=te, labels=y, epoch=50)).item() == approx(full.item())

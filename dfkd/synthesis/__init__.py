@@ -9,6 +9,8 @@
                steps, then the shared weights meta-updated by Reptile or first-order MAML
                (Fast-DFKD).
 ``nayer``      one generator, fed class embeddings through a noisy layer re-drawn per batch (NAYER).
+``spaceship``  one generator optimized per batch; replayed batches are regenerated from its stored
+               intermediate features, channels exchanged between samples (SpaceshipNet).
 
 Every strategy may keep what it made in an image pool that ``pool`` phases replay. The per-batch
 strategies run as the pseudo-player ``synthesizer``: its phase's ``steps`` are the inner
@@ -23,7 +25,7 @@ from ..data import DatasetInfo
 from ..phases import SYNTHESIZER
 from ..runtime import Runtime
 from .base import SYNTHESIZERS, ImagePool, PerBatchSynthesizer, Synthesizer, build_generator
-from . import generator, inversion, meta, nayer, reinit  # noqa: F401  (they register themselves)
+from . import generator, inversion, meta, nayer, reinit, spaceship  # noqa: F401  (they register themselves)
 
 __all__ = ["SYNTHESIZER", "SYNTHESIZERS", "ImagePool", "PerBatchSynthesizer", "Synthesizer", "build_generator",
            "create_synthesizer"]

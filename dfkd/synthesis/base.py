@@ -143,6 +143,9 @@ class PerBatchSynthesizer(Synthesizer):
     def finish(self) -> None:
         """After a batch's inner steps."""
 
+    def kept(self) -> None:
+        """The step just taken made the batch that will be kept (so far)."""
+
     def synthesize(self, run_step: Callable[[Batch], torch.Tensor], steps: int,
                    after_backward: Callable[[], None] = lambda: None, on_keep: Callable[[], None] = lambda: None
                    ) -> None:
@@ -168,6 +171,7 @@ class PerBatchSynthesizer(Synthesizer):
             value = loss.item()
             if self.cfg.keep == "last" or value < best_loss:
                 best, best_loss = images.detach(), value
+                self.kept()
                 on_keep()
         self.finish()
         self.last = Batch(best, labels, "synthetic")
