@@ -128,7 +128,8 @@ def build_run(config: Config) -> Run:
                             else build_generator(pc.net, info, runtime.device))
                for name, pc in config.players.items() if pc.kind in ("model", "generator")}
     model_taps = _install_taps(phases, players, teachers)
-    sizes = _Shapes(runtime, teachers, players, model_taps, info, student_shape)
+    sizes = _Shapes(runtime, teachers, players, model_taps, info, student_shape,
+                    train_split.labels if train_split is not None else None)
     for name, (pc, module) in _build_sized_players(config, phases, sizes, info).items():
         players[name] = player(name, pc, module)
     players = Players({name: players[name] for name in config.players})  # config order
@@ -222,9 +223,10 @@ class _Shapes:
     """The one probe: a network's logit and tapped-feature shapes (without the batch) from a
     dummy batch in eval mode, so no running statistic moves; one forward per network."""
 
-    def __init__(self, runtime, teachers, players, model_taps, info, student_shape):
+    def __init__(self, runtime, teachers, players, model_taps, info, student_shape, train_labels=None):
         self.runtime, self.teachers, self.players, self.model_taps = runtime, teachers, players, model_taps
         self.info, self.student_shape = info, student_shape
+        self.train_labels = train_labels  # the real training split's labels (None: the run reads none)
         self._seen: dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]] = {}
 
     def _probe(self, network: str) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:

@@ -139,6 +139,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class TensorLoader:
     """Batches of ``(normalized images, labels)`` on ``device`` from an :class:`ImageTensorDataset`.
 
+    ``last_index``: the dataset indices of the batch yielded last (CRD's memory is per sample).
+
     Each pass over the loader is one epoch. With ``shuffle`` or ``augment``, the
     randomness of epoch ``e`` is a function of ``(seed, e)`` only, so a run
     reproduces even when an epoch is abandoned half-way. Assign ``epoch`` to resume.
@@ -172,6 +174,7 @@ class TensorLoader:
         self.seed = seed
         self.rank, self.world_size = shard
         self.epoch = 0
+        self.last_index: torch.Tensor | None = None
 
     def _samples(self) -> int:
         return len(self.dataset) // self.world_size if self.world_size > 1 else len(self.dataset)
@@ -189,7 +192,7 @@ class TensorLoader:
         # pairs of two modalities get no augmentation: one crop cannot be drawn for both shapes
         policy = self.dataset.info.augment if self.augment and self.dataset.paired is None else "none"
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
+            index = self.last_index = order[start : start + self.batch_size]
             images = self.dataset.images[index].to(self.device).float() / 255
             images = augment_batch(images, policy, generator)
             labels = self.dataset.labels[index].to(self.device)

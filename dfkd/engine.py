@@ -123,7 +123,8 @@ class Engine:
         images themselves (differentiably, so synthesis can train through the modality)."""
         if self.modality is None or batch.teacher_images is not None:
             return batch
-        return Batch(self.modality(batch.images, self.info), batch.labels, batch.source, batch.images, batch.plain)
+        return Batch(self.modality(batch.images, self.info), batch.labels, batch.source, batch.images, batch.plain,
+                     batch.index)
 
     # ---------------------------------------------------------------- one phase
     def phase_loss(self, phase: Phase, batch: Batch) -> torch.Tensor:

@@ -96,7 +96,8 @@ class Term(nn.Module):
         return {}
 
     def build(self, probe: Probe) -> None:
-        pass
+        """Size the term's own layers: ``probe(feature)`` is a feature's shape without the batch;
+        ``probe.train_labels`` the labels of the real training split (None when the run reads none)."""
 
     def end_batch(self) -> None:
         pass
@@ -469,6 +470,97 @@ def dkd(ctx, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int 
     nckd = F.kl_div(s.masked_fill(target, -1e4).log_softmax(1), t.masked_fill(target, -1e4).softmax(1),
                     reduction="batchmean")
     return min((ctx.epoch + 1) / warmup, 1.0) * (alpha * tckd + beta * nckd) * T * T
+
+
+def nce_loss(scores: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """NCE of CRD's code: ``scores`` (B, 1 + K) are the positive's and K noise samples'
+    exp(similarity / T) / Z; the noise distribution is uniform over ``n_data`` samples."""
+    k, noise = scores.shape[1] - 1, 1.0 / n_data
+    log_d1 = torch.log(scores[:, 0] / (scores[:, 0] + k * noise + eps))
+    log_d0 = torch.log(k * noise / (scores[:, 1:] + k * noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / scores.shape[0]
+
+
+@register("crd", needs=("teacher",))
+class ContrastiveRepresentation(Term):
+    """Contrastive representation distillation (Tian et al. 2020). Student and teacher features at
+    ``layers`` (default: the penultimate embeddings) are embedded by a Linear layer each to ``dim``
+    and L2-normalized. A memory of every training sample's embedding is kept per network. Each
+    student embedding is scored against the teacher memory's rows of its own sample (the positive)
+    and of ``negatives`` samples of other classes (CRD's "exact" sampling), exp(v·m / T) / Z with Z
+    fixed at the first step; likewise each teacher embedding against the student memory; the loss
+    is the NCE of both. Then each sample's memory rows move to its new embeddings (momentum
+    ``momentum``, L2-normalized). CRD weights it 0.8 (dim 128, 16384 negatives, T 0.07, momentum
+    0.5). Its embeddings train with SGD (momentum 0.9, weight decay 5e-4) at the phase's learning
+    rate, as CRD trains them with the student. It needs the samples' indices: real-data batches."""
+
+    def __init__(self, layers: list[str] = (EMBEDDING, EMBEDDING), dim: int = 128, negatives: int = 16384,
+                 T: float = 0.07, momentum: float = 0.5):
+        super().__init__()
+        if len(layers) != 2:
+            raise ConfigError(f"crd.layers must be [student_path, teacher_path], got {list(layers)}")
+        if T <= 0 or negatives < 1 or not 0 <= momentum < 1:
+            raise ConfigError(f"crd: T must be positive, negatives >= 1 and momentum in [0, 1); got T={T}, "
+                              f"negatives={negatives}, momentum={momentum}")
+        self.layers, self.dim, self.negatives, self.T, self.momentum = list(layers), dim, negatives, T, momentum
+        self.embed_student: nn.Linear | None = None
+        self.embed_teacher: nn.Linear | None = None
+        for name in ("memory_student", "memory_teacher", "labels"):
+            self.register_buffer(name, torch.zeros(0))
+        self.register_buffer("z", torch.full((2,), -1.0))  # Z of the student's and the teacher's scores
+
+    def taps(self) -> dict[str, list[str]]:
+        return {"student": [self.layers[0]], "teacher": [self.layers[1]]}
+
+    def build(self, probe) -> None:
+        if probe.train_labels is None:
+            raise ConfigError("crd needs real training batches (their sample indices); this run reads none")
+        self.build_memory(math.prod(probe(Feature("student", self.layers[0]))),
+                          math.prod(probe(Feature("teacher", self.layers[1]))), probe.train_labels)
+
+    def build_memory(self, student_dim: int, teacher_dim: int, labels: torch.Tensor) -> None:
+        device = self.z.device
+        self.embed_student = nn.Linear(student_dim, self.dim).to(device)
+        self.embed_teacher = nn.Linear(teacher_dim, self.dim).to(device)
+        bound = 1.0 / math.sqrt(self.dim / 3)  # CRD's uniform initialization of the memory
+        self.memory_student = (torch.rand(len(labels), self.dim, device=device) * 2 - 1) * bound
+        self.memory_teacher = (torch.rand(len(labels), self.dim, device=device) * 2 - 1) * bound
+        self.labels = labels.to(device)
+
+    def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+    def sample_negatives(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, negatives) indices of training samples of other classes than each row's, uniformly."""
+        out = torch.empty(len(labels), self.negatives, dtype=torch.long, device=labels.device)
+        for c in labels.unique():
+            others = (self.labels != c).nonzero().squeeze(1)
+            rows = (labels == c).nonzero().squeeze(1)
+            out[rows] = others[torch.randint(len(others), (len(rows), self.negatives), device=labels.device)]
+        return out
+
+    def forward(self, ctx) -> torch.Tensor:
+        index = ctx.batch.index
+        if index is None:
+            raise ConfigError(f"crd needs each sample's index in the training split; '{ctx.batch.source}' batches "
+                              f"carry none (use it on real batches, without mixup)")
+        student, teacher = _related(ctx, "crd", self.layers)
+        v_s = F.normalize(self.embed_student(student), dim=1)
+        v_t = F.normalize(self.embed_teacher(teacher), dim=1)
+        rows = torch.cat([index[:, None], self.sample_negatives(self.labels[index])], dim=1)  # positive first
+        n = len(self.labels)
+        # scored against every row, then the drawn ones picked: cheaper than gathering B x (1 + K) rows
+        scores_s = torch.exp((v_s @ self.memory_teacher.t()).gather(1, rows) / self.T)
+        scores_t = torch.exp((v_t @ self.memory_student.t()).gather(1, rows) / self.T)
+        with torch.no_grad():
+            if self.z[0] < 0:  # CRD fixes each normalizer at its first batch's mean score x n
+                self.z.copy_(torch.stack([scores_s.mean() * n, scores_t.mean() * n]))
+            # out of place: the scores' backward still needs the memories as they were
+            for name, v in (("memory_student", v_s), ("memory_teacher", v_t)):
+                memory = getattr(self, name)
+                moved = F.normalize(self.momentum * memory[index] + (1 - self.momentum) * v.detach(), dim=1)
+                setattr(self, name, memory.index_put((index,), moved))
+        return nce_loss(scores_s / self.z[0], n) + nce_loss(scores_t / self.z[1], n)
 
 
 # --------------------------------------------------------------------------------------

@@ -261,14 +261,20 @@ class MobileNetV2(_StagedNet):
 # create_model can check options before building; models that adapt to any size ignore image_size.
 
 @MODELS.register("lenet5")
-def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, batchnorm: bool = True) -> nn.Module:
-    return LeNet5(in_channels, num_classes, image_size, batchnorm=batchnorm)
+def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, batchnorm: bool = True,
+           width: float = 1.0) -> nn.Module:
+    """``width`` scales every layer's channels (rounded, at least 1): 0.5 is ``lenet5_half``,
+    0.125 (1, 2, 15, 10 channels) a student with a real capacity gap to LeNet-5."""
+    if not width > 0:
+        raise ConfigError(f"lenet5: width must be positive, got {width}")
+    channels = tuple(max(1, round(c * width)) for c in (6, 16, 120, 84))
+    return LeNet5(in_channels, num_classes, image_size, channels=channels, batchnorm=batchnorm)
 
 
 @MODELS.register("lenet5_half", "lenet5-half")
 def lenet5_half(in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
                 batchnorm: bool = True) -> nn.Module:
-    return LeNet5(in_channels, num_classes, image_size, channels=(3, 8, 60, 42), batchnorm=batchnorm)
+    return lenet5(in_channels, num_classes, image_size, batchnorm, width=0.5)
 
 
 def _register_resnet(name: str, blocks_per_stage: list[int], widths: list[int]) -> None:

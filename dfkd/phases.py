@@ -28,6 +28,7 @@ class Batch:
     source: str = "real"
     teacher_images: torch.Tensor | None = None  # cross-modal: what the teacher sees (None: ``images``)
     plain: torch.Tensor | None = None           # per-batch synthesis: the images before augmentation
+    index: torch.Tensor | None = None           # real batches: the samples' indices in the training split
 
 
 class RealStream:
@@ -50,11 +51,13 @@ class RealStream:
             self.epoch, self.index, self._it = self.epoch + 1, 0, None
             return self.next()
         self.index += 1
+        index = self.loader.last_index.to(item[1].device)
         if len(item) == 3:  # cross-modal pairs: students see the second modality, the teacher the first
             images, labels, paired = item
-            return Batch(paired, None if bool((labels < 0).any()) else labels, "real", teacher_images=images)
+            return Batch(paired, None if bool((labels < 0).any()) else labels, "real", teacher_images=images,
+                         index=index)
         images, labels = item
-        return Batch(images, labels, "real")
+        return Batch(images, labels, "real", index=index)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -102,14 +105,14 @@ def build_batch_transform(phase: PhaseConfig, shape: tuple[int, int, int]) -> Ca
     beta = torch.distributions.Beta(phase.mixup, phase.mixup) if phase.mixup else None
 
     def transform(batch: Batch) -> Batch:
-        images, labels, source = batch.images, batch.labels, batch.source
+        images, labels, source, index = batch.images, batch.labels, batch.source, batch.index
         if augment is not None:
             images = augment(images)
-        if beta is not None:
+        if beta is not None:  # a mixed image is no one sample: no label, no index
             lam = beta.sample((images.shape[0], 1, 1, 1)).to(images.device, images.dtype)
             partner = images[torch.randperm(images.shape[0], device=images.device)]
-            images, labels, source = lam * images + (1 - lam) * partner, None, f"{source}+mixup"
-        return Batch(images, labels, source)
+            images, labels, source, index = lam * images + (1 - lam) * partner, None, f"{source}+mixup", None
+        return Batch(images, labels, source, index=index)
 
     return transform
 

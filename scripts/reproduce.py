@@ -66,7 +66,39 @@ class Teachers:
         return self.files[dataset, batchnorm]
 
 
-def _mean_std(values: list[float]) -> str:
+def table_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The options the table scripts share: seeds, teachers, threads, folder, overrides, resuming."""
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--teacher-digits", help="LeNet-5 (BatchNorm) model file for digits")
+    p.add_argument("--teacher-fmnist", help="LeNet-5 (BatchNorm) model file for Fashion-MNIST")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out", default=out)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    p.add_argument("--skip-done", action="store_true", help="skip runs already in results.jsonl")
+    p.add_argument("--table-only", action="store_true", help="only render results.jsonl")
+
+
+def read_results(out: str) -> tuple[Path, Path, list[dict]]:
+    """The table's folder, its results.jsonl and the rows already in it."""
+    root = Path(out)
+    results = root / "results.jsonl"
+    return root, results, [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+
+
+def append_row(results: Path, rows: list[dict], row: dict) -> None:
+    """One finished run, written at once: a killed table loses only the run in flight."""
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows.append(row)
+
+
+def write_table(root: Path, table: str) -> int:
+    (root / "results.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if values else "–"
@@ -81,8 +113,8 @@ def render(rows: list[dict]) -> str:
              "teacher (acc, sha256) | published |", "|" + "---|" * 10]
     for (dataset, config), group in groups.items():
         first = group[0]
-        cells = [dataset, config, _mean_std([r["final_acc"] for r in group]),
-                 _mean_std([r["best_acc"] for r in group]), ", ".join(str(r["seed"]) for r in group),
+        cells = [dataset, config, mean_std([r["final_acc"] for r in group]),
+                 mean_std([r["best_acc"] for r in group]), ", ".join(str(r["seed"]) for r in group),
                  f"{statistics.mean(r['time_synthesis_s'] for r in group):.0f}",
                  f"{statistics.mean(r['time_total_s'] for r in group):.0f}", f"{first['budget']} / {first['paper_budget']}",
                  f"{first['teacher_acc']:.2f}, {first['teacher_sha256'][:12]}", first.get("published") or ""]
@@ -96,18 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--recipes", nargs="+", default=["fast"], choices=["fast", "paper"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--teacher-digits", help="LeNet-5 (BatchNorm) model file for digits")
-    p.add_argument("--teacher-fmnist", help="LeNet-5 (BatchNorm) model file for Fashion-MNIST")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run")
-    p.add_argument("--skip-done", action="store_true", help="skip runs already in results.jsonl")
-    p.add_argument("--table-only", action="store_true", help="only render results.jsonl")
+    table_arguments(p, "runs/reproduce")
     args = p.parse_args(argv)
-    root = Path(args.out)
-    results = root / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    root, results, rows = read_results(args.out)
     if not args.table_only:
         root.mkdir(parents=True, exist_ok=True)
         done = {(r["dataset"], r["config"], r["seed"]) for r in rows} if args.skip_done else set()
@@ -134,13 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                                "teacher": teacher,
                                "teacher_sha256": meta["sha256"], "published": PUBLISHED.get((dataset, method)),
                                "overrides": args.set}
-                        with results.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                        rows.append(row)
-    table = render(rows)
-    (root / "results.md").write_text(table)
-    print(table, end="")
-    return 0
+                        append_row(results, rows, row)
+    return write_table(root, render(rows))
 
 
 if __name__ == "__main__":

@@ -365,3 +365,51 @@ def test_dkd_rebuilds_classical_kd_from_its_two_parts():
     full = dkd(SimpleNamespace(student_logits=s, teacher_logits=te, labels=y, epoch=19))
     assert dkd(ctx).item() == approx(full.item() / 20)
     assert dkd(SimpleNamespace(student_logits=s, teacher_logits=te, labels=y, epoch=50)).item() == approx(full.item())
+
+
+def nce_by_hand(scores, n):
+    k, noise = len(scores) - 1, 1 / n
+    return -(math.log(scores[0] / (scores[0] + k * noise + 1e-7))
+             + sum(math.log(k * noise / (s + k * noise + 1e-7)) for s in scores[1:]))
+
+
+def test_crd_scores_each_embedding_against_the_other_networks_memory_and_then_updates_it():
+    from dfkd.losses import ContrastiveRepresentation
+    from dfkd.taps import EMBEDDING
+
+    crd = ContrastiveRepresentation(dim=2, negatives=3, T=0.5, momentum=0.5)
+    crd.build_memory(2, 2, torch.tensor([0, 0, 1, 1]))
+    with torch.no_grad():
+        for embed in (crd.embed_student, crd.embed_teacher):
+            embed.weight.copy_(torch.eye(2))
+            embed.bias.zero_()
+        crd.memory_teacher.copy_(t([0, 1], [5, 5], [0, 1], [0, 1]))   # samples 2, 3 (class 1) alike, so
+        crd.memory_student.copy_(t([0.6, 0.8], [5, 5], [-1, 0], [-1, 0]))  # any negative draw scores the same
+    batch = SimpleNamespace(index=torch.tensor([0]), source="real")
+    ctx = SimpleNamespace(batch=batch, student_features={EMBEDDING: t([3, 4])}, teacher_features={EMBEDDING: t([1, 0])})
+    loss = crd(ctx)
+    # student v = (0.6, 0.8) against teacher memory rows 0, then three of {2, 3}; teacher v = (1, 0) likewise
+    s = [math.exp(0.8 / 0.5)] * 4
+    tt = [math.exp(0.6 / 0.5)] + [math.exp(-1 / 0.5)] * 3
+    z_s, z_t = sum(s) / 4 * 4, sum(tt) / 4 * 4
+    expected = nce_by_hand([x / z_s for x in s], 4) + nce_by_hand([x / z_t for x in tt], 4)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    r = 1 / math.sqrt(2)  # sample 0's rows moved halfway to its new embeddings, renormalized
+    assert torch.allclose(crd.memory_teacher[0], t([r, r])[0])
+    assert torch.allclose(crd.memory_student[0], t([0.6, 0.8])[0])
+    assert torch.allclose(crd.memory_teacher[1], t([5, 5])[0])  # other samples untouched
+    z = crd.z.clone()
+    crd(ctx)
+    assert torch.equal(crd.z, z)  # the normalizers are fixed at the first step
+    negatives = crd.sample_negatives(torch.tensor([0, 1, 1]))
+    assert set(negatives[0].tolist()) <= {2, 3} and set(negatives[1:].flatten().tolist()) <= {0, 1}
+
+
+def test_crd_on_batches_without_sample_indices_is_a_one_line_error():
+    from dfkd.losses import ContrastiveRepresentation
+
+    crd = ContrastiveRepresentation(dim=2, negatives=1)
+    crd.build_memory(2, 2, torch.tensor([0, 1]))
+    ctx = SimpleNamespace(batch=SimpleNamespace(index=None, source="synthetic"))
+    with pytest.raises(ConfigError, match="crd needs each sample's index in the training split; 'synthetic' batches"):
+        crd(ctx)

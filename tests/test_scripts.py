@@ -214,3 +214,20 @@ def test_fingerprint_reports_identical_runs_and_names_what_differs(tmp_path, cap
     assert fingerprint.main(["--out", str(second), "--cases", "teacher", "--root", str(tmp_path / "r3"),
                              "--compare", str(first)]) == 1
     assert "differ: teacher.model" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ taxonomy.py
+def test_taxonomy_table_has_the_thin_student_fsp_at_full_width_and_the_published_anchor(tmp_path, teacher, capsys):
+    taxonomy = load_script("taxonomy")
+    out = tmp_path / "kd"
+    args = ["--datasets", "digits", "--methods", "student", "fsp", "--seeds", "0", "1", "--teacher-digits", teacher,
+            "--out", str(out), "--set", "train.epochs=1"]
+    assert taxonomy.main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"], r["student"]) for r in rows] == [
+        ("student", 0, "LeNet-5 × 0.125"), ("student", 1, "LeNet-5 × 0.125"), ("fsp", 0, "LeNet-5"), ("fsp", 1, "LeNet-5")]
+    student = next(line for line in (out / "results.md").read_text().splitlines() if "kd/student-digits" in line)
+    assert "| 0, 1 |" in student and student.endswith("| 69.06 |")
+    capsys.readouterr()
+    assert taxonomy.main([*args, "--skip-done"]) == 0  # nothing left to run
+    assert "taxonomy:" not in capsys.readouterr().err

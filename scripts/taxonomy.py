@@ -1,0 +1,92 @@
+"""The knowledge-distillation table: every kd/ config against the student alone, on real data.
+
+    python scripts/taxonomy.py [--datasets digits fmnist] [--methods student kd ...] [--seeds 0 1 2]
+        [--width 0.125] [--teacher-digits PATH] [--teacher-fmnist PATH] [--out runs/taxonomy]
+        [--set KEY=VALUE ...] [--skip-done] [--table-only]
+
+Teacher LeNet-5 (``teacher/lenet5-<dataset>``, trained at seed 0 unless given); student LeNet-5 at
+``--width`` of its channels (default 1/8: a real capacity gap), except FSP, whose matrices compare
+channel by channel and so keep the teacher's widths (its row says so). Each finished run is
+appended to ``<out>/results.jsonl`` at once (``--skip-done`` resumes a killed table);
+``<out>/results.md`` holds one table per dataset: final accuracy (mean ± sample std over seeds; the
+best beside it, for reference only), seconds per run, and the published CIFAR-100 ResNet-56 →
+ResNet-20 number of each method, the ordering to compare with.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import append_row, mean_std, read_results, table_arguments, train_teacher, write_table  # noqa: E402,E501
+
+from dfkd.config import load_config  # noqa: E402
+from dfkd.engine import Engine  # noqa: E402
+
+METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd"]
+DATASETS = {"digits": "digits", "fmnist": "Fashion-MNIST"}
+SAME_WIDTH = {"fsp"}  # FSP matrices need the teacher's channel counts
+# CIFAR-100, ResNet-56 (72.34) -> ResNet-20: Tian et al. 2020 (CRD), Table 1; DKD: Zhao et al. 2022
+PUBLISHED = {"student": 69.06, "kd": 70.66, "hint": 69.21, "at": 70.55, "rkd": 69.61, "sp": 69.67, "pkt": 70.34,
+             "crd": 71.16, "fsp": 69.95, "dkd": 71.97}
+
+
+def render(rows: list[dict]) -> str:
+    latest = {(r["dataset"], r["method"], r["seed"]): r for r in rows}
+    out = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        groups: dict[str, list[dict]] = {}
+        for (d, method, _), row in latest.items():
+            if d == dataset:
+                groups.setdefault(method, []).append(row)
+        first = next(iter(groups.values()))[0]
+        out += [f"**{DATASETS.get(dataset, dataset)}**, teacher LeNet-5 {first['teacher_acc']:.2f}%", "",
+                "| method | student | final | best | seeds | s per run | CIFAR-100 R56→R20 (published) |",
+                "|" + "---|" * 7]
+        for method, group in groups.items():
+            cells = [f"kd/{method}-{dataset}", group[0]["student"], mean_std([r["final_acc"] for r in group]),
+                     mean_std([r["best_acc"] for r in group]), ", ".join(str(r["seed"]) for r in group),
+                     f"{statistics.mean(r['time_total_s'] for r in group):.0f}", str(PUBLISHED.get(method, "–"))]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--width", type=float, default=0.125, help="the student's LeNet-5 width")
+    table_arguments(p, "runs/taxonomy")
+    args = p.parse_args(argv)
+    root, results, rows = read_results(args.out)
+    if not args.table_only:
+        root.mkdir(parents=True, exist_ok=True)
+        done = {(r["dataset"], r["method"], r["seed"]) for r in rows} if args.skip_done else set()
+        for dataset in args.datasets:
+            teacher = getattr(args, f"teacher_{dataset}")
+            if teacher is None:
+                found = sorted((root / "teachers").glob(f"teacher-lenet5-{dataset}/*/ckpt/final.pt"))
+                teacher = str(found[-1]) if found else train_teacher(f"teacher/lenet5-{dataset}",
+                                                                     root / "teachers", args.threads)
+            for method in args.methods:
+                student = "LeNet-5" if method in SAME_WIDTH else f"LeNet-5 × {args.width:g}"
+                width = [] if method in SAME_WIDTH else [
+                    "players.student.net.name=lenet5", f"players.student.net.kwargs={{width: {args.width}}}"]
+                for seed in args.seeds:
+                    if (dataset, method, seed) in done:
+                        continue
+                    print(f"taxonomy: kd/{method}-{dataset} seed {seed}", file=sys.stderr)
+                    overrides = [f"teacher.checkpoint={teacher}", f"output.root={root}", f"seed={seed}",
+                                 f"runtime.num_threads={args.threads}", *width, *args.set]
+                    summary = Engine(load_config(f"kd/{method}-{dataset}", overrides)).fit()
+                    row = {"dataset": dataset, "method": method, "student": student, **summary, "teacher": teacher,
+                           "overrides": args.set}
+                    append_row(results, rows, row)
+    return write_table(root, render(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
