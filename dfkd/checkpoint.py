@@ -21,7 +21,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,15 +32,15 @@ MODEL_FORMAT = "dfkd.model/1"
 STATE_FORMAT = "dfkd.state/1"
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temporary file in the same folder and an atomic rename, so a
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """``write(file)`` into a temporary file in the same folder, then an atomic rename, so a
     crash or kill during the write leaves the previous file whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,6 +48,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` written atomically (see :func:`_atomic_write`)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -100,6 +100,25 @@ def _eval(args, extra: list[str]) -> int:
     return 0
 
 
+def _chain(args, extra: list[str]) -> int:
+    from .chain import Chain, load_chain
+
+    if args.resume:
+        if extra or args.config:
+            raise DfkdError("--resume continues a chain as it was configured; give no --config or overrides")
+        chain = Chain.resume(args.resume)
+    else:
+        if not args.config:
+            raise DfkdError("dfkd chain needs --config (a chain/ config) or --resume CHAIN_DIR")
+        overrides = _overrides(extra) + ([f"seed={args.seed}"] if args.seed is not None else []) + \
+            ([f"root={args.out}"] if args.out else [])
+        chain = Chain(load_chain(args.config, overrides))
+    print(f"chain folder: {chain.folder}", file=sys.stderr)
+    state = chain.run()
+    print((chain.folder / "chain.md").read_text(), end="")
+    return 0 if state else 1
+
+
 def _list(args, extra: list[str]) -> int:
     from . import config, data, discriminators, losses, modalities, models
 
@@ -134,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="CKPT", action="append",
                    help="teacher model file (shortcut for teacher.checkpoint=...); repeat it for an ensemble")
 
+    p = sub.add_parser("chain", help="Run a chain of distillations (TAKD, DGKD, born-again), each stage's "
+                                     "model the next one's teacher.", description="Extra arguments are chain "
+                                     "config overrides (stage overrides go in the config).")
+    p.add_argument("--config", help="chain config: a shipped chain/ name or a YAML path")
+    p.add_argument("--resume", metavar="CHAIN_DIR", help="continue a killed chain in its folder")
+    p.add_argument("--seed", type=int, help="shortcut for seed=N")
+    p.add_argument("--out", help="output root (shortcut for root=DIR)")
+
     p = sub.add_parser("eval", help="Evaluate a model file on a dataset split.")
     p.add_argument("checkpoint")
     p.add_argument("--data", help="dataset name (default: the one the checkpoint was trained on)")
@@ -152,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     handlers = {"teacher": lambda: _run(args, extra, "teacher"), "distill": lambda: _run(args, extra, "distill"),
-                "eval": lambda: _eval(args, extra), "list": lambda: _list(args, extra)}
+                "eval": lambda: _eval(args, extra), "list": lambda: _list(args, extra),
+                "chain": lambda: _chain(args, extra)}
     if extra and args.command in ("eval", "list"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -83,11 +83,12 @@ class NetConfig:
 class TeacherConfig:
     """The frozen teacher, or an ensemble of them. ``checkpoint`` is one model file or a list;
     an ensemble's output is, per ``ensemble``: ``mean`` (the averaged soft targets), ``random``
-    (one teacher picked per iteration, as in MEAL) or ``confidence`` (each sample's soft targets
-    averaged with weights ∝ each teacher's top-class probability)."""
+    (one teacher picked per iteration, as in MEAL), ``confidence`` (each sample's soft targets
+    averaged with weights ∝ each teacher's top-class probability) or ``drop_one`` (the mean of all
+    but one teacher, dropped at random per iteration: DGKD's stochastic guidance)."""
 
     checkpoint: Union[str, list[str], None] = None
-    ensemble: Literal["mean", "random", "confidence"] = "mean"
+    ensemble: Literal["mean", "random", "confidence", "drop_one"] = "mean"
     # the teacher a paper's recipe was written for (name and kwargs); another gets a one-line warning
     expected: Optional[NetConfig] = None
 
@@ -432,6 +433,11 @@ class _Validator:
                 self.fail(full, f"unknown key '{full}'{hint}")
         kwargs = {k: self.build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
         return cls(**kwargs)
+
+
+def dataclass_from_dict(cls: type, data: dict, origin: dict[str, str] | None = None, default_origin: str = "config"):
+    """Any config dataclass (a run's, a chain's) from its raw mapping, with the same one-line errors."""
+    return _Validator(origin or {}, default_origin).build_dataclass(cls, data, "")
 
 
 def config_from_dict(data: dict, origin: dict[str, str] | None = None, default_origin: str = "config") -> Config:

@@ -117,6 +117,11 @@ class StepContext:
         return self._teacher_pass.logits
 
     @property
+    def each_teacher_logits(self) -> list[torch.Tensor]:
+        """The logits of every teacher running this iteration, one tensor each (an ensemble's parts)."""
+        return self._teacher_pass.each
+
+    @property
     def teacher_bn(self) -> list[BNStats]:
         return self._teacher_pass.bn
 

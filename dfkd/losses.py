@@ -236,11 +236,14 @@ def kd_kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 @register("kd_kl", needs=("teacher",))
-def kd_kl(ctx, T: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
+def kd_kl(ctx, T: float = 1.0, reduction: str = "batchmean", per_teacher: bool = False) -> torch.Tensor:
     """Soft-target distillation: KL(teacher ‖ student) at temperature T, with the T² factor.
     ``reduction: mean`` divides by the number of classes too: ZSKT's code calls ``F.kl_div`` with
     its default reduction, so its KL (and the weight of attention transfer beside it) is on that
-    scale."""
+    scale. ``per_teacher``: with an ensemble, the sum of one KL per running teacher instead of one
+    KL to their combined soft target (DGKD's code)."""
+    if per_teacher:
+        return sum(kd_kl_divergence(ctx.student_logits, t, T, reduction) for t in ctx.each_teacher_logits)
     return kd_kl_divergence(ctx.student_logits, ctx.teacher_logits, T, reduction)
 
 

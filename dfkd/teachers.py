@@ -71,6 +71,7 @@ class TeacherPass(NamedTuple):
     logits: torch.Tensor                # combined over the running teachers
     bn: list[BNStats]                   # of every running teacher, when asked for
     features: dict[str, torch.Tensor]   # tapped paths of the first running teacher
+    each: list[torch.Tensor]            # every running teacher's own logits
 
 
 class Teachers(Sequence[nn.Module]):
@@ -107,15 +108,19 @@ class Teachers(Sequence[nn.Module]):
             self.feature_taps = [FeatureTap(t, paths) for t in self.modules]
 
     def draw(self) -> int | None:
-        """For a ``random`` ensemble, pick this iteration's teacher (None otherwise)."""
-        if len(self.modules) > 1 and self.ensemble == "random":
+        """For a ``random`` ensemble, pick this iteration's teacher; for ``drop_one``, the one left
+        out (None otherwise)."""
+        if len(self.modules) > 1 and self.ensemble in ("random", "drop_one"):
             self.pick = int(torch.randint(len(self.modules), ()))
             return self.pick
         return None
 
     def running(self) -> list[int]:
-        """The teachers that run on a batch this iteration: all, or the one picked."""
-        return [self.pick] if self.ensemble == "random" else list(range(len(self.modules)))
+        """The teachers that run on a batch this iteration: all, the one picked, or all but the one dropped."""
+        everyone = list(range(len(self.modules)))
+        if len(everyone) > 1 and self.ensemble == "drop_one":
+            return [i for i in everyone if i != self.pick]
+        return [self.pick] if self.ensemble == "random" else everyone
 
     def run(self, images: torch.Tensor, bn: bool = False) -> TeacherPass:
         """The running teachers' forward on ``images``; gradients flow through the frozen
@@ -130,7 +135,7 @@ class Teachers(Sequence[nn.Module]):
                 logits.append(self.runtime.forward(self.modules[i], images))
         stats = [s for i in running for s in self.bn_taps[i].stats] if bn and self.bn_taps else []
         features = dict(self.feature_taps[running[0]].features) if self.feature_taps else {}
-        return TeacherPass(combine_logits(logits, self.ensemble), stats, features)
+        return TeacherPass(combine_logits(logits, self.ensemble), stats, features, logits)
 
     def shapes(self, images: torch.Tensor) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
         """The first teacher's logit shape and tapped feature shapes on a dummy batch like ``images``."""
