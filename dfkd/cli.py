@@ -96,6 +96,16 @@ def _eval(args, extra: list[str]) -> int:
               "split": args.split,
               "acc": round(scores["acc"], 2), "n": scores["n"], "recorded_acc": meta.get("accuracy"),
               "sha256": meta.get("sha256")}
+    if "exits" in scores:
+        result.update(exits=[round(a, 2) for a in scores["exits"]], exit_ensemble=round(scores["exit_ensemble"], 2))
+    if args.exit_thresholds:
+        from .evaluation import early_exit, exits_of
+
+        if exits_of(model) is None:
+            raise DfkdError(f"{args.checkpoint} has no exits; --exit-thresholds needs a model built with "
+                            f"net.kwargs: {{exits: ...}}")
+        result["early_exit"] = early_exit(model, TensorLoader(dataset, args.batch_size, device=device),
+                                          args.exit_thresholds, dataset.info.shape)
     print(json.dumps(result))
     return 0
 
@@ -168,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset root folder")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto")
+    p.add_argument("--exit-thresholds", type=float, nargs="+", metavar="P",
+                   help="a model with exits: early-exit accuracy and FLOPs at each confidence threshold")
 
     p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",

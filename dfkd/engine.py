@@ -25,7 +25,7 @@ from .checkpoint import safe_load
 from .config import Config, dump_config
 from .context import Services, StepContext
 from .errors import ConfigError, DfkdError
-from .evaluation import evaluate
+from .evaluation import evaluate, exit_scalars
 from .phases import SYNTHESIZER, Batch, Phase
 from .reporting import Reporter
 from .runs import MetricLogger, is_main_process, new_run_dir, rank, world_size
@@ -265,11 +265,13 @@ class Engine:
             if self.student.ema is not None:  # the live weights too, to see what the average adds
                 scalars["eval/acc_live"] = record["acc_live"] = self.evaluate(self.student.module, student=True)["acc"]
             progress.timers["eval"] += time.perf_counter() - t0
-            record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(progress.timers["train"], 2))
+            record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(progress.timers["train"], 2),
+                          **{k: result[k] for k in ("exits", "exit_ensemble") if k in result})
             improved = result["acc"] > progress.best_acc
             progress.best_acc = max(progress.best_acc, result["acc"])
             self.logger.scalars(self.step, {"eval/acc": result["acc"], "eval/loss": result["loss"],
-                                            "eval/best_acc": progress.best_acc, "epoch": epoch, **scalars})
+                                            "eval/best_acc": progress.best_acc, "epoch": epoch, **scalars,
+                                            **exit_scalars(result)})
             if improved and self.run_dir is not None:
                 save_student(self.run, self.run_dir, "best.pt", result["acc"], epoch, self.step)
         show_images = epoch % oc.image_every == 0 or last_epoch

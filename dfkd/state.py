@@ -45,6 +45,8 @@ class Progress:
         reached = next((h for h in self.history if teacher_acc and h.get("acc", -1) >= 0.99 * teacher_acc), {})
         return {"steps": self.step, "final_acc": final.get("acc"),
                 **({"final_acc_live": final["acc_live"]} if "acc_live" in final else {}),
+                **({"final_exits": final["exits"], "final_exit_ensemble": final["exit_ensemble"]}
+                   if "exits" in final else {}),
                 "best_acc": self.best_acc if self.best_acc >= 0 else None,
                 "teacher_acc": teacher_acc, "time_to_99pct_teacher_s": reached.get("time_train_s"),
                 "time_total_s": round(wall, 2), "time_train_s": round(self.timers["train"], 2),

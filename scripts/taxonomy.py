@@ -6,7 +6,8 @@
 
 Teacher LeNet-5 (``teacher/lenet5-<dataset>``, trained at seed 0 unless given); student LeNet-5 at
 ``--width`` of its channels (default 1/8: a real capacity gap), except FSP, whose matrices compare
-channel by channel and so keep the teacher's widths (its row says so). Each finished run is
+channel by channel and so keep the teacher's widths (its row says so). BYOT has no teacher: the
+thin network teaches its own exits (its row gives each exit's accuracy and their ensemble's). Each finished run is
 appended to ``<out>/results.jsonl`` at once (``--skip-done`` resumes a killed table);
 ``<out>/results.md`` holds one table per dataset: final accuracy (mean ± sample std over seeds; the
 best beside it, for reference only), seconds per run, and the published CIFAR-100 ResNet-56 →
@@ -25,7 +26,8 @@ from reproduce import append_row, mean_std, read_results, table_arguments, train
 from dfkd.config import load_config  # noqa: E402
 from dfkd.engine import Engine  # noqa: E402
 
-METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd"]
+METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot"]
+SELF = {"byot"}  # no teacher: the trained network is the config's 'model' player
 DATASETS = {"digits": "digits", "fmnist": "Fashion-MNIST"}
 SAME_WIDTH = {"fsp"}  # FSP matrices need the teacher's channel counts
 # CIFAR-100, ResNet-56 (72.34) -> ResNet-20: Tian et al. 2020 (CRD), Table 1; DKD: Zhao et al. 2022
@@ -46,7 +48,11 @@ def render(rows: list[dict]) -> str:
                 "| method | student | final | best | seeds | s per run | CIFAR-100 R56→R20 (published) |",
                 "|" + "---|" * 7]
         for method, group in groups.items():
-            cells = [f"kd/{method}-{dataset}", group[0]["student"], mean_std([r["final_acc"] for r in group]),
+            student = group[0]["student"]
+            if "final_exits" in group[0]:  # each exit, shallow to deep, and the exits' ensemble
+                exits = [mean_std([r["final_exits"][i] for r in group]) for i in range(len(group[0]["final_exits"]))]
+                student += f" (exits {' / '.join(exits)}; ensemble {mean_std([r['final_exit_ensemble'] for r in group])})"
+            cells = [f"kd/{method}-{dataset}", student, mean_std([r["final_acc"] for r in group]),
                      mean_std([r["best_acc"] for r in group]), ", ".join(str(r["seed"]) for r in group),
                      f"{statistics.mean(r['time_total_s'] for r in group):.0f}", str(PUBLISHED.get(method, "–"))]
             out.append("| " + " | ".join(cells) + " |")
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                      root / "teachers", args.threads)
             for method in args.methods:
                 student = "LeNet-5" if method in SAME_WIDTH else f"LeNet-5 × {args.width:g}"
+                player = "model" if method in SELF else "student"
                 width = [] if method in SAME_WIDTH else [
-                    "players.student.net.name=lenet5", f"players.student.net.kwargs={{width: {args.width}}}"]
+                    f"players.{player}.net.name=lenet5", f"players.{player}.net.kwargs.width={args.width}"]
                 for seed in args.seeds:
                     if (dataset, method, seed) in done:
                         continue

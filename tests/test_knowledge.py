@@ -23,11 +23,11 @@ def _restore_torch_threads():
 
 def test_every_method_has_a_digits_and_a_fashion_mnist_config():
     methods = {n[3:-len("-digits")] for n in KD_DIGITS}
-    assert methods == {"student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd"}
+    assert methods == {"student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot"}
     assert all(f"kd/{m}-fmnist" in named_configs() for m in methods)
 
 
-@pytest.mark.parametrize("name", KD_DIGITS)
+@pytest.mark.parametrize("name", [n for n in KD_DIGITS if n != "kd/byot-digits"])  # byot: no teacher, below
 def test_kd_configs_train_a_thin_student_on_digits(name, tmp_path, digits_teacher):
     width = [] if name == "kd/fsp-digits" else THIN
     config = load_config(name, [f"teacher.checkpoint={digits_teacher[0]}", f"output.root={tmp_path}",
@@ -70,3 +70,74 @@ def test_crd_in_a_run_without_real_batches_is_a_one_line_error(tmp_path, digits_
                                                   "phases.1.losses={crd: 0.8}"])
     with pytest.raises(ConfigError, match="crd needs real training batches"):
         Engine(config)
+
+
+# ---------------------------------------------------------------- self-distillation (BYOT)
+def test_exits_attach_by_hooks_and_leave_the_networks_output_alone():
+    torch.manual_seed(0)
+    plain = create_model("lenet5", in_channels=1, num_classes=10, image_size=32).eval()
+    torch.manual_seed(0)
+    net = create_model("lenet5", in_channels=1, num_classes=10, image_size=32,
+                       exits={"layers": ["pool1", "pool2"], "width": 8}).eval()
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.equal(net(x), plain(x))  # the same network, the same logits
+    assert [z.shape for z in net.exit_logits] == [(3, 10), (3, 10)] and net.deep_feature.shape == (3, 84)
+    assert [a.in_features for a in net.adapters] == [8, 8] and net.adapters[0].out_features == 84
+    with pytest.raises(ConfigError, match="no module 'pool3' in LeNet5; nearest: pool2, pool1"):
+        create_model("lenet5", in_channels=1, num_classes=10, image_size=32, exits=["pool3"])
+    with pytest.raises(ShapeError, match="'fc1' gives \\(84,\\), not a feature map"):
+        create_model("lenet5", in_channels=1, num_classes=10, image_size=32, exits=["fc1"])
+
+
+def test_self_distill_term_hand_example():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from dfkd.losses import self_distill
+
+    z1, z2, deep = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]])
+    f1, f2, deep_feature = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0, 5.0]])
+    adapters = [torch.nn.Linear(1, 2), torch.nn.Linear(1, 2)]
+    with torch.no_grad():
+        for a in adapters:
+            a.weight.copy_(torch.tensor([[1.0], [1.0]]))
+            a.bias.zero_()
+    net = SimpleNamespace(exit_logits=[z1, z2], exit_features=[f1, f2], deep_feature=deep_feature, adapters=adapters)
+    ctx = SimpleNamespace(network=lambda name: net, student_logits=deep, labels=torch.tensor([0]))
+    T, alpha, beta = 2.0, 0.25, 0.5
+
+    def soft_ce(z):
+        return -(F.softmax(deep / T, 1) * F.log_softmax(z / T, 1)).sum().item()
+
+    expected = sum((1 - alpha) * F.cross_entropy(z, ctx.labels).item() + alpha * soft_ce(z) for z in (z1, z2))
+    expected += beta * ((2 - 0) ** 2 + (2 - 5) ** 2) ** 0.5  # the second exit's adapted feature (2, 2) vs (0, 5)
+    assert self_distill(ctx, T=T, alpha=alpha, feature_weight=beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_byot_trains_exits_that_are_evaluated_and_exit_early(tmp_path):
+    from dfkd.checkpoint import load_model
+    from dfkd.evaluation import early_exit, evaluate, exit_costs
+
+    config = load_config("kd/byot-digits", [f"output.root={tmp_path}", "runtime.num_threads=1", "train.epochs=3"])
+    engine = Engine(config)
+    summary = engine.fit()
+    assert len(summary["final_exits"]) == 2 and summary["final_exit_ensemble"] is not None
+    model = load_model(engine.run_dir / "ckpt" / "final.pt")[0]  # rebuilt with its exits from the model file
+    test = TensorLoader(load_dataset("digits", "test"), 500)
+    scores = evaluate(model, test)
+    assert scores["exits"] == pytest.approx(summary["final_exits"])
+    costs, network = exit_costs(model, (1, 32, 32))
+    assert costs[0] < costs[1] < network < costs[2]  # the end also paid for both heads
+    never, always = early_exit(model, test, [1.01, 0.0], (1, 32, 32))
+    assert never["exits"] == [0.0, 0.0, 1.0] and never["acc"] == pytest.approx(scores["acc"])
+    assert never["flops"] == pytest.approx(costs[2] / network)
+    assert always["exits"] == [1.0, 0.0, 0.0] and always["acc"] == pytest.approx(scores["exits"][0])
+    assert always["flops"] == pytest.approx(costs[0] / network)
+
+
+def test_self_distill_without_exits_is_a_one_line_error(tmp_path):
+    config = load_config("kd/byot-digits", [f"output.root={tmp_path}", "players.model.net.kwargs={}",
+                                             "train.epochs=1", "runtime.num_threads=1"])
+    with pytest.raises(ConfigError, match="self_distill needs a student with exits"):
+        Engine(config).fit()
