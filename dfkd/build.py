@@ -101,7 +101,8 @@ def build_run(config: Config) -> Run:
     def stream(dataset) -> RealStream:
         return RealStream(TensorLoader(
             dataset, min(config.data.batch_size, len(dataset)), shuffle=True, augment=config.data.augment,
-            drop_last=True, device=runtime.device, seed=config.seed, shard=(rank(), world_size())))
+            drop_last=True, device=runtime.device, seed=config.seed, shard=(rank(), world_size()),
+            class_pairs=config.data.class_pairs))
 
     real = stream(train_split) if "real" in uses else None
     labeled = stream(labeled_subset(train_split, config.data.labeled_fraction, config.seed)) \

@@ -44,6 +44,7 @@ class DataConfig:
     # the teacher the images themselves; evaluation is on the test split's modality.
     modality: Optional[str] = None
     labeled_fraction: float = 1.0       # the share of the training split (stratified, per seed) 'labeled' batches draw
+    class_pairs: bool = False           # real batches also carry another sample of each one's class (CS-KD)
     # Cross-modal with a user's own pairs: one .npz/.pt file (arrays a, b[, y]) or two folders whose
     # files pair by name; pairs_test: labeled pairs to evaluate students on (see dfkd.data.load_pairs)
     pairs: Optional[list[str]] = None

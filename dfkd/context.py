@@ -87,6 +87,13 @@ class StepContext:
             self._outputs[name] = (logits, dict(tap.features) if tap else {})
         return self._outputs[name]
 
+    def logits_on(self, network: str, images: torch.Tensor) -> torch.Tensor:
+        """``student`` or a model player's logits on other images than the batch's (not cached; read
+        this step's own outputs first, since the pass moves the network's taps)."""
+        self._model_pass(self.phase.student if network == "student" else network)
+        return self._services.runtime.forward(self.module(self.phase.student if network == "student" else network),
+                                              images)
+
     def logits_of(self, network: str) -> torch.Tensor:
         """``teacher``, ``student`` (this phase's student) or a model player's name."""
         if network == "teacher":

@@ -139,7 +139,9 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class TensorLoader:
     """Batches of ``(normalized images, labels)`` on ``device`` from an :class:`ImageTensorDataset`.
 
-    ``last_index``: the dataset indices of the batch yielded last (CRD's memory is per sample).
+    ``last_index``: the dataset indices of the batch yielded last (CRD's memory is per sample);
+    with ``class_pairs``, ``last_partners``: for each of its samples another of the same class,
+    augmented and normalized alike (CS-KD).
 
     Each pass over the loader is one epoch. With ``shuffle`` or ``augment``, the
     randomness of epoch ``e`` is a function of ``(seed, e)`` only, so a run
@@ -160,6 +162,7 @@ class TensorLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         shard: tuple[int, int] = (0, 1),
+        class_pairs: bool = False,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -175,6 +178,19 @@ class TensorLoader:
         self.rank, self.world_size = shard
         self.epoch = 0
         self.last_index: torch.Tensor | None = None
+        self.class_pairs = class_pairs
+        self.last_partners: torch.Tensor | None = None
+        self.last_partner_index: torch.Tensor | None = None
+        self._by_class: list[torch.Tensor] | None = None
+
+    def _partners(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """For each sample, another sample of its class drawn at random (CS-KD's pair sampler)."""
+        labels = self.dataset.labels
+        if self._by_class is None:
+            self._by_class = [(labels == c).nonzero().squeeze(1) for c in range(int(labels.max()) + 1)]
+        pool = [self._by_class[int(y)] for y in labels[index]]
+        picks = torch.randint(2**62, (len(index),), generator=generator)
+        return torch.stack([members[int(p % len(members))] for members, p in zip(pool, picks)])
 
     def _samples(self) -> int:
         return len(self.dataset) // self.world_size if self.world_size > 1 else len(self.dataset)
@@ -196,6 +212,10 @@ class TensorLoader:
             images = self.dataset.images[index].to(self.device).float() / 255
             images = augment_batch(images, policy, generator)
             labels = self.dataset.labels[index].to(self.device)
+            if self.class_pairs:
+                self.last_partner_index = self._partners(index, generator)
+                self.last_partners = self.dataset.normalize(augment_batch(
+                    self.dataset.images[self.last_partner_index].to(self.device).float() / 255, policy, generator))
             if self.dataset.paired is None:
                 yield self.dataset.normalize(images), labels
             else:

@@ -11,6 +11,7 @@ The global step that every metric is logged against is the iteration count.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -123,8 +124,7 @@ class Engine:
         images themselves (differentiably, so synthesis can train through the modality)."""
         if self.modality is None or batch.teacher_images is not None:
             return batch
-        return Batch(self.modality(batch.images, self.info), batch.labels, batch.source, batch.images, batch.plain,
-                     batch.index)
+        return dataclasses.replace(batch, images=self.modality(batch.images, self.info), teacher_images=batch.images)
 
     # ---------------------------------------------------------------- one phase
     def phase_loss(self, phase: Phase, batch: Batch) -> torch.Tensor:

@@ -566,6 +566,22 @@ class ContrastiveRepresentation(Term):
         return nce_loss(scores_s / self.z[0], n) + nce_loss(scores_t / self.z[1], n)
 
 
+@register("cs_kd", needs=("labels",))
+def cs_kd(ctx, T: float = 4.0) -> torch.Tensor:
+    """Class-wise self-knowledge distillation (Yun et al. 2020): KL(p(x′) ‖ p(x)) at temperature T,
+    batchmean, times T², where x′ is another sample of x's class (``data.class_pairs: true``) and
+    the network's own prediction on it, without gradient, is the target. The authors weight it 1
+    at T = 4 beside cross-entropy."""
+    partners = ctx.batch.partners
+    if partners is None:
+        raise ConfigError(f"cs_kd needs another sample of each one's class: set data.class_pairs: true "
+                          f"(real batches; '{ctx.batch.source}' batches have none)")
+    logits = ctx.student_logits
+    with torch.no_grad():
+        target = ctx.logits_on("student", partners)
+    return kd_kl_divergence(logits, target, T)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor, T: float) -> torch.Tensor:
     """−Σ softmax(t/T) · log_softmax(s/T), the mean over the batch (no T² factor)."""
     return -(F.softmax(target_logits.float() / T, 1) * F.log_softmax(logits.float() / T, 1)).sum(1).mean()

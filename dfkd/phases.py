@@ -29,6 +29,7 @@ class Batch:
     teacher_images: torch.Tensor | None = None  # cross-modal: what the teacher sees (None: ``images``)
     plain: torch.Tensor | None = None           # per-batch synthesis: the images before augmentation
     index: torch.Tensor | None = None           # real batches: the samples' indices in the training split
+    partners: torch.Tensor | None = None        # data.class_pairs: another sample of each one's class
 
 
 class RealStream:
@@ -57,7 +58,7 @@ class RealStream:
             return Batch(paired, None if bool((labels < 0).any()) else labels, "real", teacher_images=images,
                          index=index)
         images, labels = item
-        return Batch(images, labels, "real", index=index)
+        return Batch(images, labels, "real", index=index, partners=self.loader.last_partners)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -105,14 +106,16 @@ def build_batch_transform(phase: PhaseConfig, shape: tuple[int, int, int]) -> Ca
     beta = torch.distributions.Beta(phase.mixup, phase.mixup) if phase.mixup else None
 
     def transform(batch: Batch) -> Batch:
-        images, labels, source, index = batch.images, batch.labels, batch.source, batch.index
+        images, labels, source, index, partners = batch.images, batch.labels, batch.source, batch.index, batch.partners
         if augment is not None:
             images = augment(images)
+            partners = augment(partners) if partners is not None else None
         if beta is not None:  # a mixed image is no one sample: no label, no index
             lam = beta.sample((images.shape[0], 1, 1, 1)).to(images.device, images.dtype)
             partner = images[torch.randperm(images.shape[0], device=images.device)]
             images, labels, source, index = lam * images + (1 - lam) * partner, None, f"{source}+mixup", None
-        return Batch(images, labels, source, index=index)
+            partners = None
+        return Batch(images, labels, source, index=index, partners=partners)
 
     return transform
 

@@ -7,7 +7,8 @@
 Teacher LeNet-5 (``teacher/lenet5-<dataset>``, trained at seed 0 unless given); student LeNet-5 at
 ``--width`` of its channels (default 1/8: a real capacity gap), except FSP, whose matrices compare
 channel by channel and so keep the teacher's widths (its row says so). BYOT has no teacher: the
-thin network teaches its own exits (its row gives each exit's accuracy and their ensemble's). Each finished run is
+thin network teaches its own exits (its row gives each exit's accuracy and their ensemble's); nor
+has CS-KD, where each sample's prediction learns from another sample of its class. Each finished run is
 appended to ``<out>/results.jsonl`` at once (``--skip-done`` resumes a killed table);
 ``<out>/results.md`` holds one table per dataset: final accuracy (mean ± sample std over seeds; the
 best beside it, for reference only), seconds per run, and the published CIFAR-100 ResNet-56 →
@@ -26,8 +27,8 @@ from reproduce import append_row, mean_std, read_results, table_arguments, train
 from dfkd.config import load_config  # noqa: E402
 from dfkd.engine import Engine  # noqa: E402
 
-METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot"]
-SELF = {"byot"}  # no teacher: the trained network is the config's 'model' player
+METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot", "cskd"]
+SELF = {"byot", "cskd"}  # no teacher: the trained network is the config's 'model' player
 DATASETS = {"digits": "digits", "fmnist": "Fashion-MNIST"}
 SAME_WIDTH = {"fsp"}  # FSP matrices need the teacher's channel counts
 # CIFAR-100, ResNet-56 (72.34) -> ResNet-20: Tian et al. 2020 (CRD), Table 1; DKD: Zhao et al. 2022

@@ -23,11 +23,11 @@ def _restore_torch_threads():
 
 def test_every_method_has_a_digits_and_a_fashion_mnist_config():
     methods = {n[3:-len("-digits")] for n in KD_DIGITS}
-    assert methods == {"student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot"}
+    assert methods == {"student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot", "cskd"}
     assert all(f"kd/{m}-fmnist" in named_configs() for m in methods)
 
 
-@pytest.mark.parametrize("name", [n for n in KD_DIGITS if n != "kd/byot-digits"])  # byot: no teacher, below
+@pytest.mark.parametrize("name", [n for n in KD_DIGITS if n not in ("kd/byot-digits", "kd/cskd-digits")])  # no teacher
 def test_kd_configs_train_a_thin_student_on_digits(name, tmp_path, digits_teacher):
     width = [] if name == "kd/fsp-digits" else THIN
     config = load_config(name, [f"teacher.checkpoint={digits_teacher[0]}", f"output.root={tmp_path}",
@@ -141,3 +141,32 @@ def test_self_distill_without_exits_is_a_one_line_error(tmp_path):
                                              "train.epochs=1", "runtime.num_threads=1"])
     with pytest.raises(ConfigError, match="self_distill needs a student with exits"):
         Engine(config).fit()
+
+
+# ---------------------------------------------------------------- class-wise self-distillation (CS-KD)
+def test_class_pairs_give_each_sample_another_of_its_class():
+    split = load_dataset("digits", "train")
+    loader = TensorLoader(split, 32, shuffle=True, augment=False, seed=1, class_pairs=True)
+    for _, (_, labels) in zip(range(3), loader):
+        assert torch.equal(split.labels[loader.last_partner_index], labels)
+        assert torch.allclose(loader.last_partners, split.normalize(split.images[loader.last_partner_index].float() / 255))
+    assert not torch.equal(loader.last_partner_index, loader.last_index)  # not (all) the samples themselves
+
+
+def test_cs_kd_term_is_the_kl_to_the_partners_prediction_without_its_gradient():
+    from types import SimpleNamespace
+
+    from dfkd.losses import cs_kd, kd_kl_divergence
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 4)
+    x, partners = torch.randn(5, 3), torch.randn(5, 3)
+    ctx = SimpleNamespace(batch=SimpleNamespace(partners=partners, source="real"), student_logits=net(x),
+                          logits_on=lambda name, images: net(images))
+    loss = cs_kd(ctx, T=4.0)
+    expected = kd_kl_divergence(net(x), net(partners).detach(), 4.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    grad = torch.autograd.grad(loss, net.weight)[0]
+    assert torch.allclose(grad, torch.autograd.grad(expected, net.weight)[0])  # no gradient through the target
+    with pytest.raises(ConfigError, match="cs_kd needs another sample of each one's class: set data.class_pairs"):
+        cs_kd(SimpleNamespace(batch=SimpleNamespace(partners=None, source="real")))
