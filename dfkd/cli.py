@@ -58,7 +58,9 @@ def _run(args, extra: list[str], task: str) -> int:
     config = load_config(args.config, overrides)
     if config.task != task:
         raise DfkdError(f"config '{args.config}' is a {config.task} config; run it with `dfkd {config.task}`")
-    engine = Engine(config, resume=args.resume)
+    if args.run_dir and not args.resume:
+        raise DfkdError("--run-dir names the folder a resumed run continues in; give it with --resume")
+    engine = Engine(config, run_dir=args.run_dir, resume=args.resume)
     print(f"run folder: {engine.run_dir}", file=sys.stderr)
     summary = engine.fit()
     print(json.dumps(summary))
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help + " Extra arguments are config overrides.")
         p.add_argument("--config", default=default, help=f"shipped config name or YAML path (default: {default})")
         p.add_argument("--resume", metavar="CKPT", help="continue a run from its ckpt/last.pt")
+        p.add_argument("--run-dir", metavar="DIR", help="with --resume: the folder to continue in, when the state "
+                                                        "was moved out of its run")
         p.add_argument("--seed", type=int, help="shortcut for seed=N")
         p.add_argument("--out", help="output root (shortcut for output.root=DIR)")
         return p

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,6 +187,9 @@ class TrainConfig:
     eval_player: Optional[str] = None       # None: "student" if present, else the first model player
     on_nan: Literal["stop", "rollback"] = "stop"   # rollback: reload ckpt/last.pt, reseed, go on
     max_rollbacks: int = 3
+    # an epoch's state is kept as ckpt/last.pt only if its weights and evaluation loss are finite and
+    # no player's weight norm grew more than this factor since the last kept state (0: no limit)
+    max_weight_growth: float = 100.0
 
 
 @dataclass
@@ -451,6 +455,9 @@ def config_from_dict(data: dict, origin: dict[str, str] | None = None, default_o
 def check_config(config: Config, validator: _Validator | None = None) -> None:
     """Cross-field checks that types alone can't express."""
     v = validator or _Validator({}, "config")
+    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", config.experiment):
+        v.fail("experiment", f"experiment must be a name (letters, digits, '.', '_', '+', '-'), not a path: "
+                             f"{config.experiment!r}")
     syn = config.synthesis
     per_batch = syn.kind in ("inversion", "reinit", "meta", "nayer", "spaceship")
     for i, phase in enumerate(config.phases):

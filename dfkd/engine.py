@@ -29,9 +29,10 @@ from .errors import ConfigError, DfkdError
 from .evaluation import evaluate, exit_scalars
 from .phases import SYNTHESIZER, Batch, Phase
 from .reporting import Reporter
-from .runs import MetricLogger, is_main_process, new_run_dir, rank, world_size
+from .runs import MetricLogger, RunLock, is_main_process, new_run_dir, rank, world_size
 from .runtime import broadcast_from_rank0, seed_everything
-from .state import Progress, read_resume, restore, save_state, save_student
+from .state import (Progress, health_problem, last_good_state, read_resume, restore, resume_run_dir, save_state,
+                    save_student, weight_norms)
 
 
 class DivergenceError(DfkdError):
@@ -60,13 +61,14 @@ class Engine:
         resume_state = None
         if resume is not None:
             resume_state = read_resume(Path(resume), config, self.total_iters)
-            run_dir = run_dir or Path(resume).resolve().parent.parent
+            run_dir = resume_run_dir(Path(resume), resume_state, run_dir)
         if write and is_main_process():
             self.run_dir = Path(run_dir) if run_dir else new_run_dir(config.output.root, config.experiment, config.seed)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.run_dir)  # before anything in the folder is written
             (self.run_dir / "config.yaml").write_text(dump_config(config))
         else:
-            self.run_dir = None
+            self.run_dir, self.lock = None, RunLock(None)
         # every rank learns rank 0's run folder (to read ckpt/last.pt on a rollback); only rank 0 writes
         shared = broadcast_from_rank0(str(self.run_dir) if self.run_dir else None)
         self.shared_run_dir = Path(shared) if shared else None
@@ -80,13 +82,10 @@ class Engine:
 
     # ---------------------------------------------------------------- views of the parts
     step = property(lambda self: self.progress.step, lambda self, v: setattr(self.progress, "step", v))
-    device = property(lambda self: self.runtime.device)
-    amp_dtype = property(lambda self: self.runtime.amp_dtype)
-    channels_last = property(lambda self: self.runtime.channels_last)
+    device, amp_dtype, channels_last = (property(lambda self, k=k: getattr(self.runtime, k))
+                                        for k in ("device", "amp_dtype", "channels_last"))
 
-    @property
-    def terms(self) -> dict[int, list]:
-        return {p.index: p.terms for p in self.phases}
+    terms = property(lambda self: {p.index: p.terms for p in self.phases})
 
     def forward(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return self.runtime.forward(module, images)
@@ -139,10 +138,7 @@ class Engine:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not finite:
             bad = [k for k, v in values.items() if not torch.isfinite(v)]
-            last = self.run_dir / "ckpt" / "last.pt" if self.run_dir else None
-            hint = f"; the last good state is {last} (resume with --resume)" if last and last.exists() else ""
-            raise DivergenceError(f"iteration {self.step}, phase '{phase.name}': loss "
-                                  f"{', '.join(bad) or 'total'} is {float(total.detach())}{hint}")
+            raise self.diverged(f"phase '{phase.name}': loss {', '.join(bad) or 'total'} is {float(total.detach())}")
         self.reporter.add_losses(phase.name, {**{k: v.detach() for k, v in values.items()}, "total": total.detach()})
         return total
 
@@ -202,10 +198,7 @@ class Engine:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
                 warming_up = self.step < self.config.synthesis.warmup_epochs * self.iters_per_epoch
-                picked = self.teachers.draw()
-                if picked is not None:
-                    for i in range(len(self.teachers)):
-                        self.reporter.add(f"teacher/picked_{i}", torch.tensor(float(i == picked)))
+                self.reporter.picked(self.teachers.draw(), len(self.teachers))
                 try:
                     epoch = self.step // self.iters_per_epoch
                     for phase in self.phases:
@@ -220,10 +213,14 @@ class Engine:
                 if self.step % tc.log_every == 0 or self.step == self.total_iters:
                     self._flush()
                 if self.step % self.iters_per_epoch == 0:
-                    self.end_of_epoch(self.step // self.iters_per_epoch)
+                    try:
+                        self.end_of_epoch(self.step // self.iters_per_epoch)
+                    except DivergenceError as exc:  # the epoch's state failed its health check
+                        self._roll_back(exc)
         finally:
             bar.close()
             self.logger.flush()
+            self.lock.release()
         summary = self.summary(time.perf_counter() - t_start)
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -231,6 +228,9 @@ class Engine:
         if world_size() > 1:  # no rank goes on (e.g. to load ckpt/final.pt) before rank 0 has written it
             torch.distributed.barrier()
         return summary
+
+    def diverged(self, what: str) -> DivergenceError:
+        return DivergenceError(f"iteration {self.step}, {what}{last_good_state(self.run_dir, self.progress)}")
 
     def _roll_back(self, exc: DivergenceError) -> None:
         """With ``train.on_nan: rollback``, return to the last checkpoint and continue with other
@@ -244,20 +244,20 @@ class Engine:
         seed_everything(self.config.seed + rank() + 1000 * self.rollbacks)  # the same draws would diverge again
         self.reporter.pending.clear()
         self.logger.scalars(self.step, {"nan/rollbacks": self.rollbacks})
-        self.logger.text(self.step, "nan/rollback", f"{exc}; rolled back to iteration {self.step}")
-        print(f"dfkd: {exc}; rolled back to iteration {self.step} ({self.rollbacks}/{tc.max_rollbacks})",
-              file=sys.stderr)
+        message = f"{exc}; rolled back to iteration {self.step} ({self.rollbacks}/{tc.max_rollbacks})"
+        self.logger.text(self.step, "nan/rollback", message)
+        print(f"dfkd: {message}", file=sys.stderr)
 
     def _flush(self) -> None:
-        extra = {f"lr/{name}": p.lr for name, p in self.players.items()}
-        extra.update({f"time/{k}_s": v for k, v in self.progress.timers.items()})
+        extra = {**{f"lr/{n}": p.lr for n, p in self.players.items()},
+                 **{f"time/{k}_s": v for k, v in self.progress.timers.items()}}
         synthetic = self.synth.last.images if self.synth is not None and self.synth.last is not None else None
         self.reporter.flush(self.step, extra, synthetic)
 
     def end_of_epoch(self, epoch: int) -> None:
         tc, oc, progress = self.config.train, self.config.output, self.progress
         last_epoch = self.step == self.total_iters
-        record = {"epoch": epoch, "step": self.step}
+        record, result = {"epoch": epoch, "step": self.step}, None
         if self.test_loader is not None and (epoch % tc.eval_every == 0 or last_epoch):
             t0 = time.perf_counter()
             result = self.evaluate(self.student.eval_module, student=True)
@@ -267,12 +267,16 @@ class Engine:
             progress.timers["eval"] += time.perf_counter() - t0
             record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(progress.timers["train"], 2),
                           **{k: result[k] for k in ("exits", "exit_ensemble") if k in result})
-            improved = result["acc"] > progress.best_acc
-            progress.best_acc = max(progress.best_acc, result["acc"])
-            self.logger.scalars(self.step, {"eval/acc": result["acc"], "eval/loss": result["loss"],
-                                            "eval/best_acc": progress.best_acc, "epoch": epoch, **scalars,
+            self.logger.scalars(self.step, {"eval/acc": result["acc"], "eval/loss": result["loss"], "epoch": epoch,
+                                            "eval/best_acc": max(progress.best_acc, result["acc"]), **scalars,
                                             **exit_scalars(result)})
-            if improved and self.run_dir is not None:
+        norms = weight_norms(self.run)  # nothing is kept of a state that fails its health check
+        problem = health_problem(norms, progress, result["loss"] if result else None, tc.max_weight_growth)
+        if problem:
+            raise self.diverged(problem)
+        if result is not None and result["acc"] > progress.best_acc:
+            progress.best_acc = result["acc"]
+            if self.run_dir is not None:
                 save_student(self.run, self.run_dir, "best.pt", result["acc"], epoch, self.step)
         show_images = epoch % oc.image_every == 0 or last_epoch
         if self.synth is not None and self.synth.last is not None and self.teachers.first is not None and show_images:
@@ -283,6 +287,7 @@ class Engine:
         if paired_run and self.test_loader is not None and show_images:
             self.reporter.pair_grid(self.step, "crossmodal/real_pairs", *next(iter(self.test_loader))[::2])
         progress.history.append(record)
+        progress.good_step, progress.good_norms = self.step, norms
         if self.run_dir is not None:
             if last_epoch:
                 save_student(self.run, self.run_dir, "final.pt", record.get("acc"), epoch, self.step)

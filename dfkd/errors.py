@@ -26,3 +26,7 @@ class CheckpointError(DfkdError):
 
 class ShapeError(DfkdError, ValueError):
     """Two parts of an experiment disagree on tensor shapes (generator vs teacher input, ...)."""
+
+
+class RunInUseError(DfkdError):
+    """Another process is training in the run folder."""

@@ -32,6 +32,12 @@ class Reporter:
         """A scalar to average into the next flush."""
         self.pending.setdefault(tag, []).append(value)
 
+    def picked(self, pick: int | None, teachers: int) -> None:
+        """Which teacher a ``random`` ensemble picked (or ``drop_one`` dropped) this iteration."""
+        if pick is not None:
+            for i in range(teachers):
+                self.add(f"teacher/picked_{i}", torch.tensor(float(i == pick)))
+
     def add_losses(self, phase: str, values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
             self.add(f"loss/{phase}/{k}", v.float())

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .errors import RunInUseError
+
 
 def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -51,6 +53,38 @@ def new_run_dir(root: str | os.PathLike, experiment: str, seed: int) -> Path:
     raise RuntimeError(f"could not create a run folder under {base}")
 
 
+class RunLock:
+    """A process's exclusive claim on a run folder while it trains there: ``flock`` on its ``.lock``
+    file (the OS drops it when the process dies, so a killed run never leaves the folder locked).
+    Claiming also removes what a kill during a checkpoint write left behind (``ckpt/.*.tmp``)."""
+
+    def __init__(self, run_dir: Path | None):
+        self.file = None
+        if run_dir is None:
+            return
+        import fcntl
+
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RunInUseError(f"{run_dir} is in use by {holder}; wait for it to finish or stop it first") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}")
+        self.file.flush()
+        for leftover in (run_dir / "ckpt").glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 class MetricLogger:
     """Writes scalars to ``metrics.jsonl`` and TensorBoard, images and histograms to TensorBoard.
 
@@ -64,6 +98,8 @@ class MetricLogger:
         self._jsonl = None
         if not self.enabled:
             return
+        if purge_step is not None:  # a resumed run: drop what the killed run logged after its checkpoint
+            _truncate_metrics(run_dir / "metrics.jsonl", purge_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -108,6 +144,22 @@ class MetricLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+
+def _truncate_metrics(path: Path, purge_step: int) -> None:
+    """Keep the rows logged before ``purge_step`` (and no half-written last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < purge_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):
+            continue
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(kept))
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ class Progress:
     the timers (training, synthesis, evaluation)."""
 
     step: int = 0
+    good_step: int | None = None          # the iteration of the last state that passed the health check
+    good_norms: dict[str, float] = dataclasses.field(default_factory=dict)  # its players' weight norms
     best_acc: float = -1.0
     teacher_acc: float | None = None
     history: list[dict] = dataclasses.field(default_factory=list)
@@ -53,13 +56,44 @@ class Progress:
                 "time_synthesis_s": round(self.timers["synthesis"], 2), "time_eval_s": round(self.timers["eval"], 2)}
 
 
+def weight_norms(run: "Run") -> dict[str, float]:
+    """Each player's L2 norm over all its parameters."""
+    return {name: float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in player.module.parameters())))
+            for name, player in run.players.items()}
+
+
+def health_problem(norms: dict[str, float], progress: Progress, eval_loss: float | None, growth: float) -> str | None:
+    """What makes the current state unfit to be the last good one, or None: weights that are not
+    finite, a non-finite evaluation loss, or a player's weight norm more than ``growth`` times
+    that of the last good state (0: no limit)."""
+    bad = [name for name, norm in norms.items() if not math.isfinite(norm)]
+    if bad:
+        return f"the weights of {', '.join(bad)} are not finite"
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        return f"the evaluation loss is {eval_loss}"
+    grown = [f"{name} ({progress.good_norms[name]:.3g} -> {norm:.3g})" for name, norm in norms.items()
+             if growth and progress.good_norms.get(name) and norm > growth * progress.good_norms[name]]
+    if grown:
+        return f"the weight norm of {', '.join(grown)} grew more than {growth:g}x since the last good state"
+    return None
+
+
+def last_good_state(run_dir: Path | None, progress: Progress) -> str:
+    """Where a diverged run's last good state is, for its error message."""
+    last = run_dir / "ckpt" / "last.pt" if run_dir else None
+    if last is not None and last.exists() and progress.good_step is not None:
+        return f"; the last good state is {last}, iteration {progress.good_step} (resume with --resume)"
+    return "; no good state was saved before it"
+
+
 def identity(config: Config) -> dict:
     """The parts of the config a resumed run must share with the checkpoint: all but the
     length of the run, the runtime and the output settings."""
     d = config_to_dict(config)
     for key in ("runtime", "output"):
         d.pop(key)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("epochs", "eval_every", "log_every")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("epochs", "eval_every", "log_every",
+                                                                    "max_weight_growth")}
     return d
 
 
@@ -91,6 +125,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
     return {"format": ckpt_io.STATE_FORMAT, "identity": ident,
             "identity_sha256": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(),
             "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
+            "good_step": progress.good_step, "good_norms": progress.good_norms,
             "history": progress.history, "timers": progress.timers,
             "players": {n: p.state_dict() for n, p in run.players.items()},
             "scaler": scaler.state_dict(), "rng": rng_state(),
@@ -119,12 +154,28 @@ def restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state:
             if t.optimizer is not None:
                 t.optimizer.load_state_dict(state["term_optimizers"][_term_key(phase, t)])
     progress.step, progress.best_acc, progress.teacher_acc = state["step"], state["best_acc"], state["teacher_acc"]
+    progress.good_step, progress.good_norms = state.get("good_step", state["step"]), dict(state.get("good_norms", {}))
     progress.history, progress.timers = list(state["history"]), dict(state["timers"])
     set_rng_state(state["rng"])
 
 
 def save_state(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, run_dir: Path) -> Path:
-    return ckpt_io.atomic_save(capture(run, progress, scaler), run_dir / "ckpt" / "last.pt")
+    state = {**capture(run, progress, scaler), "run_dir": str(run_dir.resolve())}
+    return ckpt_io.atomic_save(state, run_dir / "ckpt" / "last.pt")
+
+
+def resume_run_dir(path: Path, state: dict, given: str | Path | None) -> Path:
+    """The run folder a resumed run writes to: ``given`` (``--run-dir``), else the one the state
+    was saved in, which must be where the state lies (``<run>/ckpt/last.pt``): a state copied
+    elsewhere never makes a run write into whatever folder happens to hold it."""
+    if given is not None:
+        return Path(given)
+    here = path.resolve().parent.parent
+    recorded = state.get("run_dir")
+    if (recorded and Path(recorded).resolve() == here) or (not recorded and path.resolve().parent.name == "ckpt"):
+        return here
+    where = f"was saved in {recorded}" if recorded else "is not in a run's ckpt/ folder"
+    raise CheckpointError(f"{path} {where}; to continue that run elsewhere, name its folder with --run-dir DIR")
 
 
 def save_student(run: "Run", run_dir: Path, filename: str, accuracy: float | None, epoch: int, step: int) -> Path:
