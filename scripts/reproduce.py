@@ -23,7 +23,7 @@ from dfkd.checkpoint import read_model_file
 from dfkd.config import Config, load_config
 from dfkd.engine import Engine
 
-METHODS = ["dfq", "fast", "cmi", "nayer", "mad", "deepinv", "zskt", "dfad", "dafl"]
+METHODS = ["dfq", "fast", "cmi", "nayer", "mad", "spaceship", "deepinv", "zskt", "dfad", "dafl"]
 PAPER_RECIPES = {"dfq", "fast", "cmi", "deepinv", "zskt", "dfad", "dafl"}  # methods with a -paper config
 DATASETS = {"digits": "digits", "fmnist": "fashion-mnist"}
 NOBN = {"dafl", "dfad"}  # their papers' LeNet-5 pair has no BatchNorm

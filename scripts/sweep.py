@@ -64,9 +64,25 @@ def render_table(rows: list[dict]) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The finished runs' rows; a last line cut short (a sweep killed while writing it) is dropped
+    from the file, with a note; a damaged line elsewhere is an error naming it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                from dfkd.errors import DfkdError
+
+                raise DfkdError(f"{path}: line {number} is not a JSON row") from None
+            print(f"sweep: {path}: dropped its last line, cut short (a run killed while writing it)", file=sys.stderr)
+            from dfkd.checkpoint import atomic_write_text
+
+            atomic_write_text(path, "".join(line + "\n" for line in lines[:-1]))  # rows appended later stay readable
+    return rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,10 +122,12 @@ def run_sweep(args: argparse.Namespace, results: Path) -> None:
         plans.append((name, overrides))
     results.parent.mkdir(parents=True, exist_ok=True)
 
-    done = {(r.get("config"), r["seed"]) for r in read_jsonl(results)} if args.skip_done else set()
+    # a row counts as done only if it ran with the same overrides: other --set values are other runs
+    done = {(r.get("config"), r["seed"], tuple(r.get("overrides", []))) for r in read_jsonl(results)} \
+        if args.skip_done else set()
     for name, overrides in plans:
         for seed in args.seeds:
-            if (name, seed) in done:
+            if (name, seed, tuple(args.set)) in done:
                 print(f"sweep: skip {name} seed {seed} (in {results})", file=sys.stderr)
                 continue
             print(f"sweep: {name} seed {seed}", file=sys.stderr)

@@ -107,6 +107,24 @@ def test_sweep_end_to_end_and_report(tmp_path, teacher, capsys):
     assert (tmp_path / "t.md").read_text() == table
 
 
+def test_sweep_drops_a_cut_last_line_and_skip_done_keys_on_the_overrides(tmp_path, teacher, capsys):
+    out = tmp_path / "sweep"
+    base = ["--configs", "datafree/dfad-digits", "--seeds", "0", "--teacher", teacher, "--out", str(out), "--set",
+            "train.epochs=1", "train.iters_per_epoch=1", "synthesis.batch_size=16", "output.tensorboard=false",
+            "runtime.num_threads=1"]
+    assert sweep.main(base) == 0
+    results = out / "results.jsonl"
+    with results.open("a") as f:
+        f.write('{"config": "datafree/dfad-digits", "se')  # a sweep killed while writing a row
+    capsys.readouterr()
+    assert sweep.main([*base, "--skip-done"]) == 0  # the same run: done
+    captured = capsys.readouterr()
+    assert "dropped its last line" in captured.err and "sweep: datafree/dfad-digits seed 0" not in captured.err
+    assert sweep.main([*base, "synthesis.batch_size=8", "--skip-done"]) == 0  # other overrides: another run
+    assert "sweep: datafree/dfad-digits seed 0" in capsys.readouterr().err
+    assert len(sweep.read_jsonl(results)) == 2  # the cut line is gone from the file, both runs' rows read
+
+
 def test_sweep_without_teacher_fails_in_one_line(tmp_path, capsys):
     assert sweep.main(["--configs", "datafree/dfad-digits", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
