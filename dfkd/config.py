@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -514,6 +515,50 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
     if config.train.epochs < 1:
         v.fail("train.epochs", f"train.epochs must be >= 1, got {config.train.epochs}")
+    _check_values(config, v)
+
+
+def _check_values(config: Config, v: _Validator) -> None:
+    """Values torch or the loop would reject only after work has started, checked up front."""
+    optims = [(f"players.{n}.optim", p.optim) for n, p in config.players.items()] + \
+        [("synthesis.inner", config.synthesis.inner), ("synthesis.outer", config.synthesis.outer)]
+    for key, o in optims:
+        for field_name, low in (("lr", 0.0), ("momentum", 0.0), ("weight_decay", 0.0)):
+            if getattr(o, field_name) < low:
+                v.fail(f"{key}.{field_name}", f"{key}.{field_name} must be >= 0, got {getattr(o, field_name)}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            v.fail(f"{key}.betas", f"{key}.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.grad_clip is not None and o.grad_clip <= 0:
+            v.fail(f"{key}.grad_clip", f"{key}.grad_clip must be > 0 (or null for none), got {o.grad_clip}")
+    for n, p in config.players.items():
+        sc, key = p.sched, f"players.{n}.sched"
+        if sc.warmup_steps < 0 or sc.min_lr < 0 or sc.gamma <= 0 or any(not 0 < m < 1 for m in sc.milestones):
+            v.fail(key, f"{key}: warmup_steps and min_lr must be >= 0, gamma > 0 and milestones fractions in (0, 1); "
+                        f"got {sc.warmup_steps}, {sc.min_lr}, {sc.gamma}, {sc.milestones}")
+    intervals = {"train.eval_every": config.train.eval_every, "train.log_every": config.train.log_every,
+                 "output.save_every": config.output.save_every, "output.image_every": config.output.image_every,
+                 "data.batch_size": config.data.batch_size, "data.eval_batch_size": config.data.eval_batch_size}
+    if config.train.iters_per_epoch is not None:
+        intervals["train.iters_per_epoch"] = config.train.iters_per_epoch
+    for key, value in intervals.items():
+        if value < 1:
+            v.fail(key, f"{key} must be >= 1, got {value}")
+    if config.seed < 0:
+        v.fail("seed", f"seed must be >= 0, got {config.seed}")
+    if config.train.max_rollbacks < 0 or config.train.max_weight_growth < 0:
+        v.fail("train", "train.max_rollbacks and train.max_weight_growth must be >= 0")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.runtime.device):
+        v.fail("runtime.device", f"runtime.device must be auto, cpu, cuda, cuda:N or mps; got {config.runtime.device!r}")
+    if config.runtime.num_threads is not None and config.runtime.num_threads < 1:
+        v.fail("runtime.num_threads", f"runtime.num_threads must be >= 1, got {config.runtime.num_threads}")
+    if not config.phases:
+        v.fail("phases", "a config needs at least one phase (a player, a batch source and loss terms)")
+    root = Path(config.output.root)
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        v.fail("output.root", f"output.root {root}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        v.fail("output.root", f"output.root {root}: {existing} is not writable")
 
 
 def config_to_dict(config: Config) -> dict:

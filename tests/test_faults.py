@@ -1,0 +1,65 @@
+"""Bad input against the command line, in subprocesses: exit status 2, one line on stderr naming the
+problem, no traceback, and nothing already in the output folder touched."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BAD_CONFIG_VALUES = [
+    ("players.model.optim.lr=-0.1", "players.model.optim.lr must be >= 0"),
+    ("players.model.optim.momentum=-1", "players.model.optim.momentum must be >= 0"),
+    ("players.model.optim.weight_decay=-5e-4", "players.model.optim.weight_decay must be >= 0"),
+    ("players.model.optim.betas=[0.9]", "players.model.optim.betas must be two numbers in [0, 1)"),
+    ("players.model.optim.grad_clip=-1", "players.model.optim.grad_clip must be > 0"),
+    ("players.model.sched.milestones=[1.5]", "milestones fractions in (0, 1)"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.eval_every=0", "train.eval_every must be >= 1"),
+    ("output.save_every=0", "output.save_every must be >= 1"),
+    ("train.iters_per_epoch=0", "train.iters_per_epoch must be >= 1"),
+    ("runtime.device=gpu0", "runtime.device must be auto, cpu, cuda, cuda:N or mps"),
+    ("seed=-1", "seed must be >= 0"),
+    ("phases=[]", "a config needs at least one phase"),
+    ("experiment=../elsewhere", "experiment must be a name"),
+    ("train.epoch=3", "unknown key 'train.epoch' (did you mean 'epochs'?)"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def dfkd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dfkd", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def output_root(tmp_path_factory):
+    """An output folder that already holds a finished run, which no bad command may touch."""
+    from dfkd.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["teacher", "--config", "teacher/lenet5-digits", "--out", str(root), "train.epochs=1",
+                 "train.iters_per_epoch=1", "runtime.num_threads=1", "output.tensorboard=false"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("override, message", BAD_CONFIG_VALUES, ids=[o for o, _ in BAD_CONFIG_VALUES])
+def test_bad_config_values_are_one_line_errors_before_any_work(override, message, output_root, capsys):
+    from dfkd.cli import main
+
+    before = snapshot(output_root)
+    capsys.readouterr()
+    assert main(["teacher", "--config", "teacher/lenet5-digits", "--out", str(output_root), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert snapshot(output_root) == before
+
+
+def test_in_a_real_process_bad_input_shows_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    result = dfkd("teacher", "--config", "teacher/lenet5-digits", "--out", str(tmp_path / "runs" / "sub"))
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "runs").read_text() == "not a folder"
