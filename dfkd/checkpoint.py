@@ -100,22 +100,43 @@ def save_model(path: str | os.PathLike, model: nn.Module, arch: dict, **meta: An
                         "sha256": state_hash(state), **meta}, path)
 
 
-def read_model_file(path: str | os.PathLike) -> dict:
+_ARCH_FIELDS = {"name": str, "in_channels": int, "num_classes": int, "image_size": int}
+
+
+def read_model_file(path: str | os.PathLike, allow_unhashed: bool = False) -> dict:
+    """A model file's contents, checked: its fields and their types, the weights against their
+    recorded SHA-256 (a file without one is refused unless ``allow_unhashed``), and no option
+    that would make rebuilding it download anything."""
     ckpt = safe_load(path)
     if ckpt.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: a {ckpt.get('format')} file, expected a model file ({MODEL_FORMAT}); "
                               f"training states live in ckpt/last.pt, models in ckpt/final.pt or ckpt/best.pt")
+    arch, state = ckpt.get("arch"), ckpt.get("state_dict")
+    if not isinstance(arch, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{path}: a model file needs 'arch' and 'state_dict' mappings")
+    for name, kind in _ARCH_FIELDS.items():
+        if not isinstance(arch.get(name), kind) or isinstance(arch.get(name), bool):
+            raise CheckpointError(f"{path}: arch.{name} must be {kind.__name__}, got {arch.get(name)!r}")
+    if not isinstance(arch.get("kwargs", {}), dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: arch.kwargs must be a mapping and state_dict hold tensors")
+    if (arch.get("kwargs") or {}).get("weights") is not None:
+        raise CheckpointError(f"{path}: records weights={arch['kwargs']['weights']!r}; rebuilding a model file "
+                              f"never downloads anything, and its own weights are all it needs")
     expected = ckpt.get("sha256")
-    if expected is not None and state_hash(ckpt["state_dict"]) != expected:
+    if expected is None and not allow_unhashed:
+        raise CheckpointError(f"{path}: records no SHA-256 of its weights, so they cannot be checked; "
+                              f"load it only if you trust it (--allow-unhashed)")
+    if expected is not None and state_hash(state) != expected:
         raise CheckpointError(f"{path}: weights do not match the recorded SHA-256 (file corrupt or edited)")
     return ckpt
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               allow_unhashed: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild a network from a model file. Returns (model in eval mode, the file's metadata)."""
     from .models import create_model
 
-    ckpt = read_model_file(path)
+    ckpt = read_model_file(path, allow_unhashed)
     arch = dict(ckpt["arch"])
     model = create_model(arch.pop("name"), **arch.pop("kwargs", {}), **arch)
     try:

@@ -74,7 +74,7 @@ def _eval(args, extra: list[str]) -> int:
     from .runtime import resolve_device
 
     device = resolve_device(args.device)
-    model, meta = load_model(args.checkpoint, device)
+    model, meta = load_model(args.checkpoint, device, allow_unhashed=args.allow_unhashed)
     data_config = (meta.get("config") or {}).get("data") or {}
     if data_config.get("pairs_test") and not args.data:  # a student of a user's pairs: their test pairs
         from .data import dataset_info, load_pairs
@@ -85,6 +85,17 @@ def _eval(args, extra: list[str]) -> int:
     if dataset.info.num_classes != meta["arch"]["num_classes"]:
         raise DfkdError(f"{args.checkpoint} predicts {meta['arch']['num_classes']} classes; "
                         f"'{dataset.info.name}' has {dataset.info.num_classes}")
+    if not data_config.get("modality") and not data_config.get("pairs_test"):
+        import torch
+
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, *dataset.info.shape, device=device))
+        except RuntimeError:
+            arch = meta["arch"]
+            raise DfkdError(f"{args.checkpoint} ({arch['name']}, {arch['in_channels']} channels, {arch['image_size']} "
+                            f"px) does not take '{dataset.info.name}' images of shape {tuple(dataset.info.shape)}") \
+                from None
     # a cross-modal student is evaluated on the modality it was trained on
     modality_name = data_config.get("modality")
     modality = None
@@ -182,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset root folder")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto")
+    p.add_argument("--allow-unhashed", action="store_true",
+                   help="load a model file that records no SHA-256 of its weights (only one you trust)")
     p.add_argument("--exit-thresholds", type=float, nargs="+", metavar="P",
                    help="a model with exits: early-exit accuracy and FLOPs at each confidence threshold")
 

@@ -383,7 +383,8 @@ def load_dataset(name: str, split: str, root: str | None = None, download: bool 
     return entry.read(entry.info, split, root, download)
 
 
-_GET_FILES_HINT = "pass --data.root DIR, or set data.download=true on a machine with internet"
+_GET_FILES_HINT = ("name the folder that holds them (data.root=DIR; for dfkd eval, --root DIR), or set "
+                   "data.download=true on a machine with internet")
 
 
 def _first_line(error: BaseException) -> str:

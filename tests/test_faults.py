@@ -63,3 +63,61 @@ def test_in_a_real_process_bad_input_shows_one_line_and_no_traceback(tmp_path):
     result = dfkd("teacher", "--config", "teacher/lenet5-digits", "--out", str(tmp_path / "runs" / "sub"))
     assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and (tmp_path / "runs").read_text() == "not a folder"
+
+
+# ---------------------------------------------------------------- model files
+@pytest.fixture
+def model_file(tmp_path):
+    import torch
+
+    from dfkd.checkpoint import save_model
+    from dfkd.models import create_model
+
+    path = tmp_path / "m.pt"
+    save_model(path, create_model("lenet5", in_channels=1, num_classes=10, image_size=32),
+               {"name": "lenet5", "in_channels": 1, "num_classes": 10, "image_size": 32, "kwargs": {}}, dataset="digits")
+    return path, torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["arch"].pop("num_classes"), "arch.num_classes must be int, got None"),
+    (lambda c: c["arch"].update(image_size="32"), "arch.image_size must be int, got '32'"),
+    (lambda c: c.pop("state_dict"), "needs 'arch' and 'state_dict' mappings"),
+    (lambda c: c["arch"].update(kwargs=[1]), "arch.kwargs must be a mapping"),
+    (lambda c: c.pop("sha256"), "records no SHA-256 of its weights"),
+    (lambda c: c["arch"]["kwargs"].update(weights="IMAGENET1K_V1"), "never downloads anything"),
+])
+def test_damaged_or_unsafe_model_files_are_one_line_errors(edit, message, model_file, capsys):
+    import torch
+
+    from dfkd.cli import main
+
+    path, content = model_file
+    edit(content)
+    torch.save(content, path)
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_an_unhashed_model_file_loads_when_asked_and_a_misfit_dataset_is_named(model_file, capsys):
+    import json
+
+    import torch
+
+    from dfkd.cli import main
+
+    path, content = model_file
+    content.pop("sha256")
+    torch.save(content, path)
+    assert main(["eval", str(path), "--allow-unhashed"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 450
+    fmnist = pytest.importorskip("dfkd.data").dataset_info("fashion-mnist")
+    try:
+        pytest.importorskip("dfkd.data").load_dataset("fashion-mnist", "test")
+    except Exception:
+        pytest.skip("Fashion-MNIST is not on this machine (Debian's dataset-fashion-mnist)")
+    assert main(["eval", str(path), "--allow-unhashed", "--data", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"(lenet5, 1 channels, 32 px) does not take 'fashion-mnist' images of shape "
+                        f"{tuple(fmnist.shape)}") and len(err.splitlines()) == 1, err
