@@ -76,8 +76,8 @@ def build_run(config: Config) -> Run:
     student_shape = tuple(info.shape) if modality is None else tuple(
         modality(torch.zeros((1, *info.shape)), info).shape[1:])
     pairs_test = load_pairs(config.data.pairs_test, info, "test") if config.data.pairs_test else None
-    teachers = Teachers(_load_teachers(config, info, runtime),
-                        config.teacher.ensemble if config.teacher else "mean", runtime)
+    teacher_modules, teacher_hashes = _load_teachers(config, info, runtime)
+    teachers = Teachers(teacher_modules, config.teacher.ensemble if config.teacher else "mean", runtime, teacher_hashes)
     eval_name = eval_player_name(config)
 
     def student_of(phase: PhaseConfig) -> str:
@@ -143,20 +143,26 @@ def build_run(config: Config) -> Run:
                iters_per_epoch, total_iters, players, model_taps, synth, players[eval_name])
 
 
-def _load_teachers(config: Config, info: DatasetInfo, runtime: Runtime) -> list[nn.Module]:
+def _load_teachers(config: Config, info: DatasetInfo, runtime: Runtime) -> tuple[list[nn.Module], list[str]]:
+    """The teachers, and their weights' SHA-256; a one-line warning for a teacher other than the
+    recipe's, or trained on another dataset than the run's."""
     tc = config.teacher
     if tc is None:
-        return []
+        return [], []
     if not tc.checkpoints:
         raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher`)")
-    teachers = []
+    teachers, hashes = [], []
     for path in tc.checkpoints:
-        teacher, arch = load_teacher(path, info, runtime)
-        warning = expected_arch_warning(arch, tc.expected, path, config.experiment)
-        if warning and is_main_process():
-            print(f"dfkd: warning: {warning}", file=sys.stderr)
+        teacher, meta = load_teacher(path, info, runtime)
+        warnings = [expected_arch_warning(meta["arch"], tc.expected, path, config.experiment)]
+        if meta.get("dataset") not in (None, info.name):
+            warnings.append(f"teacher {path} was trained on '{meta['dataset']}'; this run's data is '{info.name}'")
+        for warning in filter(None, warnings):
+            if is_main_process():
+                print(f"dfkd: warning: {warning}", file=sys.stderr)
         teachers.append(teacher)
-    return teachers
+        hashes.append(meta.get("sha256"))
+    return teachers, hashes
 
 
 def _create_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality, student_shape) -> nn.Module:

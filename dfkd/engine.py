@@ -60,7 +60,7 @@ class Engine:
 
         resume_state = None
         if resume is not None:
-            resume_state = read_resume(Path(resume), config, self.total_iters)
+            resume_state = read_resume(Path(resume), config, self.total_iters, run.teachers.hashes)
             run_dir = resume_run_dir(Path(resume), resume_state, run_dir)
         if write and is_main_process():
             self.run_dir = Path(run_dir) if run_dir else new_run_dir(config.output.root, config.experiment, config.seed)

@@ -97,11 +97,19 @@ def identity(config: Config) -> dict:
     return d
 
 
-def read_resume(path: Path, config: Config, total_iters: int) -> dict:
-    """The training state at ``path``, checked to belong to ``config`` and to fit in its run."""
+def read_resume(path: Path, config: Config, total_iters: int, teacher_sha256: list[str] | None = None) -> dict:
+    """The training state at ``path``, checked to belong to ``config`` (and to the same teachers'
+    weights, not only the same paths) and to fit in its run."""
     state = ckpt_io.safe_load(path)
     if state.get("format") != ckpt_io.STATE_FORMAT:
         raise CheckpointError(f"{path}: not a training state ({state.get('format')}); resume from ckpt/last.pt")
+    recorded = state.get("teacher_sha256")
+    if recorded is not None and teacher_sha256 is not None and recorded != teacher_sha256:
+        raise CheckpointError(f"{path}: the teacher's weights changed since this state was saved (SHA-256 "
+                              f"{', '.join(h[:12] for h in recorded if h)} then, "
+                              f"{', '.join(h[:12] for h in teacher_sha256 if h)} now)")
+    if not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"{path}: its iteration {state.get('step')!r} is not a step count")
     mine, theirs = flatten(identity(config)), flatten(state["identity"])
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if differ:
@@ -126,6 +134,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
             "identity_sha256": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(),
             "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
             "good_step": progress.good_step, "good_norms": progress.good_norms,
+            "teacher_sha256": run.teachers.hashes,
             "history": progress.history, "timers": progress.timers,
             "players": {n: p.state_dict() for n, p in run.players.items()},
             "scaler": scaler.state_dict(), "rng": rng_state(),

@@ -36,7 +36,8 @@ def expected_arch_warning(arch: dict, expected, path: str, experiment: str) -> s
 
 
 def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> tuple[nn.Module, dict]:
-    """A teacher model file, checked against the dataset, frozen, on the run's device; and its arch."""
+    """A teacher model file, checked against the dataset, frozen, on the run's device; and the
+    file's metadata (``arch``, ``dataset``, ``sha256`` ...)."""
     teacher, meta = ckpt_io.load_model(path, runtime.device)
     arch = meta["arch"]
     try:
@@ -50,7 +51,7 @@ def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> tuple[nn.Mod
                           f"{arch['num_classes']} classes; dataset '{info.name}' has "
                           f"{info.shape[0]} and {info.num_classes}")
     teacher.requires_grad_(False)
-    return runtime.prepare(teacher).eval(), arch
+    return runtime.prepare(teacher).eval(), meta
 
 
 def combine_logits(logits: list[torch.Tensor], ensemble: str) -> torch.Tensor:
@@ -78,8 +79,9 @@ class Teachers(Sequence[nn.Module]):
     """The run's teachers (a sequence of frozen modules), how an ensemble combines them, and the
     hooks on them."""
 
-    def __init__(self, modules: list[nn.Module], ensemble: str, runtime: Runtime):
+    def __init__(self, modules: list[nn.Module], ensemble: str, runtime: Runtime, hashes: list[str] | None = None):
         self.modules, self.ensemble, self.runtime = list(modules), ensemble, runtime
+        self.hashes = list(hashes or [])  # each teacher's weight SHA-256, which a resumed run must match
         self.pick = 0  # ensemble 'random': this iteration's teacher
         self.bn_taps: list[BNStatsTap] = []
         self.feature_taps: list[FeatureTap] = []

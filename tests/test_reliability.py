@@ -133,3 +133,34 @@ def test_a_second_process_is_kept_off_a_running_run_and_a_resume_trims_the_log(t
     resumed.fit()
     steps = [m["step"] for m in read_metrics(engine.run_dir) if "loss/model/ce" in m]
     assert steps == [1, 2, 3, 4]  # the stale rows of steps 3 and 4 were dropped, then logged again
+
+
+def test_a_teacher_replaced_at_the_same_path_stops_the_resume(tmp_path, digits_teacher, fit_until_killed):
+    import shutil
+
+    from dfkd.checkpoint import load_model, save_model
+    from dfkd.errors import CheckpointError
+
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(digits_teacher[0], teacher)
+    overrides = [f"output.root={tmp_path}", f"teacher.checkpoint={teacher}", "train.epochs=2", "train.iters_per_epoch=2",
+                 "runtime.num_threads=1", "output.tensorboard=false"]
+    engine = Engine(load_config("kd/kd-digits", overrides))
+    fit_until_killed(engine, 1)
+    model, meta = load_model(teacher)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # retrained, or swapped for another file, under the same name
+    save_model(teacher, model, meta["arch"], dataset="digits")
+    with pytest.raises(CheckpointError, match="the teacher's weights changed since this state was saved"):
+        Engine(load_config("kd/kd-digits", overrides), resume=engine.run_dir / "ckpt" / "last.pt")
+
+
+def test_a_teacher_trained_on_another_dataset_is_named_in_a_warning(tmp_path, capsys):
+    from dfkd.checkpoint import save_model
+    from dfkd.models import create_model
+
+    path = tmp_path / "t.pt"
+    save_model(path, create_model("lenet5", in_channels=1, num_classes=10, image_size=32),
+               {"name": "lenet5", "in_channels": 1, "num_classes": 10, "image_size": 32, "kwargs": {}}, dataset="mnist")
+    Engine(load_config("kd/kd-digits", [f"output.root={tmp_path}", f"teacher.checkpoint={path}"]), write=False)
+    assert f"teacher {path} was trained on 'mnist'; this run's data is 'digits'" in capsys.readouterr().err
