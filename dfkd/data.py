@@ -487,8 +487,9 @@ def _read_idx_dataset(
 ) -> ImageTensorDataset:
     """Read an MNIST-style dataset from IDX files, downloading them with torchvision if allowed."""
     base = root or DEFAULT_ROOT
-    # Bare files in root, then torchvision's layout (where download=True puts them).
-    directories = [base, os.path.join(base, torchvision_class, "raw"), *system_dirs]
+    # Bare files in root, then torchvision's layout (where download=True puts them); the system-wide
+    # copy only when no root was given: a root the user names is the one read, or the error says so.
+    directories = [base, os.path.join(base, torchvision_class, "raw"), *(system_dirs if root is None else ())]
     paths = _find_idx_pair(split, directories)
     if paths is None and download:
         import torchvision.datasets

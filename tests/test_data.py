@@ -150,20 +150,25 @@ def test_fashion_mnist_default_root_is_data_in_cwd(tmp_path, no_system_fashion, 
     assert np.array_equal(data.load_dataset("fashion-mnist", "test").labels.numpy(), labels)
 
 
-def test_fashion_mnist_falls_back_to_system_dir(tmp_path, monkeypatch):
+def test_fashion_mnist_falls_back_to_system_dir_only_without_a_root(tmp_path, monkeypatch):
     system = tmp_path / "system"
     images, labels = random_idx_split(3, seed=4)
     write_idx_split(system, "test", images, labels)
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(system))
-    test = data.load_dataset("fashion-mnist", "test", root=str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)  # the default root, ./data, holds nothing
+    test = data.load_dataset("fashion-mnist", "test")
     assert np.array_equal(test.labels.numpy(), labels)
+    # a root the user names is the one read: not silently replaced by the system-wide copy
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "empty")):
+        data.load_dataset("fashion-mnist", "test", root=str(tmp_path / "empty"))
 
 
-def test_fashion_mnist_missing_files_name_places_and_remedies(tmp_path, no_system_fashion):
+def test_fashion_mnist_missing_files_name_places_and_remedies(tmp_path, no_system_fashion, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(DatasetNotFoundError) as excinfo:
-        data.load_dataset("fashion-mnist", "train", root=str(tmp_path))
+        data.load_dataset("fashion-mnist", "train")
     assert_one_line_not_found(
-        excinfo, "fashion-mnist", str(tmp_path), str(no_system_fashion), "apt-get install dataset-fashion-mnist"
+        excinfo, "fashion-mnist", str(tmp_path / "data"), str(no_system_fashion), "apt-get install dataset-fashion-mnist"
     )
 
 
