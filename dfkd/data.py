@@ -244,15 +244,27 @@ _PAIR_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _read_pair_file(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as arrays:
-            return {k: torch.from_numpy(arrays[k]) for k in arrays.files}
-    if path.endswith(".pt"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict):
-            raise ConfigError(f"pairs file {path}: expected a dict of tensors a, b[, y], got {type(data).__name__}")
-        return data
-    raise ConfigError(f"pairs file {path}: expected a .npz or .pt file, or two folders")
+    if not path.endswith((".npz", ".pt")):
+        raise ConfigError(f"pairs file {path}: expected a .npz or .pt file, or two folders")
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"pairs file {path} does not exist")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as arrays:
+                data = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, foreign, or holding objects: never run, one line
+        raise ConfigError(f"pairs file {path}: not readable ({_first_line(exc)[:120]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ConfigError(f"pairs file {path}: expected arrays a, b[, y], got {type(data).__name__}")
+    for key, x in data.items():
+        if key in ("a", "b") and (x.dtype == torch.bool or x.is_complex() or x.dim() not in (3, 4)):
+            raise ConfigError(f"pairs file {path}: '{key}' must be images, (N, H, W) or (N, C, H, W) numbers; "
+                              f"got {x.dtype} {tuple(x.shape)}")
+        if key == "y" and (x.is_floating_point() or x.dim() != 1):
+            raise ConfigError(f"pairs file {path}: 'y' must be (N,) integer labels, got {x.dtype} {tuple(x.shape)}")
+    return data
 
 
 def _read_pair_folder(folder: str, stems: list[str], names: dict[str, str]) -> torch.Tensor:
@@ -261,13 +273,18 @@ def _read_pair_folder(folder: str, stems: list[str], names: dict[str, str]) -> t
     samples, shape = [], None
     for stem in stems:
         path = os.path.join(folder, names[stem])
-        if path.endswith(".npy"):
-            x = torch.from_numpy(np.load(path, allow_pickle=False))
-            x = x.unsqueeze(0) if x.dim() == 2 else x
-        else:
-            with Image.open(path) as image:
-                x = torch.from_numpy(np.array(image))
-            x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)  # HWC -> CHW
+        try:
+            if path.endswith(".npy"):
+                x = torch.from_numpy(np.load(path, allow_pickle=False))
+                x = x.unsqueeze(0) if x.dim() == 2 else x
+            else:
+                with Image.open(path) as image:
+                    x = torch.from_numpy(np.array(image))
+                x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)  # HWC -> CHW
+        except Exception as exc:  # a damaged image or array: name the file
+            raise ConfigError(f"pairs: {path} is not a readable image or array ({_first_line(exc)[:120]})") from None
+        if x.dim() != 3 or x.dtype == torch.bool:
+            raise ShapeError(f"pairs: {path} is {x.dtype} {tuple(x.shape)}, not an image")
         if shape is not None and tuple(x.shape) != shape:
             raise ShapeError(f"{path} is {tuple(x.shape)}; the files before it are {shape}")
         shape = tuple(x.shape)
@@ -322,6 +339,10 @@ def load_pairs(paths: list[str], info: DatasetInfo, split: str = "train") -> Ima
         raise ShapeError(f"pairs {where}: modality-A samples are {tuple(a.shape[1:])}; the teacher's dataset "
                          f"'{info.name}' takes {tuple(info.shape)}")
     labels = torch.full((len(a),), -1, dtype=torch.long) if labels is None else labels.long()
+    bad = labels[(labels < -1) | (labels >= info.num_classes)]
+    if len(bad):
+        raise ConfigError(f"pairs {where}: labels must be classes 0..{info.num_classes - 1} of '{info.name}' "
+                          f"(or -1 for none); found {bad[0].item()}")
     return ImageTensorDataset(a, labels, info, f"pairs:{split}", paired=b)
 
 

@@ -121,3 +121,38 @@ def test_an_unhashed_model_file_loads_when_asked_and_a_misfit_dataset_is_named(m
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"(lenet5, 1 channels, 32 px) does not take 'fashion-mnist' images of shape "
                         f"{tuple(fmnist.shape)}") and len(err.splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------- a user's pairs
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_bytes(b"PK\x03\x04 truncated"), "not readable"),
+    (lambda p: __import__("numpy").savez(p, a=__import__("numpy").zeros((4, 32, 32)),
+                                         b=__import__("numpy").zeros((4,))), "'b' must be images"),
+    (lambda p: __import__("numpy").savez(p, a=__import__("numpy").zeros((4, 32, 32), "uint8"),
+                                         b=__import__("numpy").zeros((4, 32, 32)), y=__import__("numpy").full(4, 0.5)),
+     "'y' must be (N,) integer labels"),
+    (lambda p: __import__("numpy").savez(p, a=__import__("numpy").zeros((4, 32, 32), "uint8"),
+                                         b=__import__("numpy").zeros((4, 32, 32)), y=__import__("numpy").array([0, 1, 2, 12])),
+     "labels must be classes 0..9 of 'digits' (or -1 for none); found 12"),
+])
+def test_bad_pairs_files_are_one_line_errors(write, message, tmp_path):
+    from dfkd.data import dataset_info, load_pairs
+    from dfkd.errors import DfkdError
+
+    path = tmp_path / "pairs.npz"
+    write(path)
+    with pytest.raises(DfkdError) as err:
+        load_pairs([str(path)], dataset_info("digits"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_damaged_image_in_a_pairs_folder_is_named(tmp_path):
+    from dfkd.data import dataset_info, load_pairs
+    from dfkd.errors import DfkdError
+
+    for side in ("a", "b"):
+        (tmp_path / side).mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "b" / "x.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DfkdError, match=r"pairs: .*x.png is not a readable image or array"):
+        load_pairs([str(tmp_path / "a"), str(tmp_path / "b")], dataset_info("digits"))
