@@ -209,6 +209,7 @@ class OutputConfig:
     save_every: int = 1                     # epochs between full-state checkpoints
     tensorboard: bool = True
     image_every: int = 1                    # epochs between synthetic sample grids
+    show_real: bool = True                  # also show a labeled grid of the evaluation split (off: never display real data)
 
 
 @dataclass

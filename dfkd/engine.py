@@ -26,7 +26,7 @@ from .checkpoint import safe_load
 from .config import Config, dump_config
 from .context import Services, StepContext
 from .errors import ConfigError, DfkdError
-from .evaluation import evaluate, exit_scalars
+from .evaluation import evaluate
 from .phases import SYNTHESIZER, Batch, Phase
 from .reporting import Reporter
 from .runs import MetricLogger, RunLock, is_main_process, new_run_dir, rank, world_size
@@ -76,7 +76,7 @@ class Engine:
             restore(run, self.progress, self.scaler, resume_state)
         self.logger = MetricLogger(self.run_dir, config.output.tensorboard,
                                    purge_step=self.step + 1 if resume_state else None)
-        self.reporter = Reporter(self.logger, self.info, self.runtime, self.teachers, self.modality)
+        self.reporter = Reporter(run, self.logger)
         self.services = Services(self.runtime, self.teachers, self.players, run.model_taps, self.reporter.add,
                                  self.reporter.warn)
 
@@ -224,7 +224,7 @@ class Engine:
         summary = self.summary(time.perf_counter() - t_start)
         if self.run_dir is not None:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.logger.close()
+        self.reporter.finish(summary)
         if world_size() > 1:  # no rank goes on (e.g. to load ckpt/final.pt) before rank 0 has written it
             torch.distributed.barrier()
         return summary
@@ -267,9 +267,8 @@ class Engine:
             progress.timers["eval"] += time.perf_counter() - t0
             record.update(acc=result["acc"], loss=result["loss"], time_train_s=round(progress.timers["train"], 2),
                           **{k: result[k] for k in ("exits", "exit_ensemble") if k in result})
-            self.logger.scalars(self.step, {"eval/acc": result["acc"], "eval/loss": result["loss"], "epoch": epoch,
-                                            "eval/best_acc": max(progress.best_acc, result["acc"]), **scalars,
-                                            **exit_scalars(result)})
+            self.reporter.evaluation(self.step, epoch, result, max(progress.best_acc, result["acc"]),
+                                     progress.teacher_acc, scalars)
         norms = weight_norms(self.run)  # nothing is kept of a state that fails its health check
         problem = health_problem(norms, progress, result["loss"] if result else None, tc.max_weight_growth)
         if problem:
@@ -278,14 +277,8 @@ class Engine:
             progress.best_acc = result["acc"]
             if self.run_dir is not None:
                 save_student(self.run, self.run_dir, "best.pt", result["acc"], epoch, self.step)
-        show_images = epoch % oc.image_every == 0 or last_epoch
-        if self.synth is not None and self.synth.last is not None and self.teachers.first is not None and show_images:
-            self.reporter.sample_grids(self.step, self.synth.last.images)
-            if self.modality is not None:
-                self.reporter.pair_grid(self.step, "crossmodal/synthetic_pairs", self.synth.last.images)
-        paired_run = self.modality is not None or self.config.data.pairs
-        if paired_run and self.test_loader is not None and show_images:
-            self.reporter.pair_grid(self.step, "crossmodal/real_pairs", *next(iter(self.test_loader))[::2])
+        if epoch % oc.image_every == 0 or last_epoch:
+            self.reporter.epoch_images(self.step, self.synth.last.images if self.synth and self.synth.last else None)
         progress.history.append(record)
         progress.good_step, progress.good_norms = self.step, norms
         if self.run_dir is not None:

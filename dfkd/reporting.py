@@ -21,12 +21,85 @@ from .taps import BNStatsTap
 from .teachers import Teachers
 
 
+GRID_CELL = 96   # pixels a grid cell is shown at (nearest-neighbour upscaling): legible in TensorBoard's cards
+
+
+def labeled_class_grid(rows: list[torch.Tensor], names: list[str], counts: list[int], per_row: int = 8,
+                       cell: int = GRID_CELL) -> torch.Tensor:
+    """One row per class: up to ``per_row`` images (C, H, W in [0, 1]) upscaled to ``cell`` px,
+    the class's index, name and count written in a margin on the left, empty cells dark gray (so a
+    short row reads as empty, not as white images). Returns (3, H, W) in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    margin, pad = 150, 2
+    width, height = margin + per_row * (cell + pad), len(rows) * (cell + pad)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, (images, name, count) in enumerate(zip(rows, names, counts)):
+        top = k * (cell + pad)
+        draw.text((4, top + cell // 2 - 12), f"{k}: {name}", fill=(0, 0, 0))
+        draw.text((4, top + cell // 2 + 2), f"{count} in the batch", fill=(90, 90, 90))
+        for j in range(per_row):
+            left = margin + j * (cell + pad)
+            if j < len(images):
+                x = F.interpolate(images[j:j + 1].float().clamp(0, 1), size=(cell, cell), mode="nearest")[0]
+                x = (x.expand(3, -1, -1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                canvas.paste(Image.fromarray(x), (left, top))
+            else:
+                draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=(64, 64, 64))
+    import numpy as np
+
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+
+
 class Reporter:
-    def __init__(self, logger: MetricLogger, info: DatasetInfo, runtime: Runtime, teachers: Teachers,
-                 modality: Callable | None = None):
-        self.logger, self.info, self.runtime, self.teachers, self.modality = logger, info, runtime, teachers, modality
+    def __init__(self, run, logger: MetricLogger):
+        self.logger, self.info, self.runtime, self.teachers, self.modality = \
+            logger, run.info, run.runtime, run.teachers, run.modality
+        self.config, self.test_loader = run.config, run.test_loader
         # kept as device tensors until a flush: converting each would synchronize a GPU once per term and step
         self.pending: dict[str, list[torch.Tensor]] = {}
+        if logger.writer is not None:  # the student's accuracy with the teacher's as a line beside it
+            counts = [f"synthetic/count/{k}_{name}" for k, name in enumerate(self.info.class_names)]
+            logger.writer.add_custom_scalars({
+                "accuracy": {"student and teacher": ["Multiline", ["eval/acc", "eval/teacher_acc"]]},
+                "synthetic": {"samples per class the teacher predicts": ["Multiline", counts]}})
+
+    def evaluation(self, step: int, epoch: int, result: dict, best: float, teacher_acc: float | None,
+                   extra: dict[str, float]) -> None:
+        """An evaluation's scalars; the teacher's accuracy again, so its line spans the chart."""
+        from .evaluation import exit_scalars
+
+        teacher = {"eval/teacher_acc": teacher_acc} if teacher_acc is not None else {}
+        self.logger.scalars(step, {"eval/acc": result["acc"], "eval/loss": result["loss"], "epoch": epoch,
+                                   "eval/best_acc": best, **teacher, **extra, **exit_scalars(result)})
+
+    def epoch_images(self, step: int, synthetic: torch.Tensor | None) -> None:
+        """The epoch's grids: synthetic samples (all, and by the class the teacher predicts), an
+        evaluation batch by label (unless ``output.show_real`` is off), paired modalities."""
+        if synthetic is not None and self.teachers.first is not None:
+            self.sample_grids(step, synthetic)
+            if self.modality is not None:
+                self.pair_grid(step, "crossmodal/synthetic_pairs", synthetic)
+        if self.test_loader is None:
+            return
+        if self.modality is not None or self.config.data.pairs:
+            self.pair_grid(step, "crossmodal/real_pairs", *next(iter(self.test_loader))[::2])
+        elif self.config.output.show_real and synthetic is not None:
+            images, labels = next(iter(self.test_loader))[:2]
+            self.class_grid(step, "real/by_class", images, labels,
+                            "a batch of the evaluation split, one row per true class")
+
+    def finish(self, summary: dict) -> None:
+        """The run's resolved config and final numbers in TensorBoard's HParams table; then close."""
+        if self.logger.writer is not None:
+            from .config import config_to_dict, flatten
+
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in flatten(config_to_dict(self.config)).items()}
+            metrics = {f"hparam/{k}": float(summary[k]) for k in ("final_acc", "best_acc") if summary.get(k) is not None}
+            self.logger.writer.add_hparams(hparams, metrics, run_name=".")
+        self.logger.close()
 
     def add(self, tag: str, value: torch.Tensor) -> None:
         """A scalar to average into the next flush."""
@@ -76,11 +149,11 @@ class Reporter:
         if tap is not None and tap not in bn_taps:
             tap.remove()
         pred = probs.argmax(1)
-        self.logger.histogram(step, "synthetic/teacher_class", pred, bins=self.info.num_classes)
         self.logger.histogram(step, "synthetic/teacher_confidence", probs.max(1).values)
         scalars = {f"bn_distance/{s.name}": float(d) for s, d in zip(stats, bn_layer_distances(stats))}
-        counts = torch.bincount(pred, minlength=self.info.num_classes).float()
-        scalars["synthetic/classes_present"] = float((counts > 0).sum())
+        counts = torch.bincount(pred, minlength=self.info.num_classes).tolist()
+        scalars.update({f"synthetic/count/{k}_{name}": float(c)
+                        for k, (name, c) in enumerate(zip(self.info.class_names, counts))})
         scalars["synthetic/teacher_confidence_mean"] = float(probs.max(1).values.mean())
         return scalars
 
@@ -91,13 +164,17 @@ class Reporter:
             return
         pred = self.runtime.forward(self.teachers.first, images).argmax(1)
         shown = denormalize(images[:64].float(), self.info)
-        self.logger.image_grid(step, "synthetic/samples", shown, nrow=8)
-        per_class = []  # up to 8 samples per predicted class, one row each, blank where fewer
-        blank = torch.ones_like(shown[0])
-        for k in range(self.info.num_classes):
-            picked = denormalize(images[pred == k][:8].float(), self.info)
-            per_class += list(picked) + [blank] * (8 - len(picked))
-        self.logger.image_grid(step, "synthetic/by_teacher_class", torch.stack(per_class), nrow=8)
+        scale = max(1, GRID_CELL // shown.shape[-1])  # nearest-neighbour, to a legible size
+        self.logger.image_grid(step, "synthetic/samples", F.interpolate(shown, scale_factor=scale), nrow=8)
+        self.class_grid(step, "synthetic/by_teacher_class", images, pred,
+                        "synthetic samples, one row per class the teacher predicts for them")
+
+    def class_grid(self, step: int, tag: str, images: torch.Tensor, classes: torch.Tensor, what: str) -> None:
+        """Up to 8 of ``images`` per class, labeled with the dataset's class names and counts."""
+        rows = [denormalize(images[classes == k][:8].float(), self.info) for k in range(self.info.num_classes)]
+        counts = torch.bincount(classes, minlength=self.info.num_classes).tolist()
+        self.logger.writer.add_image(tag, labeled_class_grid(rows, list(self.info.class_names), counts), step)
+        self.logger.text(step, f"{tag}/about", what)
 
     @torch.no_grad()
     def pair_grid(self, step: int, tag: str, images: torch.Tensor, paired: torch.Tensor | None = None) -> None:

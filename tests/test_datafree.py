@@ -174,30 +174,37 @@ def test_tensorboard_events_of_a_datafree_run(tb_run):
     acc = accumulate(tb_run)
     tags = acc.Tags()
     scalars = set(tags["scalars"])
+    counts = [f"synthetic/count/{k}_{k}" for k in range(10)]  # digits' class names are the digits
     assert {"loss/student/l1_logits", "loss/generator/adv_l1", "eval/acc", "eval/best_acc", "eval/teacher_acc",
-            "time/synthesis_s", "synthetic/classes_present"} <= scalars, sorted(scalars)
+            "time/synthesis_s", *counts} <= scalars, sorted(scalars)
+    assert "synthetic/classes_present" not in scalars  # a constant card, gone
     assert any(t.startswith("bn_distance/") for t in scalars), sorted(scalars)
-    # the global step is the iteration: evaluation after each 5-iteration epoch, the teacher's before any
+    # the global step is the iteration: evaluation after each 5-iteration epoch; the teacher's before
+    # any and again beside each, so that its line spans the student's chart
     assert [e.step for e in acc.Scalars("eval/acc")] == [5, 10]
-    assert [e.step for e in acc.Scalars("eval/teacher_acc")] == [0]
+    assert [e.step for e in acc.Scalars("eval/teacher_acc")] == [0, 5, 10]
     assert [e.step for e in acc.Scalars("loss/student/l1_logits")] == [5, 10]
     assert all(math.isfinite(e.value) for e in acc.Scalars("loss/generator/adv_l1"))
-    assert all(1 <= e.value <= 10 for e in acc.Scalars("synthetic/classes_present"))
+    per_step = {}  # the per-class counts of a logged batch add up to the batch
+    for tag in counts:
+        for e in acc.Scalars(tag):
+            per_step[e.step] = per_step.get(e.step, 0) + e.value
+    assert per_step and all(total == 32 for total in per_step.values()), per_step
     # scalars in TensorBoard are the ones in metrics.jsonl
     jsonl = {m["step"]: m["eval/acc"] for m in read_metrics(tb_run) if "eval/acc" in m}
     assert {e.step: pytest.approx(e.value, abs=1e-4) for e in acc.Scalars("eval/acc")} == jsonl
 
-    assert {"synthetic/samples", "synthetic/by_teacher_class"} <= set(tags["images"])
-    for tag in ("synthetic/samples", "synthetic/by_teacher_class"):
+    assert {"synthetic/samples", "synthetic/by_teacher_class", "real/by_class"} <= set(tags["images"])
+    for tag in ("synthetic/samples", "synthetic/by_teacher_class", "real/by_class"):
         assert [e.step for e in acc.Images(tag)] == [5, 10], tag      # one grid per epoch
         assert all(e.width > 0 and e.height > 0 and e.encoded_image_string for e in acc.Images(tag))
-    # one row of up to 8 samples per class: 10 rows of 32 px + padding, 8 columns
+    # one labeled row of up to 8 samples per class: a 150 px margin for the label, cells of 96 + 2 px
     by_class = acc.Images("synthetic/by_teacher_class")[0]
-    assert (by_class.width, by_class.height) == (8 * 33 + 1, 10 * 33 + 1)
+    assert (by_class.width, by_class.height) == (150 + 8 * 98, 10 * 98)
+    samples = acc.Images("synthetic/samples")[0]
+    assert samples.width >= 8 * 96  # upscaled to a legible size
 
-    assert {"synthetic/teacher_class", "synthetic/teacher_confidence"} <= set(tags["histograms"])
-    counts = acc.Histograms("synthetic/teacher_class")[-1].histogram_value
-    assert counts.num == 32                                 # one entry per synthetic image
+    assert {"synthetic/teacher_confidence"} <= set(tags["histograms"])
     confidence = acc.Histograms("synthetic/teacher_confidence")[-1].histogram_value
     assert 0.1 - 1e-6 <= confidence.min <= confidence.max <= 1.0 + 1e-6
 
@@ -208,8 +215,33 @@ def test_no_tag_is_both_a_scalar_and_a_histogram(tb_run):
 
 
 def test_histograms_are_logged_once_per_step(tb_run):
-    steps = [e.step for e in accumulate(tb_run).Histograms("synthetic/teacher_class")]
+    steps = [e.step for e in accumulate(tb_run).Histograms("synthetic/teacher_confidence")]
     assert steps == sorted(set(steps))
+
+
+def test_the_class_grid_is_labeled_and_empty_cells_are_dark():
+    from dfkd.reporting import labeled_class_grid
+
+    rows = [torch.ones(2, 1, 8, 8), torch.zeros(0, 1, 8, 8)]  # two white samples of class 0, none of class 1
+    grid = labeled_class_grid(rows, ["zero", "one"], [2, 0], per_row=3, cell=16)
+    assert grid.shape == (3, 2 * 18, 150 + 3 * 18)
+    assert torch.all(grid[:, :16, 150:166] == 1.0)                       # a sample, upscaled
+    assert torch.allclose(grid[:, 18:34, 150:166], torch.full((3, 16, 16), 64 / 255))  # empty: dark gray
+    assert grid[:, :16, :150].min() < 0.5                               # text drawn in the margin
+
+
+def test_tensorboard_hparams_table_has_the_config_and_final_numbers(tb_run):
+    acc = accumulate(tb_run)
+    plugins = acc.PluginTagToContent("hparams")
+    assert plugins, "no HParams summary"
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    infos = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in plugins.values()]
+    session = next(i.session_start_info for i in infos if i.HasField("session_start_info"))
+    assert session.hparams["experiment"].string_value == "dfad-digits"
+    assert session.hparams["phases.0.steps"].number_value >= 1
+    experiment = next(i.experiment for i in infos if i.HasField("experiment"))
+    assert {m.name.tag for m in experiment.metric_infos} == {"hparam/final_acc", "hparam/best_acc"}
 
 
 # --------------------------------------------------------------------------------------
