@@ -357,11 +357,20 @@ def _related(ctx, term: str, layers: list[str]) -> tuple[torch.Tensor, torch.Ten
     return student.float().flatten(1), teacher.detach().float().flatten(1)
 
 
-def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Euclidean distances between the rows of ``e``, the diagonal exactly 0."""
+# Below this, two embeddings count as the same point: a distance of 0 and no direction between them.
+# RKD's code takes sqrt and normalizes there too (eps 1e-12), so coinciding embeddings (dead ReLUs in
+# a thin student) get gradients of ~1/eps that wreck it in a few steps; here they get none. Nothing
+# changes between distinct points.
+_COINCIDE = 1e-6
+
+
+def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of ``e``; 0, without gradient, between coinciding rows
+    (the diagonal included)."""
     squared = e.pow(2).sum(1)
-    d = (squared[:, None] + squared[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
-    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+    d2 = squared[:, None] + squared[None, :] - 2 * e @ e.t()
+    apart = (d2 > _COINCIDE ** 2) & ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    return torch.where(apart, d2.clamp_min(_COINCIDE ** 2).sqrt(), torch.zeros_like(d2))
 
 
 @register("rkd_distance", needs=("teacher",), taps=_layer_pair_taps)
@@ -387,7 +396,11 @@ def rkd_angle(ctx, layers: list[str] = (EMBEDDING, EMBEDDING)) -> torch.Tensor:
     student, teacher = _related(ctx, "rkd_angle", list(layers))
 
     def angles(e: torch.Tensor) -> torch.Tensor:
-        directions = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)
+        differences = e[None, :, :] - e[:, None, :]
+        norms = differences.norm(dim=2, keepdim=True)
+        # coinciding points have no direction between them: 0, without gradient (see _COINCIDE)
+        directions = torch.where(norms > _COINCIDE, differences / norms.clamp_min(_COINCIDE),
+                                 torch.zeros_like(differences))
         return torch.bmm(directions, directions.transpose(1, 2)).flatten()
 
     return F.smooth_l1_loss(angles(student), angles(teacher))

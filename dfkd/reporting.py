@@ -77,6 +77,8 @@ class Reporter:
     def epoch_images(self, step: int, synthetic: torch.Tensor | None) -> None:
         """The epoch's grids: synthetic samples (all, and by the class the teacher predicts), an
         evaluation batch by label (unless ``output.show_real`` is off), paired modalities."""
+        if self.logger.writer is None:  # no TensorBoard here (turned off, or not rank 0)
+            return
         if synthetic is not None and self.teachers.first is not None:
             self.sample_grids(step, synthetic)
             if self.modality is not None:

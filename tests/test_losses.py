@@ -413,3 +413,14 @@ def test_crd_on_batches_without_sample_indices_is_a_one_line_error():
     ctx = SimpleNamespace(batch=SimpleNamespace(index=None, source="synthetic"))
     with pytest.raises(ConfigError, match="crd needs each sample's index in the training split; 'synthetic' batches"):
         crd(ctx)
+
+
+def test_rkd_gives_no_runaway_gradient_to_coinciding_student_embeddings():
+    from dfkd.losses import rkd_angle, rkd_distance
+    # a thin student whose ReLUs died for two samples: their embeddings coincide (both zero)
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0], [3.0, 1.0]], requires_grad=True)
+    teacher = t([1, 0], [0, 1], [2, 2], [3, 0])
+    for term in (rkd_distance, rkd_angle):
+        student.grad = None
+        term(relation_ctx(student, teacher)).backward()
+        assert torch.isfinite(student.grad).all() and student.grad.abs().max() < 10, (term.__name__, student.grad)
