@@ -156,3 +156,66 @@ def test_a_damaged_image_in_a_pairs_folder_is_named(tmp_path):
     (tmp_path / "b" / "x.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DfkdError, match=r"pairs: .*x.png is not a readable image or array"):
         load_pairs([str(tmp_path / "a"), str(tmp_path / "b")], dataset_info("digits"))
+
+
+# ---------------------------------------------------------------- processes killed or racing
+KILL_IN_SECOND_SAVE = """
+import os, sys, torch
+import dfkd.checkpoint as ck
+from dfkd.cli import main
+saves, original = [], torch.save
+def save(obj, f, *a, **k):
+    saves.append(1)
+    if len(saves) == 2:  # the second epoch's last.pt: write part of it, then die as kill -9 would
+        f.write(b"PK half a checkpoint")
+        f.flush()
+        os._exit(9)
+    return original(obj, f, *a, **k)
+torch.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_last_good_state_and_resumes(tmp_path):
+    from dfkd.checkpoint import safe_load
+
+    args = ["teacher", "--config", "teacher/lenet5-digits", "--out", str(tmp_path), "train.epochs=3",
+            "train.iters_per_epoch=2", "runtime.num_threads=1", "output.tensorboard=false", "data.eval=false"]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SAVE, *args], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == 9, killed.stderr
+    run_dir = next((tmp_path / "teacher-lenet5-digits").iterdir())
+    assert list((run_dir / "ckpt").glob(".*.tmp"))  # the half-written file a kill leaves
+    assert safe_load(run_dir / "ckpt" / "last.pt")["step"] == 2  # epoch 1's state, whole
+    resumed = dfkd("teacher", "--config", "teacher/lenet5-digits", "--resume", str(run_dir / "ckpt" / "last.pt"),
+                   *args[5:])
+    assert resumed.returncode == 0, resumed.stderr
+    assert safe_load(run_dir / "ckpt" / "last.pt")["step"] == 6 and not list((run_dir / "ckpt").glob(".*.tmp"))
+
+
+def test_a_second_resume_of_a_running_run_is_refused_in_one_line(tmp_path, fit_until_killed):
+    from dfkd.config import load_config
+    from dfkd.engine import Engine
+
+    config = load_config("teacher/lenet5-digits", [f"output.root={tmp_path}", "train.epochs=2",
+                                                   "train.iters_per_epoch=2", "runtime.num_threads=1",
+                                                   "output.tensorboard=false"])
+    engine = Engine(config)
+    fit_until_killed(engine, 1)
+    last = engine.run_dir / "ckpt" / "last.pt"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); f.truncate(); f.write('process 4242'); "
+                               "f.flush(); print('held', flush=True); time.sleep(60)", str(engine.run_dir / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another process trains in the folder
+        before = snapshot(engine.run_dir)
+        second = dfkd("teacher", "--config", "teacher/lenet5-digits", "--resume", str(last), "train.epochs=2",
+                      "train.iters_per_epoch=2", "runtime.num_threads=1", "output.tensorboard=false")
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().endswith("is in use by process 4242; wait for it to finish or stop it first")
+        after = snapshot(engine.run_dir)
+        assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    finally:
+        holder.kill()
+        holder.wait()
