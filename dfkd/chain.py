@@ -98,6 +98,8 @@ class Chain:
         self.folder = Path(folder) if folder else new_run_dir(config.root, config.experiment, config.seed)
         self.state_path = self.folder / "chain.json"
         self.state = state or {"config": dataclasses.asdict(config), "stages": {}}
+        # a chain that begins by training its teacher, given a teacher, uses it in that stage's place
+        self.given_first = bool(config.teacher) and stage_config(config, config.stages[0]).task == "teacher"
         self._save()
 
     @classmethod
@@ -110,19 +112,14 @@ class Chain:
 
     def teachers_of(self, index: int) -> list[str]:
         made = [self.state["stages"][s.name]["model"] for s in self.config.stages[:index]]
-        given = [self.config.teacher] if self.config.teacher and not self._given_first() else []
+        given = [self.config.teacher] if self.config.teacher and not self.given_first else []
         return given + made if self.config.stages[index].teachers == "all" else (given + made)[-1:]
-
-    def _given_first(self) -> bool:
-        """A chain that begins by training its teacher, given a teacher, uses it in that stage's place."""
-        first = self.config.stages[0]
-        return bool(self.config.teacher) and stage_config(self.config, first).task == "teacher"
 
     def run(self) -> dict:
         for index, stage in enumerate(self.config.stages):
             if stage.name in self.state["stages"]:
                 continue
-            if index == 0 and self._given_first():
+            if index == 0 and self.given_first:
                 self.state["stages"][stage.name] = self._given(stage)
                 continue
             stage_dir = self.folder / f"{index}-{stage.name}"

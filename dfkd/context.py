@@ -90,9 +90,9 @@ class StepContext:
     def logits_on(self, network: str, images: torch.Tensor) -> torch.Tensor:
         """``student`` or a model player's logits on other images than the batch's (not cached; read
         this step's own outputs first, since the pass moves the network's taps)."""
-        self._model_pass(self.phase.student if network == "student" else network)
-        return self._services.runtime.forward(self.module(self.phase.student if network == "student" else network),
-                                              images)
+        name = self.phase.student if network == "student" else network
+        self._model_pass(name)
+        return self._services.runtime.forward(self.module(name), images)
 
     def logits_of(self, network: str) -> torch.Tensor:
         """``teacher``, ``student`` (this phase's student) or a model player's name."""

@@ -265,6 +265,13 @@ def _attention_taps(params: dict[str, Any]) -> dict[str, list[str]]:
     return {"student": [s for s, _ in params["pairs"]], "teacher": [t for _, t in params["pairs"]]}
 
 
+def _spatial_pairs(term: str, pairs, maps_s, maps_t) -> None:
+    for (student_path, teacher_path), f_s, f_t in zip(pairs, maps_s, maps_t):
+        if f_s.shape[2:] != f_t.shape[2:]:
+            raise ShapeError(f"{term}: student '{student_path}' has spatial size {tuple(f_s.shape[2:])}, "
+                             f"teacher '{teacher_path}' has {tuple(f_t.shape[2:])}; pair layers of equal resolution")
+
+
 @register("attention", taps=_attention_taps)
 def attention(ctx, pairs: list[list[str]], p: float = 2) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis 2017): Σ_pairs mean((a_S − a_T)²), where
@@ -275,21 +282,10 @@ def attention(ctx, pairs: list[list[str]], p: float = 2) -> torch.Tensor:
     def attention_map(f: torch.Tensor) -> torch.Tensor:
         return F.normalize(f.float().abs().pow(p).mean(1).flatten(1), dim=1)
 
-    total = 0.0
-    for student_path, teacher_path in pairs:
-        f_s, f_t = ctx.student_features[student_path], ctx.teacher_features[teacher_path]
-        if f_s.shape[2:] != f_t.shape[2:]:
-            raise ShapeError(f"attention: student '{student_path}' has spatial size {tuple(f_s.shape[2:])}, "
-                             f"teacher '{teacher_path}' has {tuple(f_t.shape[2:])}; pair layers of equal resolution")
-        total = total + F.mse_loss(attention_map(f_s), attention_map(f_t))
-    return total
-
-
-def _spatial_pairs(term: str, pairs, maps_s, maps_t) -> None:
-    for (student_path, teacher_path), f_s, f_t in zip(pairs, maps_s, maps_t):
-        if f_s.shape[2:] != f_t.shape[2:]:
-            raise ShapeError(f"{term}: student '{student_path}' has spatial size {tuple(f_s.shape[2:])}, "
-                             f"teacher '{teacher_path}' has {tuple(f_t.shape[2:])}; pair layers of equal resolution")
+    maps_s = [ctx.student_features[s] for s, _ in pairs]
+    maps_t = [ctx.teacher_features[t] for _, t in pairs]
+    _spatial_pairs("attention", pairs, maps_s, maps_t)
+    return sum(F.mse_loss(attention_map(f_s), attention_map(f_t)) for f_s, f_t in zip(maps_s, maps_t))
 
 
 @register("grad_cam", needs=("teacher",), taps=_attention_taps)
@@ -383,7 +379,7 @@ def rkd_distance(ctx, layers: list[str] = (EMBEDDING, EMBEDDING)) -> torch.Tenso
 
     def normalized(e: torch.Tensor) -> torch.Tensor:
         d = pairwise_distances(e)
-        return d / d[d > 0].mean()
+        return d / d[d > 0].mean() if bool((d > 0).any()) else d  # all coinciding: nothing to normalize
 
     return F.smooth_l1_loss(normalized(student), normalized(teacher))
 
@@ -524,6 +520,7 @@ class ContrastiveRepresentation(Term):
         for name in ("memory_student", "memory_teacher", "labels"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("z", torch.full((2,), -1.0))  # Z of the student's and the teacher's scores
+        self._others: dict[int, torch.Tensor] | None = None  # per class, the indices of the other classes
 
     def taps(self) -> dict[str, list[str]]:
         return {"student": [self.layers[0]], "teacher": [self.layers[1]]}
@@ -541,16 +538,18 @@ class ContrastiveRepresentation(Term):
         bound = 1.0 / math.sqrt(self.dim / 3)  # CRD's uniform initialization of the memory
         self.memory_student = (torch.rand(len(labels), self.dim, device=device) * 2 - 1) * bound
         self.memory_teacher = (torch.rand(len(labels), self.dim, device=device) * 2 - 1) * bound
-        self.labels = labels.to(device)
+        self.labels, self._others = labels.to(device), None
 
     def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
 
     def sample_negatives(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, negatives) indices of training samples of other classes than each row's, uniformly."""
+        if self._others is None:  # computed once, after any restore of the labels
+            self._others = {int(c): (self.labels != c).nonzero().squeeze(1) for c in self.labels.unique()}
         out = torch.empty(len(labels), self.negatives, dtype=torch.long, device=labels.device)
         for c in labels.unique():
-            others = (self.labels != c).nonzero().squeeze(1)
+            others = self._others[int(c)]
             rows = (labels == c).nonzero().squeeze(1)
             out[rows] = others[torch.randint(len(others), (len(rows), self.negatives), device=labels.device)]
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,8 +48,6 @@ def labeled_class_grid(rows: list[torch.Tensor], names: list[str], counts: list[
                 canvas.paste(Image.fromarray(x), (left, top))
             else:
                 draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=(64, 64, 64))
-    import numpy as np
-
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
 
 

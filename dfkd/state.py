@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import append_row, mean_std, read_results, table_arguments, train_teacher, write_table  # noqa: E402,E501
+from reproduce import Teachers, append_row, mean_std, read_results, table_arguments, write_table  # noqa: E402
 
 from dfkd.config import load_config  # noqa: E402
 from dfkd.engine import Engine  # noqa: E402
@@ -72,12 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         root.mkdir(parents=True, exist_ok=True)
         done = {(r["dataset"], r["method"], r["seed"]) for r in rows} if args.skip_done else set()
+        teachers = Teachers(args, root)
         for dataset in args.datasets:
-            teacher = getattr(args, f"teacher_{dataset}")
-            if teacher is None:
-                found = sorted((root / "teachers").glob(f"teacher-lenet5-{dataset}/*/ckpt/final.pt"))
-                teacher = str(found[-1]) if found else train_teacher(f"teacher/lenet5-{dataset}",
-                                                                     root / "teachers", args.threads)
+            teacher = teachers(dataset, batchnorm=True)
             for method in args.methods:
                 student = "LeNet-5" if method in SAME_WIDTH else f"LeNet-5 × {args.width:g}"
                 player = "model" if method in SELF else "student"

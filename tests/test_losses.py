@@ -424,3 +424,5 @@ def test_rkd_gives_no_runaway_gradient_to_coinciding_student_embeddings():
         student.grad = None
         term(relation_ctx(student, teacher)).backward()
         assert torch.isfinite(student.grad).all() and student.grad.abs().max() < 10, (term.__name__, student.grad)
+    dead = torch.zeros(4, 2, requires_grad=True)  # every embedding the same: no NaN from an empty mean
+    assert torch.isfinite(rkd_distance(relation_ctx(dead, teacher))) and torch.isfinite(rkd_angle(relation_ctx(dead, teacher)))
