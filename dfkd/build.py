@@ -52,13 +52,20 @@ class Run:
     student: Player                          # the evaluated and exported one
 
     def student_arch(self) -> dict:
-        """The ``create_model`` arguments that rebuild the student (a model file's ``arch``)."""
-        net = self.student.cfg.net
+        """The ``create_model`` arguments that rebuild the student (a model file's ``arch``), with
+        its quantization settings (``quant``) when it is quantized."""
+        net, quant = self.student.cfg.net, self.student.cfg.quant
         if net.checkpoint:
             return ckpt_io.read_model_file(net.checkpoint)["arch"]
-        C, H, _ = self.student_shape
-        return {"name": net.name, "in_channels": C, "num_classes": self.info.num_classes, "image_size": H,
-                "kwargs": dict(net.kwargs)}
+        if quant is not None and quant.init == "teacher":
+            arch = dict(ckpt_io.read_model_file(self.config.teacher.checkpoints[0])["arch"])
+        else:
+            C, H, _ = self.student_shape
+            arch = {"name": net.name, "in_channels": C, "num_classes": self.info.num_classes, "image_size": H,
+                    "kwargs": dict(net.kwargs)}
+        if quant is not None:
+            arch["quant"] = dataclasses.asdict(quant)
+        return arch
 
 
 def eval_player_name(config: Config) -> str:
@@ -134,6 +141,7 @@ def build_run(config: Config) -> Run:
     for name, (pc, module) in _build_sized_players(config, phases, sizes, info).items():
         players[name] = player(name, pc, module)
     players = Players({name: players[name] for name in config.players})  # config order
+    _calibrate(config, players, real or labeled)
     _wrap_for_ddp(players, runtime.device)
     synth = create_synthesizer(config.synthesis, info, runtime)
     _build_terms(config, phases, sizes, runtime.device)
@@ -167,7 +175,43 @@ def _load_teachers(config: Config, info: DatasetInfo, runtime: Runtime) -> tuple
 
 def _create_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality, student_shape) -> nn.Module:
     """A model player's network: trained weights from ``net.checkpoint`` (fine-tuning, a
-    pre-trained peer) or a new ``create_model`` network for the students' input."""
+    pre-trained peer) or a new ``create_model`` network for the students' input; with ``quant``,
+    that network (or a copy of the teacher, ``quant.init: teacher``) with quantized layers."""
+    if pc.quant is None:
+        return _float_model(pc, config, info, modality, student_shape)
+    from .quant import quantize
+
+    if pc.net.checkpoint and ckpt_io.read_model_file(pc.net.checkpoint)["arch"].get("quant"):
+        raise ConfigError(f"{pc.net.checkpoint} is already a quantized model; drop the quant settings to "
+                          f"fine-tune it as it is, or start from a float model file")
+    if pc.quant.init == "teacher":
+        path = config.teacher.checkpoints[0]
+        model, meta = ckpt_io.load_model(path)
+        if pc.net.name not in (None, meta["arch"]["name"]):
+            raise ConfigError(f"quant.init 'teacher' copies the teacher ({meta['arch']['name']}, {path}); "
+                              f"net.name '{pc.net.name}' differs (set net.name to it, or null)")
+        model.train()
+    else:
+        model = _float_model(pc, config, info, modality, student_shape)
+    return quantize(model, dataclasses.asdict(pc.quant), tuple(student_shape))
+
+
+def _calibrate(config: Config, players: Players, stream: RealStream | None) -> None:
+    """Post-training calibration of quantized players (``quant.calibrate`` batches of the real
+    training split), before any training; the stream's own position is not moved."""
+    for name, pc in config.players.items():
+        if pc.quant is None or not pc.quant.calibrate:
+            continue
+        if stream is None:
+            raise ConfigError(f"players.{name}.quant.calibrate reads real training batches, and no phase of this "
+                              f"config trains on real data")
+        from .quant import calibrate
+
+        batches = iter(stream.loader)
+        calibrate(players[name].module, (next(batches)[0] for _ in range(min(pc.quant.calibrate, len(stream.loader)))))
+
+
+def _float_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality, student_shape) -> nn.Module:
     C, H, _ = student_shape
     if pc.net.checkpoint:
         model, meta = ckpt_io.load_model(pc.net.checkpoint)

@@ -117,6 +117,8 @@ def read_model_file(path: str | os.PathLike, allow_unhashed: bool = False) -> di
     for name, kind in _ARCH_FIELDS.items():
         if not isinstance(arch.get(name), kind) or isinstance(arch.get(name), bool):
             raise CheckpointError(f"{path}: arch.{name} must be {kind.__name__}, got {arch.get(name)!r}")
+    if not isinstance(arch.get("quant") or {}, dict):
+        raise CheckpointError(f"{path}: arch.quant must be a mapping of quantization settings")
     if not isinstance(arch.get("kwargs", {}), dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: arch.kwargs must be a mapping and state_dict hold tensors")
     if (arch.get("kwargs") or {}).get("weights") is not None:
@@ -138,7 +140,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     ckpt = read_model_file(path, allow_unhashed)
     arch = dict(ckpt["arch"])
+    quant = arch.pop("quant", None)
     model = create_model(arch.pop("name"), **arch.pop("kwargs", {}), **arch)
+    if quant is not None:  # the same quantized layers, then the file's weights and steps
+        from .errors import ConfigError
+        from .quant import quantize
+
+        try:
+            quantize(model, quant, (arch["in_channels"], arch["image_size"], arch["image_size"]))
+        except (ConfigError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: arch.quant does not rebuild a quantized model ({exc})") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

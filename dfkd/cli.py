@@ -1,4 +1,4 @@
-"""Command line: ``dfkd teacher | distill | eval | list``.
+"""Command line: ``dfkd teacher | distill | chain | eval | export | list``.
 
 Config overrides follow the config name, either as ``key.path=value`` or ``--key.path value``::
 
@@ -109,6 +109,10 @@ def _eval(args, extra: list[str]) -> int:
               "split": args.split,
               "acc": round(scores["acc"], 2), "n": scores["n"], "recorded_acc": meta.get("accuracy"),
               "sha256": meta.get("sha256")}
+    if meta["arch"].get("quant"):
+        from .quant import model_bytes, quant_summary
+
+        result.update(precision=quant_summary(meta["arch"]["quant"]), model_bytes=model_bytes(model)[0])
     if "exits" in scores:
         result.update(exits=[round(a, 2) for a in scores["exits"]], exit_ensemble=round(scores["exit_ensemble"], 2))
     if args.exit_thresholds:
@@ -119,6 +123,39 @@ def _eval(args, extra: list[str]) -> int:
                             f"net.kwargs: {{exits: ...}}")
         result["early_exit"] = early_exit(model, TensorLoader(dataset, args.batch_size, device=device),
                                           args.exit_thresholds, dataset.info.shape)
+    print(json.dumps(result))
+    return 0
+
+
+def _export(args, extra: list[str]) -> int:
+    """ONNX export of a model file (a quantized one as an integer QDQ graph), checked against the
+    model on the test split in ONNX Runtime, with its CPU latency beside the float network's."""
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import load_model
+    from .data import TensorLoader, load_dataset
+    from .quant import export_onnx, float_copy, is_quantized, onnx_check, quant_summary
+
+    model, meta = load_model(args.checkpoint, "cpu", allow_unhashed=args.allow_unhashed)
+    arch = meta["arch"]
+    out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx"))
+    if out.resolve() == Path(args.checkpoint).resolve():
+        raise DfkdError(f"--out {out} would replace the model file itself")
+    if not out.parent.is_dir():
+        raise DfkdError(f"--out {out}: folder {out.parent} does not exist")
+    example = torch.zeros(1, arch["in_channels"], arch["image_size"], arch["image_size"])
+    export_onnx(model, out, example)
+    result = {"checkpoint": args.checkpoint, "onnx": str(out), "precision": quant_summary(arch.get("quant"))}
+    if not args.no_check:
+        dataset = load_dataset(args.data or meta["dataset"], "test", args.root)
+        loader = TensorLoader(dataset, args.batch_size)
+        result.update(onnx_check(out, model, loader))
+        if is_quantized(model):  # the same network in float32, exported and timed the same way
+            reference = out.with_name(out.stem + ".fp32.onnx")
+            export_onnx(float_copy(model, arch), reference, example)
+            result["latency_ms_fp32"] = onnx_check(reference, float_copy(model, arch), loader)["latency_ms"]
     print(json.dumps(result))
     return 0
 
@@ -198,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-thresholds", type=float, nargs="+", metavar="P",
                    help="a model with exits: early-exit accuracy and FLOPs at each confidence threshold")
 
+    p = sub.add_parser("export", help="Export a model file to ONNX (a quantized one as an integer QDQ graph) "
+                                      "and check it in ONNX Runtime against the model on the test split.")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="the .onnx file (default: beside the model file)")
+    p.add_argument("--data", help="dataset of the check (default: the model's)")
+    p.add_argument("--root", help="dataset root folder")
+    p.add_argument("--batch-size", type=int, default=256, help="batch of the check and of the latency timing")
+    p.add_argument("--no-check", action="store_true", help="export only")
+    p.add_argument("--allow-unhashed", action="store_true", help="load a model file that records no SHA-256")
+
     p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",
                                                "modalities", "generators"])
@@ -209,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     handlers = {"teacher": lambda: _run(args, extra, "teacher"), "distill": lambda: _run(args, extra, "distill"),
                 "eval": lambda: _eval(args, extra), "list": lambda: _list(args, extra),
-                "chain": lambda: _chain(args, extra)}
-    if extra and args.command in ("eval", "list"):
+                "chain": lambda: _chain(args, extra), "export": lambda: _export(args, extra)}
+    if extra and args.command in ("eval", "list", "export"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return handlers[args.command]()

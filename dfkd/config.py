@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .quant import check_quant
 from .registry import nearest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -102,6 +103,24 @@ class TeacherConfig:
 
 
 @dataclass
+class QuantConfig:
+    """A quantized model player (see :mod:`dfkd.quant`): bit widths of weights and of the
+    activations entering each weighted layer, the quantizer, and where its weights start."""
+
+    weights: int = 8
+    acts: int = 8
+    quantizer: Literal["lsq", "pact", "minmax"] = "lsq"
+    per_channel: bool = True            # a weight step per output channel
+    keep_first_last: Optional[int] = None  # bits of the first and last weighted layers (None: as the rest)
+    init: Literal["scratch", "teacher"] = "scratch"  # teacher: a quantized copy of the (first) teacher
+    fold_bn: bool = False               # fold each conv's BatchNorm into it before quantizing
+    freeze_bn: bool = False             # BatchNorm layers normalize with their running statistics while training
+    stats_steps: int = 30               # training batches whose activation ranges initialize lsq/minmax steps
+    clip_init: float = 10.0             # pact: the initial clip value α (PACT's paper: 10)
+    calibrate: int = 0                  # batches of the run's real data that set activation ranges before training
+
+
+@dataclass
 class PlayerConfig:
     """A trained participant of the loop: its network, optimizer and schedule. Discriminators
     and adapters get their input shapes from the loss terms that use them."""
@@ -114,6 +133,7 @@ class PlayerConfig:
     # average is what is evaluated and exported, the raw weights keep training; a generator's average
     # makes the 'fresh+ema' batches (MAD)
     ema: Optional[float] = None
+    quant: Optional[QuantConfig] = None  # a quantized model (model players only)
 
 
 @dataclass
@@ -499,7 +519,9 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     if syn.pool_size < 0 or syn.batch_size < 1:
         v.fail("synthesis", "synthesis.pool_size must be >= 0 and synthesis.batch_size >= 1")
     for name, player in config.players.items():
-        if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None:
+        copies_teacher = player.quant is not None and player.quant.init == "teacher"
+        if player.kind != "adapter" and player.net.name is None and player.net.checkpoint is None \
+                and not copies_teacher:
             v.fail(f"players.{name}.net", f"players.{name}.net needs a name or a checkpoint")
         if player.ema is not None and (player.kind not in ("model", "generator") or not 0 < player.ema < 1):
             v.fail(f"players.{name}.ema", f"players.{name}.ema must be a decay in (0, 1) on a model or generator "
@@ -514,8 +536,22 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
                                   "set it, or data.eval=false")
     if not 0 < config.data.labeled_fraction <= 1:
         v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
-    if config.train.epochs < 1:
-        v.fail("train.epochs", f"train.epochs must be >= 1, got {config.train.epochs}")
+    for name, player in config.players.items():
+        if player.quant is None:
+            continue
+        if player.kind != "model":
+            v.fail(f"players.{name}.quant", f"players.{name}.quant: only model players can be quantized "
+                                            f"('{name}' is a {player.kind})")
+        try:
+            check_quant(dataclasses.asdict(player.quant), f"players.{name}.quant")
+        except ConfigError as exc:
+            v.fail(f"players.{name}.quant", str(exc))
+        if player.quant.init == "teacher" and config.teacher is None:
+            v.fail(f"players.{name}.quant.init", f"players.{name}.quant.init 'teacher' needs a teacher")
+    calibration_only = any(p.quant is not None and p.quant.calibrate > 0 for p in config.players.values())
+    if config.train.epochs < (0 if calibration_only else 1):
+        v.fail("train.epochs", f"train.epochs must be >= 1 (0 only for post-training calibration, "
+                               f"quant.calibrate > 0), got {config.train.epochs}")
     _check_values(config, v)
 
 

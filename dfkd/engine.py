@@ -28,6 +28,7 @@ from .context import Services, StepContext
 from .errors import ConfigError, DfkdError
 from .evaluation import evaluate
 from .phases import SYNTHESIZER, Batch, Phase
+from .quant import model_bytes, quant_summary
 from .reporting import Reporter
 from .runs import MetricLogger, RunLock, is_main_process, new_run_dir, rank, world_size
 from .runtime import broadcast_from_rank0, seed_everything
@@ -217,6 +218,8 @@ class Engine:
                         self.end_of_epoch(self.step // self.iters_per_epoch)
                     except DivergenceError as exc:  # the epoch's state failed its health check
                         self._roll_back(exc)
+            if self.total_iters == 0:  # post-training calibration only: evaluate and save what was built
+                self.end_of_epoch(0)
         finally:
             bar.close()
             self.logger.flush()
@@ -288,5 +291,7 @@ class Engine:
                 save_state(self.run, progress, self.scaler, self.run_dir)
 
     def summary(self, wall: float) -> dict:
+        size, float_size = model_bytes(self.student.eval_module)  # at its bit widths, and in float32
         return {"experiment": self.config.experiment, "seed": self.config.seed, **self.progress.summary(wall),
-                "run_dir": str(self.run_dir) if self.run_dir else None}
+                "precision": quant_summary(getattr(self.student.eval_module, "quant", None)),
+                "model_bytes": size, "float_bytes": float_size, "run_dir": str(self.run_dir) if self.run_dir else None}

@@ -55,7 +55,7 @@ class Reporter:
     def __init__(self, run, logger: MetricLogger):
         self.logger, self.info, self.runtime, self.teachers, self.modality = \
             logger, run.info, run.runtime, run.teachers, run.modality
-        self.config, self.test_loader = run.config, run.test_loader
+        self.config, self.test_loader, self.student = run.config, run.test_loader, run.student
         # kept as device tensors until a flush: converting each would synchronize a GPU once per term and step
         self.pending: dict[str, list[torch.Tensor]] = {}
         if logger.writer is not None:  # the student's accuracy with the teacher's as a line beside it
@@ -78,6 +78,7 @@ class Reporter:
         evaluation batch by label (unless ``output.show_real`` is off), paired modalities."""
         if self.logger.writer is None:  # no TensorBoard here (turned off, or not rank 0)
             return
+        self.quantization(step, synthetic)
         if synthetic is not None and self.teachers.first is not None:
             self.sample_grids(step, synthetic)
             if self.modality is not None:
@@ -90,6 +91,27 @@ class Reporter:
             images, labels = next(iter(self.test_loader))[:2]
             self.class_grid(step, "real/by_class", images, labels,
                             "a batch of the evaluation split, one row per true class")
+
+    def quantization(self, step: int, synthetic: torch.Tensor | None) -> None:
+        """A quantized student's steps, clip values and clipped fractions per layer, and its
+        weight and input quantization errors, on the batch it trains on (synthetic, or else an
+        evaluation batch)."""
+        from .quant import is_quantized, quant_inspection
+
+        model = self.student.eval_module
+        if not is_quantized(model):
+            return
+        if synthetic is not None:
+            x = synthetic if self.modality is None else self.modality(synthetic, self.info)
+        elif self.test_loader is not None:
+            x = next(iter(self.test_loader))[0 if not self.config.data.pairs else 2]
+        else:
+            return
+        with torch.no_grad():
+            scalars, histograms = quant_inspection(model, x.to(self.runtime.device)[:256])
+        self.logger.scalars(step, scalars)
+        for tag, values in histograms.items():
+            self.logger.histogram(step, tag, values)
 
     def finish(self, summary: dict) -> None:
         """The run's resolved config and final numbers in TensorBoard's HParams table; then close."""

@@ -40,6 +40,11 @@ def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> tuple[nn.Mod
     file's metadata (``arch``, ``dataset``, ``sha256`` ...)."""
     teacher, meta = ckpt_io.load_model(path, runtime.device)
     arch = meta["arch"]
+    if arch.get("quant"):
+        from .quant import quant_summary
+
+        raise ConfigError(f"teacher {path} is a quantized model ({quant_summary(arch['quant'])}); a teacher must be "
+                          f"full precision")
     try:
         probe(teacher, torch.zeros((2, *info.shape), device=runtime.device))
     except RuntimeError:
