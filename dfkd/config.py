@@ -184,6 +184,8 @@ class SynthesisConfig:
     net: NetConfig = field(default_factory=lambda: NetConfig(name="dcgan", kwargs={"nz": 256}))  # per-batch kinds
     batch_size: int = 256               # synthetic batch, and replay batch from the pool
     labels: Literal["none", "random", "balanced"] = "none"  # classes to ask for (conditional G, onehot_ce)
+    mix_prob: float = 0.0               # Qimera: probability that a batch asks for superposed classes (soft labels)
+    mix_classes: int = 2                # Qimera: classes superposed per sample
     inner: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=0.1, betas=[0.5, 0.999]))
     latent_lr: Optional[float] = None   # reinit / meta: learning rate of the latents (default: inner.lr)
     outer: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-3, betas=[0.5, 0.999]))
@@ -516,6 +518,11 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'pool' needs synthesis.pool_size > 0")
     if syn.kind == "generator" and config.players.get(syn.generator, PlayerConfig()).kind != "generator":
         v.fail("synthesis.generator", f"synthesis.generator '{syn.generator}' is not a generator player")
+    if not 0 <= syn.mix_prob <= 1 or syn.mix_classes < 2:
+        v.fail("synthesis.mix_prob", f"synthesis.mix_prob must be in [0, 1] and mix_classes >= 2, got "
+                                     f"{syn.mix_prob} and {syn.mix_classes}")
+    if syn.mix_prob and syn.labels == "none":
+        v.fail("synthesis.mix_prob", "synthesis.mix_prob superposes the classes asked for: set synthesis.labels")
     if syn.pool_size < 0 or syn.batch_size < 1:
         v.fail("synthesis", "synthesis.pool_size must be >= 0 and synthesis.batch_size >= 1")
     for name, player in config.players.items():

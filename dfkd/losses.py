@@ -212,7 +212,8 @@ def build_terms(spec: dict[str, Any], where: str) -> list[WeightedTerm]:
 # --------------------------------------------------------------------------------------
 @register("ce", needs=("labels",))
 def ce(ctx, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of the student's logits against the batch's labels."""
+    """Cross-entropy of the student's logits against the batch's labels (class indices, or the
+    class weights of a superposed synthetic batch: Qimera's soft cross-entropy)."""
     return F.cross_entropy(ctx.student_logits, ctx.labels, label_smoothing=label_smoothing)
 
 
@@ -732,7 +733,8 @@ _ONEHOT_TARGETS = {"argmax": lambda ctx: ctx.teacher_logits.argmax(1), "labels":
 def onehot_ce(ctx, target: str = "argmax") -> torch.Tensor:
     """Cross-entropy of the teacher's logits against target classes: the teacher's own argmax
     (``"argmax"``, DAFL's one-hot loss, Chen et al. 2019) or the classes synthesis sampled
-    (``"labels"``: DeepInversion, CMI, Fast-DFKD, GDFQ; reads ``ctx.labels``). Weight 1 in DAFL
+    (``"labels"``: DeepInversion, CMI, Fast-DFKD, GDFQ; reads ``ctx.labels``, which may be the
+    class weights of a superposed batch: Qimera's soft target). Weight 1 in DAFL
     on MNIST and in DeepInversion."""
     targets = _option(_ONEHOT_TARGETS, target, "onehot_ce.target")(ctx)
     return F.cross_entropy(ctx.teacher_logits.float(), targets)

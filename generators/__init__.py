@@ -18,7 +18,8 @@ import torch.nn as nn
 from dfkd.errors import ShapeError
 from dfkd.registry import Registry
 
-__all__ = ["GENERATORS", "create_generator", "DCGANGenerator", "DeepDCGANGenerator", "ConditionalGenerator"]
+__all__ = ["GENERATORS", "create_generator", "DCGANGenerator", "DeepDCGANGenerator", "ConditionalGenerator",
+           "SuperposedGenerator"]
 
 GENERATORS = Registry("generator")
 
@@ -146,6 +147,41 @@ class ConditionalGenerator(DCGANGenerator):
         self._check_latent(z)
         e = self.embedding(y)
         return self._decode(z * e if self.combine == "mul" else z + e)
+
+
+@GENERATORS.register("qimera")
+class SuperposedGenerator(DCGANGenerator):
+    """Qimera's generator (Choi et al., NeurIPS 2021): each class has a learned embedding; a sample
+    of class ``y`` starts from embedding(y) + ``noise_scale``·z, standardized over its latent
+    dimensions, so the decoder sees inputs on one scale. ``y`` may also be a row of class
+    probabilities (superposed classes, see ``synthesis.mix_prob``): the sample then starts from
+    the probability-weighted sum of each class's standardized input, a point between the classes
+    that supports the teacher's decision boundaries. ``mapping``: a linear layer after the mix
+    (Qimera's disentanglement mapping, off in its CIFAR scripts); Qimera draws one z per mixed class,
+    here the sample's z is shared by its classes.
+    """
+
+    conditional = True
+
+    def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64,
+                 noise_scale: float = 1.0, mapping: bool = False, **output):
+        super().__init__(nz, img_shape, num_classes, ngf, **output)
+        self.embedding = nn.Embedding(num_classes, nz)
+        self.noise_scale = noise_scale
+        self.mapping = nn.Linear(nz, nz) if mapping else nn.Identity()
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            raise ValueError("SuperposedGenerator needs class labels: y of shape (N,) or class weights (N, classes)")
+        self._check_latent(z)
+        if y.dim() == 1:
+            start = self.embedding(y) + self.noise_scale * z
+            start = (start - start.mean(1, keepdim=True)) / (start.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        else:  # every class's standardized start, weighted by the sample's class probabilities
+            every = self.embedding.weight.unsqueeze(0) + self.noise_scale * z.unsqueeze(1)   # (N, classes, nz)
+            every = (every - every.mean(2, keepdim=True)) / (every.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            start = (y.to(every.dtype).unsqueeze(2) * every).sum(1)
+        return self._decode(self.mapping(start))
 
 
 @GENERATORS.register("nayer")

@@ -3,10 +3,12 @@ model files that rebuild them, calibration, resume, ONNX integer export, and bad
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from dfkd import quant as Q
 from dfkd.checkpoint import load_model, save_model
@@ -267,3 +269,49 @@ def test_onnx_export_refuses_more_than_8_bits(tmp_path):
     with pytest.raises(ConfigError, match="needs bit widths <= 8; this model has 12-bit layers"):
         Q.export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, *DIGITS))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_qimera_generator_takes_class_weights_and_a_one_hot_row_is_its_class():
+    from generators import create_generator
+
+    torch.manual_seed(0)
+    g = create_generator("qimera", img_shape=DIGITS, num_classes=10, nz=16, ngf=4)
+    z, y = torch.randn(6, 16), torch.tensor([0, 3, 3, 9, 1, 5])
+    assert torch.allclose(g(z, y), g(z, F.one_hot(y, 10).float()), atol=1e-5)
+    mixed = torch.zeros(6, 10)
+    mixed[:, 2], mixed[:, 7] = 0.25, 0.75
+    halfway = g(z, mixed)
+    assert halfway.shape == (6, *DIGITS) and not torch.allclose(halfway, g(z, torch.full((6,), 7)))
+
+
+def test_superposed_batches_carry_soft_labels_of_mixed_classes(digits_teacher):
+    from dfkd.data import dataset_info
+    from dfkd.runtime import Runtime
+    from dfkd.synthesis.base import Synthesizer
+
+    config = load_config("quant/qimera-digits", ["synthesis.mix_prob=1.0", "synthesis.mix_classes=3"])
+    synth = Synthesizer(config.synthesis, dataset_info("digits"), Runtime(config.runtime))
+    labels = synth.sample_labels(64)
+    assert labels.shape == (64, 10) and labels.dtype == torch.float32
+    assert torch.allclose(labels.sum(1), torch.ones(64))
+    assert int((labels > 0).sum(1).max()) <= 3 and int((labels > 0).sum(1).min()) >= 1
+    config.synthesis.mix_prob = 0.0
+    assert synth.sample_labels(8).dtype == torch.long  # hard labels when no batch is superposed
+
+
+def test_soft_cross_entropy_of_a_superposed_batch_matches_a_hand_computation():
+    from dfkd.losses import ce, onehot_ce
+
+    logits, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    soft = torch.softmax(torch.randn(4, 10), 1)
+    ctx = types.SimpleNamespace(student_logits=logits, teacher_logits=teacher, labels=soft)
+    expected = -(soft * F.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(ce(ctx), expected, atol=1e-6)
+    assert torch.allclose(onehot_ce(ctx, target="labels"), -(soft * F.log_softmax(teacher, 1)).sum(1).mean(), atol=1e-6)
+
+
+def test_mixing_needs_labels_and_two_classes():
+    with pytest.raises(ConfigError, match="mix_prob superposes the classes asked for: set synthesis.labels"):
+        load_config("quant/qimera-digits", ["synthesis.labels=none"])
+    with pytest.raises(ConfigError, match="mix_classes >= 2"):
+        load_config("quant/qimera-digits", ["synthesis.mix_classes=1"])

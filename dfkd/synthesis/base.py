@@ -94,8 +94,16 @@ class Synthesizer:
         self.last: Batch | None = None
 
     def sample_labels(self, n: int) -> torch.Tensor | None:
+        """The classes to ask for: ``(n,)`` indices; or, for a batch superposed with probability
+        ``mix_prob`` (Qimera), ``(n, classes)`` weights: each sample mixes ``mix_classes`` random
+        classes (repeats allowed) with softmax(N(0, 1)) weights, its soft label."""
         if self.cfg.labels == "none":
             return None
+        if self.cfg.mix_prob and float(torch.rand(())) < self.cfg.mix_prob:
+            k = self.cfg.mix_classes
+            classes = torch.randint(self.num_classes, (n, k), device=self.device)
+            weights = torch.softmax(torch.randn(n, k, device=self.device), dim=1)
+            return torch.zeros(n, self.num_classes, device=self.device).scatter_add_(1, classes, weights)
         if self.cfg.labels == "balanced":  # every class equally often, in random order
             return (torch.arange(n, device=self.device) % self.num_classes)[torch.randperm(n, device=self.device)]
         return torch.randint(self.num_classes, (n,), device=self.device)
@@ -106,7 +114,8 @@ class Synthesizer:
     def keep(self, batch: Batch) -> None:
         """Put ``batch`` in the pool for replay (nothing without a pool)."""
         if self.pool is not None:
-            self.pool.add(batch.images, batch.labels)
+            labels = batch.labels
+            self.pool.add(batch.images, labels.argmax(1) if labels is not None and labels.dim() == 2 else labels)
 
     def replay(self) -> Batch:
         images, labels = self.pool.sample(self.cfg.batch_size)
