@@ -31,11 +31,12 @@ def test_deep_generator_output_shape(img_shape):
 
 
 def test_registry_and_flags():
-    assert set(GENERATORS.names()) == {"dcgan", "dcgan_deep", "conditional", "nayer"}
+    assert set(GENERATORS.names()) == {"dcgan", "dcgan_deep", "conditional", "nayer", "qimera"}
     assert isinstance(create_generator("dcgan", 8, (1, 28, 28)), DCGANGenerator)
     assert not create_generator("dcgan", 8, (1, 28, 28)).conditional
     assert create_generator("conditional", 8, (1, 28, 28)).conditional
     assert create_generator("nayer", 8, (1, 28, 28)).conditional
+    assert create_generator("qimera", 8, (1, 28, 28)).conditional
 
 
 def test_output_is_normalised_per_channel_in_train_mode():
