@@ -1,4 +1,4 @@
-"""Command line: ``dfkd teacher | distill | chain | eval | export | list``.
+"""Command line: ``dfkd teacher | distill | chain | eval | export | audit | list``.
 
 Config overrides follow the config name, either as ``key.path=value`` or ``--key.path value``::
 
@@ -160,6 +160,15 @@ def _export(args, extra: list[str]) -> int:
     return 0
 
 
+def _audit(args, extra: list[str]) -> int:
+    from .audit import audit, render
+
+    report = audit(args.run_dir, samples=args.samples, references=args.references, k=args.pairs,
+                   margin=args.margin, root=args.root)
+    print(render(report), end="")
+    return 0
+
+
 def _chain(args, extra: list[str]) -> int:
     from .chain import Chain, load_chain
 
@@ -245,6 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="export only")
     p.add_argument("--allow-unhashed", action="store_true", help="load a model file that records no SHA-256")
 
+    p = sub.add_parser("audit", help="Privacy audit of a finished run: membership inference on its teacher and "
+                                     "student, and how close its synthetic samples come to training images. "
+                                     "Reads the teacher's training split; writes audit.json and audit.md into the run.")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=500, help="synthetic samples to compare (default 500)")
+    p.add_argument("--references", type=int, default=2000, help="training and test images each (default 2000)")
+    p.add_argument("--pairs", type=int, default=8, help="closest synthetic/training pairs drawn (default 8)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="a sample counts as closer to training data when d_train < (1 - margin) d_test")
+    p.add_argument("--root", help="dataset root folder")
+
     p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",
                                                "modalities", "generators"])
@@ -256,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     handlers = {"teacher": lambda: _run(args, extra, "teacher"), "distill": lambda: _run(args, extra, "distill"),
                 "eval": lambda: _eval(args, extra), "list": lambda: _list(args, extra),
-                "chain": lambda: _chain(args, extra), "export": lambda: _export(args, extra)}
-    if extra and args.command in ("eval", "list", "export"):
+                "chain": lambda: _chain(args, extra), "export": lambda: _export(args, extra),
+                "audit": lambda: _audit(args, extra)}
+    if extra and args.command in ("eval", "list", "export", "audit"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return handlers[args.command]()

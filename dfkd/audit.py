@@ -1,0 +1,238 @@
+"""``dfkd audit RUN_DIR``: what a distilled student and a data-free run's synthetic samples reveal
+of the teacher's training set. The one command besides teacher training that reads the
+teacher's training split; it writes only into the run folder it names (``audit.json``,
+``audit.md``, ``audit_pairs.png`` and TensorBoard panels under ``audit/``).
+
+* **Memorization of synthetic samples**: each synthetic sample's distance to its nearest
+  training image and to its nearest test image (the same number of each, drawn at random), in
+  pixel space and in the teacher's penultimate-feature space. Test images are unseen by the
+  teacher, so if synthesis does not copy training images the ratio d_train / d_test is about 1
+  (its distribution is reported), and the fraction of samples whose nearest training image is
+  closer than the nearest test image by more than ``margin`` (relative) is small. The ``k``
+  closest synthetic/training pairs are drawn side by side to be looked at.
+* **Membership inference** (loss threshold, Yeom et al. 2018): the per-sample loss of members
+  (training images) against non-members (test images), for the teacher and the student: ROC AUC
+  and the true-positive rate at 1% and 0.1% false positives. On the teacher it shows whether the
+  attack sees anything at all; on the student, whether the student parrots the teacher's
+  membership signal (Jagielski et al. 2023) though it never saw the data.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_io
+from .config import load_config
+from .data import dataset_info, denormalize, load_dataset
+from .errors import CheckpointError, ConfigError
+from .taps import EMBEDDING, FeatureTap
+
+
+# ----------------------------------------------------------------------------- measures
+def nearest_distances(queries: torch.Tensor, references: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query row, the Euclidean distance to its nearest reference row and that row's index."""
+    best, where = [], []
+    for q in queries.split(chunk):
+        d = torch.cdist(q.float().flatten(1), references.float().flatten(1))
+        value, index = d.min(1)
+        best.append(value)
+        where.append(index)
+    return torch.cat(best), torch.cat(where)
+
+
+def memorization(synthetic: torch.Tensor, train: torch.Tensor, test: torch.Tensor, margin: float) -> dict:
+    """Distances of ``synthetic`` rows to their nearest ``train`` and ``test`` rows, the ratio
+    d_train / d_test per sample (quantiles, mean), and the fraction with d_train < (1 − margin)·d_test."""
+    d_train, nearest = nearest_distances(synthetic, train)
+    d_test, _ = nearest_distances(synthetic, test)
+    ratio = d_train / d_test.clamp_min(1e-12)
+    quantiles = torch.quantile(ratio, torch.tensor([0.01, 0.1, 0.5, 0.9]))
+    return {"ratio_mean": float(ratio.mean()), "ratio_q01": float(quantiles[0]), "ratio_q10": float(quantiles[1]),
+            "ratio_median": float(quantiles[2]), "ratio_q90": float(quantiles[3]),
+            "closer_to_train": float((d_train < (1 - margin) * d_test).float().mean()),
+            "d_train_mean": float(d_train.mean()), "d_test_mean": float(d_test.mean()),
+            "_ratio": ratio, "_d_train": d_train, "_nearest": nearest}
+
+
+def roc_auc(members: torch.Tensor, non_members: torch.Tensor) -> float:
+    """P(score of a member > score of a non-member), ties counting one half (Mann-Whitney U)."""
+    scores = torch.cat([members, non_members]).double()
+    ranks = torch.empty_like(scores)
+    order = scores.argsort()
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.double)
+    for value in scores.unique():  # average ranks over ties
+        tied = scores == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    m, n = len(members), len(non_members)
+    return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
+
+
+def tpr_at_fpr(members: torch.Tensor, non_members: torch.Tensor, fpr: float) -> float:
+    """The fraction of members scored above the threshold that only ``fpr`` of non-members exceed."""
+    threshold = torch.quantile(non_members.double(), 1 - fpr)
+    return float((members.double() > threshold).float().mean())
+
+
+@torch.no_grad()
+def losses_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([F.cross_entropy(model(x), y, reduction="none") for x, y in zip(images.split(batch),
+                                                                                     labels.split(batch))])
+
+
+def loss_attack(model, members: tuple[torch.Tensor, torch.Tensor], non_members: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Loss-threshold membership inference: a lower loss means "member"."""
+    member_scores, other_scores = -losses_of(model, *members), -losses_of(model, *non_members)
+    return {"auc": roc_auc(member_scores, other_scores), "tpr_at_1pct_fpr": tpr_at_fpr(member_scores, other_scores, 0.01),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(member_scores, other_scores, 0.001)}
+
+
+@torch.no_grad()
+def embeddings(teacher: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    teacher.eval()
+    out = []
+    with FeatureTap(teacher, [EMBEDDING]) as tap:
+        for x in images.split(batch):
+            teacher(x)
+            out.append(tap.features[EMBEDDING].flatten(1).clone())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- the run
+def _synthetic_samples(run_dir: Path, config, state: dict, info, n: int) -> tuple[torch.Tensor, str]:
+    """The run's synthetic samples: its saved image pool, else ``n`` fresh samples of its generator."""
+    pool = (state.get("synthesis") or {}).get("pool")
+    if pool is not None and len(pool["images"]):
+        images = pool["images"].float()
+        return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]], "pool"
+    generators = [name for name, pc in config.players.items() if pc.kind == "generator"]
+    if not generators:
+        raise ConfigError(f"{run_dir}: the run kept no synthetic samples (no image pool in ckpt/last.pt) and has no "
+                          f"generator to draw them from; nothing to audit for memorization")
+    from .synthesis import build_generator
+
+    name = generators[0]
+    generator = build_generator(config.players[name].net, info, torch.device("cpu"))
+    saved = state["players"][name]
+    generator.load_state_dict(saved.get("ema") or saved["model"])
+    torch.manual_seed(0)
+    labels = torch.randint(info.num_classes, (n,)) if getattr(generator, "conditional", False) else None
+    with torch.no_grad():  # train mode, as generators run: their last BatchNorm uses batch statistics
+        images = generator.train()(torch.randn(n, generator.nz), labels)
+    return images, f"generator '{name}'"
+
+
+def _checked_teacher(config, state: dict, run_dir: Path):
+    if config.teacher is None or not config.teacher.checkpoints:
+        raise ConfigError(f"{run_dir}: the run has no teacher to audit against")
+    path = config.teacher.checkpoints[0]
+    if not Path(path).is_file():
+        raise CheckpointError(f"{run_dir}: its teacher {path} is missing")
+    recorded = (state.get("teacher_sha256") or [None])[0]
+    teacher, meta = ckpt_io.load_model(path)
+    if recorded is not None and meta.get("sha256") != recorded:
+        raise CheckpointError(f"{run_dir}: its teacher {path} changed since the run (SHA-256 {str(meta.get('sha256'))[:12]}, "
+                              f"the run recorded {recorded[:12]})")
+    return teacher, path
+
+
+def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: int = 8, margin: float = 0.1,
+          root: str | None = None) -> dict:
+    run_dir = Path(run_dir)
+    files = {"config": run_dir / "config.yaml", "state": run_dir / "ckpt" / "last.pt",
+             "student": run_dir / "ckpt" / "final.pt"}
+    for what, path in files.items():
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: not a finished run folder ({path.name} of the {what} is missing)")
+    config = load_config(str(files["config"]))
+    state = ckpt_io.safe_load(files["state"])
+    teacher, teacher_path = _checked_teacher(config, state, run_dir)
+    student, _ = ckpt_io.load_model(files["student"])
+    info = dataset_info(config.data.name)
+    if config.data.modality or config.data.pairs:
+        raise ConfigError(f"{run_dir}: a cross-modal student sees another modality; the audit compares images "
+                          f"of the teacher's dataset")
+    print(f"dfkd audit: reads the training split of '{info.name}' (the teacher's training data) to measure "
+          f"what the run reveals of it", file=sys.stderr)
+    train = load_dataset(info.name, "train", root or config.data.root)
+    test = load_dataset(info.name, "test", root or config.data.root)
+    g = torch.Generator().manual_seed(0)
+    m = min(references, len(train), len(test))
+    train_index, test_index = torch.randperm(len(train), generator=g)[:m], torch.randperm(len(test), generator=g)[:m]
+    members = (train.normalize(train.images[train_index]), train.labels[train_index])
+    non_members = (test.normalize(test.images[test_index]), test.labels[test_index])
+
+    report: dict = {"run_dir": str(run_dir), "teacher": teacher_path, "dataset": info.name, "references": m,
+                    "margin": margin, "data_free": config.synthesis.kind != "none"}
+    report["membership"] = {"teacher": loss_attack(teacher, members, non_members),
+                            "student": loss_attack(student, members, non_members)}
+    pairs_image = None
+    if config.synthesis.kind != "none":
+        synthetic, source = _synthetic_samples(run_dir, config, state, info, samples)
+        pixel = memorization(synthetic, members[0], non_members[0], margin)
+        feature = memorization(embeddings(teacher, synthetic), embeddings(teacher, members[0]),
+                               embeddings(teacher, non_members[0]), margin)
+        closest = pixel["_d_train"].argsort()[:k]
+        pairs_image = torch.stack([torch.stack([denormalize(synthetic[i], info),
+                                                denormalize(members[0][pixel["_nearest"][i]], info)])
+                                   for i in closest]).flatten(0, 1)
+        report["synthetic"] = {"source": source, "samples": len(synthetic),
+                               "pixel": {k_: v for k_, v in pixel.items() if not k_.startswith("_")},
+                               "feature": {k_: v for k_, v in feature.items() if not k_.startswith("_")}}
+        ratios = {"pixel": pixel["_ratio"], "feature": feature["_ratio"]}
+    else:
+        ratios = {}
+    _write(run_dir, report, pairs_image, ratios)
+    return report
+
+
+def _write(run_dir: Path, report: dict, pairs_image: torch.Tensor | None, ratios: dict) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    ckpt_io.atomic_write_text(run_dir / "audit.json", json.dumps(report, indent=2))
+    ckpt_io.atomic_write_text(run_dir / "audit.md", render(report))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "audit"))
+    for who, scores in report["membership"].items():
+        for key, value in scores.items():
+            writer.add_scalar(f"audit/membership/{who}/{key}", value, 0)
+    for space, ratio in ratios.items():
+        writer.add_histogram(f"audit/synthetic/{space}_ratio_train_over_test", ratio, 0)
+        writer.add_scalar(f"audit/synthetic/{space}_closer_to_train", report["synthetic"][space]["closer_to_train"], 0)
+    if pairs_image is not None:
+        grid = make_grid(pairs_image, nrow=2, padding=2, pad_value=0.5)
+        grid = F.interpolate(grid.unsqueeze(0), scale_factor=3, mode="nearest")[0]
+        save_image(grid, run_dir / "audit_pairs.png")
+        writer.add_image("audit/closest_pairs", grid, 0, dataformats="CHW")
+        writer.add_text("audit/closest_pairs", "each row: a synthetic sample (left) and its nearest training image "
+                                               "(right), the k pairs closest in pixel space", 0)
+    writer.close()
+
+
+def render(report: dict) -> str:
+    lines = [f"# Privacy audit of {report['run_dir']}", "",
+             f"Teacher {report['teacher']}, dataset {report['dataset']}; {report['references']} training images "
+             f"(members) and as many test images (non-members).", "",
+             "## Membership inference (loss threshold)", "", "| model | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |",
+             "|---|---|---|---|"]
+    for who, s in report["membership"].items():
+        lines.append(f"| {who} | {s['auc']:.3f} | {100 * s['tpr_at_1pct_fpr']:.2f}% | {100 * s['tpr_at_0.1pct_fpr']:.2f}% |")
+    if "synthetic" in report:
+        syn = report["synthetic"]
+        lines += ["", f"## Synthetic samples ({syn['samples']}, from the {syn['source']})", "",
+                  "d_train / d_test: distance to the nearest training image over the distance to the nearest test "
+                  "image; about 1 when synthesis copies nothing of the training set.", "",
+                  f"| space | median ratio | 1% quantile | mean | closer to train by > {100 * report['margin']:.0f}% |",
+                  "|---|---|---|---|---|"]
+        for space in ("pixel", "feature"):
+            s = syn[space]
+            lines.append(f"| {space} | {s['ratio_median']:.3f} | {s['ratio_q01']:.3f} | {s['ratio_mean']:.3f} | "
+                         f"{100 * s['closer_to_train']:.1f}% |")
+        lines += ["", "The closest synthetic/training pairs: `audit_pairs.png`."]
+    return "\n".join(lines) + "\n"

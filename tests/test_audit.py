@@ -1,0 +1,88 @@
+"""dfkd audit: membership-inference and memorization measures against hand computations, an
+end-to-end audit of a data-free digits run, and its one-line errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfkd import audit as A
+from dfkd.checkpoint import load_model, save_model
+from dfkd.cli import main
+from dfkd.config import load_config
+from dfkd.engine import Engine
+from dfkd.errors import CheckpointError, ConfigError
+
+
+def test_auc_counts_member_above_non_member_pairs_ties_half():
+    # pairs: 3>1, 3>2, 2>1 and one tie 2=2 -> (3 + 0.5) / 4
+    assert A.roc_auc(torch.tensor([3.0, 2.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.875)
+    assert A.roc_auc(torch.tensor([0.0, 0.1]), torch.tensor([1.0, 2.0])) == 0.0
+
+
+def test_tpr_at_fpr_uses_the_non_members_quantile():
+    non_members = torch.arange(1000, dtype=torch.float)  # 1% of them lie above 989.01
+    members = torch.tensor([995.0, 991.0, 980.0, 10.0])
+    assert A.tpr_at_fpr(members, non_members, 0.01) == 0.5
+
+
+def test_memorization_ratio_is_zero_for_copies_and_one_for_equidistant_samples():
+    train, test = torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.tensor([[0.0, 4.0], [10.0, 4.0]])
+    copies = A.memorization(train.clone(), train, test, margin=0.1)
+    assert copies["ratio_median"] == 0.0 and copies["closer_to_train"] == 1.0
+    between = A.memorization(torch.tensor([[0.0, 2.0], [10.0, 2.0]]), train, test, margin=0.1)
+    assert between["ratio_mean"] == pytest.approx(1.0) and between["closer_to_train"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def datafree_run(tmp_path_factory, digits_teacher):
+    root = tmp_path_factory.mktemp("audit")
+    teacher = root / "teacher.pt"
+    shutil.copy(digits_teacher[0], teacher)
+    summary = Engine(load_config("datafree/dfq-digits", [
+        f"teacher.checkpoint={teacher}", f"output.root={root}/runs", "train.epochs=1", "train.iters_per_epoch=3",
+        "runtime.num_threads=1", "output.tensorboard=false"])).fit()
+    return summary["run_dir"], teacher
+
+
+def test_audit_of_a_datafree_run_writes_its_report_inside_the_run(datafree_run, capsys):
+    run_dir, _ = datafree_run
+    run = Path(run_dir)
+    beside = sorted(p.name for p in run.parent.iterdir())
+    assert main(["audit", run_dir, "--samples", "64", "--references", "200"]) == 0
+    out = capsys.readouterr()
+    assert "reads the training split of 'digits'" in out.err and "Membership inference" in out.out
+    report = json.loads((run / "audit.json").read_text())
+    assert report["references"] == 200 and report["synthetic"]["samples"] == 64
+    assert report["synthetic"]["source"] == "generator 'generator'"
+    for who in ("teacher", "student"):
+        assert 0.0 <= report["membership"][who]["auc"] <= 1.0
+    for space in ("pixel", "feature"):
+        assert report["synthetic"][space]["ratio_median"] > 0.5  # an untrained generator copies nothing
+    assert {"audit.json", "audit.md", "audit_pairs.png", "audit"} <= {p.name for p in run.iterdir()}
+    assert sorted(p.name for p in run.parent.iterdir()) == beside  # nothing written beside the run
+
+
+def test_audit_refuses_a_teacher_changed_since_the_run(datafree_run, tmp_path):
+    run_dir, teacher = datafree_run
+    saved = teacher.read_bytes()
+    model, meta = load_model(teacher)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_model(teacher, model, meta["arch"], dataset=meta["dataset"])
+    try:
+        with pytest.raises(CheckpointError, match="changed since the run"):
+            A.audit(run_dir, samples=8, references=16)
+    finally:
+        teacher.write_bytes(saved)
+
+
+def test_audit_needs_synthetic_samples_or_a_generator_and_a_finished_run(tmp_path):
+    config = load_config("datafree/cmi-digits")
+    with pytest.raises(ConfigError, match="kept no synthetic samples .* and has no generator"):
+        A._synthetic_samples(tmp_path, config, {"synthesis": {}}, None, 8)
+    with pytest.raises(ConfigError, match="not a finished run folder .config.yaml of the config is missing"):
+        A.audit(tmp_path)
