@@ -15,6 +15,8 @@ teacher's training split; it writes only into the run folder it names (``audit.j
   and the true-positive rate at 1% and 0.1% false positives. On the teacher it shows whether the
   attack sees anything at all; on the student, whether the student parrots the teacher's
   membership signal (Jagielski et al. 2023) though it never saw the data.
+* **Canaries** (``dfkd teacher ... data.canaries=N``): training images the teacher learned under
+  a wrong label, recorded in its model file; the audit counts those each model still "knows".
 """
 from __future__ import annotations
 
@@ -138,7 +140,20 @@ def _checked_teacher(config, state: dict, run_dir: Path):
     if recorded is not None and meta.get("sha256") != recorded:
         raise CheckpointError(f"{run_dir}: its teacher {path} changed since the run (SHA-256 {str(meta.get('sha256'))[:12]}, "
                               f"the run recorded {recorded[:12]})")
-    return teacher, path
+    return teacher, path, meta
+
+
+def canary_exposure(models: dict, canaries: tuple[torch.Tensor, torch.Tensor],
+                    reference: tuple[torch.Tensor, torch.Tensor], fpr: float = 0.01) -> dict:
+    """How many planted canaries (training images relabeled to another class) each model gives a
+    loss below what only ``fpr`` of ``reference`` samples get: unseen test images, each under a
+    random wrong label, as the canaries would be under their planted ones had they not been seen."""
+    found = {}
+    for who, model in models.items():
+        canary_scores, reference_scores = -losses_of(model, *canaries), -losses_of(model, *reference)
+        threshold = torch.quantile(reference_scores.double(), 1 - fpr)
+        found[who] = int((canary_scores.double() > threshold).sum())
+    return {"planted": len(canaries[1]), "fpr": fpr, "found": found}
 
 
 def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: int = 8, margin: float = 0.1,
@@ -151,7 +166,7 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
             raise ConfigError(f"{run_dir}: not a finished run folder ({path.name} of the {what} is missing)")
     config = load_config(str(files["config"]))
     state = ckpt_io.safe_load(files["state"])
-    teacher, teacher_path = _checked_teacher(config, state, run_dir)
+    teacher, teacher_path, teacher_meta = _checked_teacher(config, state, run_dir)
     student, _ = ckpt_io.load_model(files["student"])
     info = dataset_info(config.data.name)
     if config.data.modality or config.data.pairs:
@@ -171,6 +186,12 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
                     "margin": margin, "data_free": config.synthesis.kind != "none"}
     report["membership"] = {"teacher": loss_attack(teacher, members, non_members),
                             "student": loss_attack(student, members, non_members)}
+    planted = teacher_meta.get("canaries")
+    if planted is not None:
+        wrong = (non_members[1] + torch.randint(1, info.num_classes, (m,), generator=g)) % info.num_classes
+        report["canaries"] = canary_exposure(
+            {"teacher": teacher, "student": student},
+            (train.normalize(train.images[planted["index"]]), planted["label"]), (non_members[0], wrong))
     pairs_image = None
     if config.synthesis.kind != "none":
         synthetic, source = _synthetic_samples(run_dir, config, state, info, samples)
@@ -223,6 +244,12 @@ def render(report: dict) -> str:
              "|---|---|---|---|"]
     for who, s in report["membership"].items():
         lines.append(f"| {who} | {s['auc']:.3f} | {100 * s['tpr_at_1pct_fpr']:.2f}% | {100 * s['tpr_at_0.1pct_fpr']:.2f}% |")
+    if "canaries" in report:
+        c = report["canaries"]
+        lines += ["", f"## Canaries ({c['planted']} training images relabeled when the teacher was trained)", "",
+                  f"Found: a canary's loss under its planted label is lower than all but {100 * c['fpr']:.0f}% of unseen "
+                  f"test images' under a random wrong label.", "", "| model | canaries found |", "|---|---|"]
+        lines += [f"| {who} | {n} of {c['planted']} |" for who, n in c["found"].items()]
     if "synthetic" in report:
         syn = report["synthetic"]
         lines += ["", f"## Synthetic samples ({syn['samples']}, from the {syn['source']})", "",

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .config import Config, PhaseConfig, PlayerConfig
-from .data import DatasetInfo, TensorLoader, dataset_info, labeled_subset, load_dataset, load_pairs
+from .data import DatasetInfo, TensorLoader, dataset_info, labeled_subset, load_dataset, load_pairs, plant_canaries
 from .errors import ConfigError, ShapeError
 from .losses import Feature, PlayerUse
 from .modalities import get_modality
@@ -50,6 +50,7 @@ class Run:
     model_taps: dict[str, FeatureTap]
     synth: Synthesizer | None
     student: Player                          # the evaluated and exported one
+    canaries: dict | None = None             # data.canaries: planted indices and labels, recorded in model files
 
     def student_arch(self) -> dict:
         """The ``create_model`` arguments that rebuild the student (a model file's ``arch``), with
@@ -104,6 +105,9 @@ def build_run(config: Config) -> Run:
     else:
         train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download) \
             if uses & {"real", "labeled"} else None
+    canaries = None
+    if config.data.canaries and train_split is not None:
+        train_split, canaries = plant_canaries(train_split, config.data.canaries, config.seed)
 
     def stream(dataset) -> RealStream:
         return RealStream(TensorLoader(
@@ -148,7 +152,7 @@ def build_run(config: Config) -> Run:
     if eval_name not in players or players[eval_name].kind != "model":
         raise ConfigError(f"train.eval_player '{eval_name}' is not a model player")
     return Run(config, runtime, info, modality, student_shape, teachers, phases, real, labeled, test_loader,
-               iters_per_epoch, total_iters, players, model_taps, synth, players[eval_name])
+               iters_per_epoch, total_iters, players, model_taps, synth, players[eval_name], canaries)
 
 
 def _load_teachers(config: Config, info: DatasetInfo, runtime: Runtime) -> tuple[list[nn.Module], list[str]]:

@@ -48,6 +48,9 @@ class DataConfig:
     modality: Optional[str] = None
     labeled_fraction: float = 1.0       # the share of the training split (stratified, per seed) 'labeled' batches draw
     class_pairs: bool = False           # real batches also carry another sample of each one's class (CS-KD)
+    # privacy-audit canaries: this many training samples (drawn by seed) relabeled to another class at
+    # random; their indices and planted labels are recorded in the trained model's file (dfkd audit)
+    canaries: int = 0
     # Cross-modal with a user's own pairs: one .npz/.pt file (arrays a, b[, y]) or two folders whose
     # files pair by name; pairs_test: labeled pairs to evaluate students on (see dfkd.data.load_pairs)
     pairs: Optional[list[str]] = None
@@ -541,6 +544,8 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
     if config.data.pairs and config.data.eval and not config.data.pairs_test:
         v.fail("data.pairs_test", "students on a user's pairs are evaluated on data.pairs_test (labeled pairs); "
                                   "set it, or data.eval=false")
+    if config.data.canaries < 0:
+        v.fail("data.canaries", f"data.canaries must be >= 0, got {config.data.canaries}")
     if not 0 < config.data.labeled_fraction <= 1:
         v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
     for name, player in config.players.items():

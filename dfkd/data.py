@@ -346,6 +346,21 @@ def load_pairs(paths: list[str], info: DatasetInfo, split: str = "train") -> Ima
     return ImageTensorDataset(a, labels, info, f"pairs:{split}", paired=b)
 
 
+def plant_canaries(dataset: ImageTensorDataset, n: int, seed: int) -> tuple[ImageTensorDataset, dict]:
+    """``dataset`` with ``n`` samples (a permutation that depends on ``seed`` only) relabeled to
+    another class drawn at random: canaries a membership attack should find in a model trained on
+    them. Returns the dataset and ``{"index", "label"}`` (the planted labels) to record."""
+    if n > len(dataset):
+        raise ConfigError(f"data.canaries={n}, and {dataset.info.name}/{dataset.split} has {len(dataset)} samples")
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, 1 << 21))
+    index = torch.randperm(len(dataset), generator=generator)[:n]
+    shift = torch.randint(1, dataset.info.num_classes, (n,), generator=generator)
+    labels = dataset.labels.clone()
+    labels[index] = (labels[index] + shift) % dataset.info.num_classes
+    planted = ImageTensorDataset(dataset.images, labels, dataset.info, dataset.split, dataset.paired)
+    return planted, {"index": index, "label": labels[index].clone()}
+
+
 def labeled_subset(dataset: ImageTensorDataset, fraction: float, seed: int) -> ImageTensorDataset:
     """A stratified ``fraction`` of ``dataset``: ceil(fraction × n_c) samples of each class c,
     drawn by a permutation that depends on ``seed`` only (the few labels a run may use)."""

@@ -189,6 +189,7 @@ def resume_run_dir(path: Path, state: dict, given: str | Path | None) -> Path:
 
 def save_student(run: "Run", run_dir: Path, filename: str, accuracy: float | None, epoch: int, step: int) -> Path:
     """The evaluated student (its EMA when it has one) as a model file in ``ckpt/``."""
+    extra = {"canaries": run.canaries} if run.canaries is not None else {}
     return ckpt_io.save_model(run_dir / "ckpt" / filename, run.student.eval_module, run.student_arch(),
                               dataset=run.info.name, accuracy=accuracy, epoch=epoch, step=step,
-                              experiment=run.config.experiment, config=config_to_dict(run.config))
+                              experiment=run.config.experiment, config=config_to_dict(run.config), **extra)

@@ -86,3 +86,30 @@ def test_audit_needs_synthetic_samples_or_a_generator_and_a_finished_run(tmp_pat
         A._synthetic_samples(tmp_path, config, {"synthesis": {}}, None, 8)
     with pytest.raises(ConfigError, match="not a finished run folder .config.yaml of the config is missing"):
         A.audit(tmp_path)
+
+
+def test_canaries_are_planted_recorded_and_counted(tmp_path, digits_teacher):
+    from dfkd.data import load_dataset, plant_canaries
+
+    train = load_dataset("digits", "train")
+    planted, record = plant_canaries(train, 20, seed=3)
+    assert len(record["index"]) == 20 and bool((planted.labels[record["index"]] != train.labels[record["index"]]).all())
+    untouched = torch.ones(len(train), dtype=torch.bool)
+    untouched[record["index"]] = False
+    assert torch.equal(planted.labels[untouched], train.labels[untouched])
+    with pytest.raises(ConfigError, match="data.canaries=5000, and digits/train has 1347 samples"):
+        plant_canaries(train, 5000, seed=0)
+
+    summary = Engine(load_config("teacher/lenet5-digits", [
+        f"output.root={tmp_path}", "train.epochs=12", "data.canaries=20", "runtime.num_threads=1",
+        "output.tensorboard=false"])).fit()
+    _, meta = load_model(Path(summary["run_dir"]) / "ckpt" / "final.pt")
+    assert torch.equal(meta["canaries"]["index"], plant_canaries(train, 20, seed=0)[1]["index"])
+    teacher, _ = load_model(Path(summary["run_dir"]) / "ckpt" / "final.pt")
+    test = load_dataset("digits", "test")
+    wrong = (test.labels + 1) % 10
+    canaries = (train.normalize(train.images[meta["canaries"]["index"]]), meta["canaries"]["label"])
+    clean, _ = load_model(digits_teacher[0])  # the same recipe without canaries
+    exposure = A.canary_exposure({"planted": teacher, "clean": clean}, canaries, (test.normalize(test.images), wrong))
+    # measured: 4 of 20 found in the teacher trained on them, 0 in the clean one
+    assert exposure["planted"] == 20 and exposure["found"]["planted"] > exposure["found"]["clean"]
