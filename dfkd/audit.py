@@ -8,7 +8,8 @@ teacher's training split; it writes only into the run folder it names (``audit.j
   pixel space and in the teacher's penultimate-feature space. Test images are unseen by the
   teacher, so if synthesis does not copy training images the ratio d_train / d_test is about 1
   (its distribution is reported), and the fraction of samples whose nearest training image is
-  closer than the nearest test image by more than ``margin`` (relative) is small. The ``k``
+  closer than the nearest test image by more than ``margin`` (relative) is no larger than for
+  unseen test images outside the references, measured the same way as the null. The ``k``
   closest synthetic/training pairs are drawn side by side to be looked at.
 * **Membership inference** (loss threshold, Yeom et al. 2018): the per-sample loss of members
   (training images) against non-members (test images), for the teacher and the student: ROC AUC
@@ -202,9 +203,18 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
         pairs_image = torch.stack([torch.stack([denormalize(synthetic[i], info),
                                                 denormalize(members[0][pixel["_nearest"][i]], info)])
                                    for i in closest]).flatten(0, 1)
+        # the null: unseen test images outside the references, measured the same way
+        held_out = torch.randperm(len(test), generator=g)
+        held_out = held_out[~torch.isin(held_out, test_index)][:len(synthetic)]
+        unseen = test.normalize(test.images[held_out])
+        null = {"pixel": memorization(unseen, members[0], non_members[0], margin),
+                "feature": memorization(embeddings(teacher, unseen), embeddings(teacher, members[0]),
+                                        embeddings(teacher, non_members[0]), margin)}
+        plain = lambda d: {k_: v for k_, v in d.items() if not k_.startswith("_")}  # noqa: E731
         report["synthetic"] = {"source": source, "samples": len(synthetic),
-                               "pixel": {k_: v for k_, v in pixel.items() if not k_.startswith("_")},
-                               "feature": {k_: v for k_, v in feature.items() if not k_.startswith("_")}}
+                               "pixel": plain(pixel), "feature": plain(feature),
+                               "unseen_test_images": {"samples": len(unseen), "pixel": plain(null["pixel"]),
+                                                      "feature": plain(null["feature"])}}
         ratios = {"pixel": pixel["_ratio"], "feature": feature["_ratio"]}
     else:
         ratios = {}
@@ -254,12 +264,14 @@ def render(report: dict) -> str:
         syn = report["synthetic"]
         lines += ["", f"## Synthetic samples ({syn['samples']}, from the {syn['source']})", "",
                   "d_train / d_test: distance to the nearest training image over the distance to the nearest test "
-                  "image; about 1 when synthesis copies nothing of the training set.", "",
+                  "image; about 1 when synthesis copies nothing of the training set. Unseen test images (outside "
+                  "the references), measured the same way, are the null to compare with.", "",
                   f"| space | median ratio | 1% quantile | mean | closer to train by > {100 * report['margin']:.0f}% |",
                   "|---|---|---|---|---|"]
+        null = syn.get("unseen_test_images")
         for space in ("pixel", "feature"):
-            s = syn[space]
-            lines.append(f"| {space} | {s['ratio_median']:.3f} | {s['ratio_q01']:.3f} | {s['ratio_mean']:.3f} | "
-                         f"{100 * s['closer_to_train']:.1f}% |")
+            for who, s in [("synthetic", syn[space])] + ([("unseen test images", null[space])] if null else []):
+                lines.append(f"| {space}, {who} | {s['ratio_median']:.3f} | {s['ratio_q01']:.3f} | {s['ratio_mean']:.3f} | "
+                             f"{100 * s['closer_to_train']:.1f}% |")
         lines += ["", "The closest synthetic/training pairs: `audit_pairs.png`."]
     return "\n".join(lines) + "\n"

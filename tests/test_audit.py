@@ -58,6 +58,7 @@ def test_audit_of_a_datafree_run_writes_its_report_inside_the_run(datafree_run, 
     report = json.loads((run / "audit.json").read_text())
     assert report["references"] == 200 and report["synthetic"]["samples"] == 64
     assert report["synthetic"]["source"] == "generator 'generator'"
+    assert report["synthetic"]["unseen_test_images"]["samples"] == 64  # the null, outside the references
     for who in ("teacher", "student"):
         assert 0.0 <= report["membership"][who]["auc"] <= 1.0
     for space in ("pixel", "feature"):
