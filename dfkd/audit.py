@@ -16,6 +16,10 @@ teacher's training split; it writes only into the run folder it names (``audit.j
   and the true-positive rate at 1% and 0.1% false positives. On the teacher it shows whether the
   attack sees anything at all; on the student, whether the student parrots the teacher's
   membership signal (Jagielski et al. 2023) though it never saw the data.
+* **Offline LiRA** (Carlini et al. 2022): shadow models with the teacher's recipe, trained on
+  random halves of test images held out from the references, give each evaluated sample the
+  spread of its true-class logit among models that never saw it; the target's logit, standardized
+  by it, is the score. Stronger than the loss threshold at low false-positive rates.
 * **Canaries** (``dfkd teacher ... data.canaries=N``): training images the teacher learned under
   a wrong label, recorded in its model file; the audit counts those each model still "knows".
 """
@@ -96,6 +100,70 @@ def loss_attack(model, members: tuple[torch.Tensor, torch.Tensor], non_members: 
 
 
 @torch.no_grad()
+def true_class_logit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """LiRA's statistic: log p_y − log(1 − p_y) of the true class y, computed stably from logits."""
+    model.eval()
+    out = []
+    for x, y in zip(images.split(batch), labels.split(batch)):
+        z = model(x).float()
+        own = z.gather(1, y[:, None])[:, 0]
+        others = z.scatter(1, y[:, None], float("-inf")).logsumexp(1)
+        out.append(own - others)
+    return torch.cat(out)
+
+
+def train_shadow(arch: dict, recipe: dict, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
+    """A shadow model: the teacher's architecture, optimizer, batch size, epochs and cosine
+    schedule (from its model file's config), trained with cross-entropy on ``images`` (without
+    the teacher's augmentation)."""
+    import math
+
+    from .models import create_model
+    from .players import build_optimizer
+    from .config import OptimConfig
+
+    torch.manual_seed(seed)
+    arch = dict(arch)
+    model = create_model(arch.pop("name"), **arch.pop("kwargs", {}), **{k: v for k, v in arch.items() if k != "quant"})
+    optim = recipe["players"]["model"]["optim"]
+    optimizer = build_optimizer(model.parameters(), OptimConfig(**optim))
+    batch, epochs = min(recipe["data"]["batch_size"], len(images)), recipe["train"]["epochs"]
+    steps, total = 0, epochs * max(1, len(images) // batch)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images))
+        for i in range(0, len(images) - batch + 1, batch):
+            index = order[i:i + batch]
+            for group in optimizer.param_groups:
+                group["lr"] = optim["lr"] * 0.5 * (1 + math.cos(math.pi * steps / total))
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    return model.eval()
+
+
+def lira_offline(targets: dict, shadows: list, members: tuple, non_members: tuple) -> dict:
+    """Offline LiRA (Carlini et al. 2022): each sample's statistic under the target, standardized by
+    its mean and spread under shadow models that never trained on it (members and non-members
+    alike are outside every shadow's data); a high score means "member"."""
+    def per_sample(images, labels):
+        values = torch.stack([true_class_logit(s, images, labels) for s in shadows])
+        return values.mean(0), values.std(0).clamp_min(1e-3)
+
+    out = {}
+    stats = {"in": per_sample(*members), "out": per_sample(*non_members)}
+    for who, model in targets.items():
+        scores = {k: (true_class_logit(model, *(members if k == "in" else non_members)) - mu) / sd
+                  for k, (mu, sd) in stats.items()}
+        out[who] = {"auc": roc_auc(scores["in"], scores["out"]),
+                    "tpr_at_1pct_fpr": tpr_at_fpr(scores["in"], scores["out"], 0.01),
+                    "tpr_at_0.1pct_fpr": tpr_at_fpr(scores["in"], scores["out"], 0.001)}
+    return out
+
+
+@torch.no_grad()
 def embeddings(teacher: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
     teacher.eval()
     out = []
@@ -158,7 +226,7 @@ def canary_exposure(models: dict, canaries: tuple[torch.Tensor, torch.Tensor],
 
 
 def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: int = 8, margin: float = 0.1,
-          root: str | None = None) -> dict:
+          root: str | None = None, shadows: int = 4) -> dict:
     run_dir = Path(run_dir)
     files = {"config": run_dir / "config.yaml", "state": run_dir / "ckpt" / "last.pt",
              "student": run_dir / "ckpt" / "final.pt"}
@@ -187,6 +255,26 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
                     "margin": margin, "data_free": config.synthesis.kind != "none"}
     report["membership"] = {"teacher": loss_attack(teacher, members, non_members),
                             "student": loss_attack(student, members, non_members)}
+    if shadows:
+        if shadows < 2:
+            raise ConfigError(f"--shadows must be 0 (no LiRA) or >= 2 (a spread per sample needs two), got {shadows}")
+        # shadow data: the test images outside the references, a random half for each shadow
+        pool = torch.randperm(len(test), generator=g)
+        pool = pool[~torch.isin(pool, test_index)]
+        if len(pool) < 20:
+            raise ConfigError(f"{info.name}/test has {len(pool)} images outside the {m} references: too few to train "
+                              f"shadow models; lower --references")
+        recipe = teacher_meta.get("config")
+        if not recipe or "model" not in recipe.get("players", {}):
+            raise ConfigError(f"{teacher_path} records no teacher-training config to train shadow models with; "
+                              f"use --shadows 0")
+        models = []
+        for i in range(shadows):
+            half = pool[torch.randperm(len(pool), generator=g)[:len(pool) // 2]]
+            models.append(train_shadow(teacher_meta["arch"], recipe, test.normalize(test.images[half]),
+                                       test.labels[half], seed=i))
+        report["lira"] = {"shadows": shadows, "shadow_images": len(pool) // 2,
+                          **lira_offline({"teacher": teacher, "student": student}, models, members, non_members)}
     planted = teacher_meta.get("canaries")
     if planted is not None:
         wrong = (non_members[1] + torch.randint(1, info.num_classes, (m,), generator=g)) % info.num_classes
@@ -233,6 +321,9 @@ def _write(run_dir: Path, report: dict, pairs_image: torch.Tensor | None, ratios
     for who, scores in report["membership"].items():
         for key, value in scores.items():
             writer.add_scalar(f"audit/membership/{who}/{key}", value, 0)
+    for who in ("teacher", "student"):
+        for key, value in report.get("lira", {}).get(who, {}).items():
+            writer.add_scalar(f"audit/lira/{who}/{key}", value, 0)
     for space, ratio in ratios.items():
         writer.add_histogram(f"audit/synthetic/{space}_ratio_train_over_test", ratio, 0)
         writer.add_scalar(f"audit/synthetic/{space}_closer_to_train", report["synthetic"][space]["closer_to_train"], 0)
@@ -254,6 +345,15 @@ def render(report: dict) -> str:
              "|---|---|---|---|"]
     for who, s in report["membership"].items():
         lines.append(f"| {who} | {s['auc']:.3f} | {100 * s['tpr_at_1pct_fpr']:.2f}% | {100 * s['tpr_at_0.1pct_fpr']:.2f}% |")
+    if "lira" in report:
+        lira = report["lira"]
+        lines += ["", f"## Membership inference (offline LiRA, {lira['shadows']} shadow models on "
+                      f"{lira['shadow_images']} held-out test images each)", "",
+                  "| model | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |", "|---|---|---|---|"]
+        for who in ("teacher", "student"):
+            s = lira[who]
+            lines.append(f"| {who} | {s['auc']:.3f} | {100 * s['tpr_at_1pct_fpr']:.2f}% | "
+                         f"{100 * s['tpr_at_0.1pct_fpr']:.2f}% |")
     if "canaries" in report:
         c = report["canaries"]
         lines += ["", f"## Canaries ({c['planted']} training images relabeled when the teacher was trained)", "",

@@ -164,7 +164,7 @@ def _audit(args, extra: list[str]) -> int:
     from .audit import audit, render
 
     report = audit(args.run_dir, samples=args.samples, references=args.references, k=args.pairs,
-                   margin=args.margin, root=args.root)
+                   margin=args.margin, root=args.root, shadows=args.shadows)
     print(render(report), end="")
     return 0
 
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.1,
                    help="a sample counts as closer to training data when d_train < (1 - margin) d_test")
     p.add_argument("--root", help="dataset root folder")
+    p.add_argument("--shadows", type=int, default=4, help="shadow models of offline LiRA (default 4; 0: none)")
 
     p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",

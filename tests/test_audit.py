@@ -59,6 +59,8 @@ def test_audit_of_a_datafree_run_writes_its_report_inside_the_run(datafree_run, 
     assert report["references"] == 200 and report["synthetic"]["samples"] == 64
     assert report["synthetic"]["source"] == "generator 'generator'"
     assert report["synthetic"]["unseen_test_images"]["samples"] == 64  # the null, outside the references
+    assert report["lira"]["shadows"] == 4 and report["lira"]["shadow_images"] == 125  # halves of 450 - 200
+    assert 0.0 <= report["lira"]["student"]["auc"] <= 1.0
     for who in ("teacher", "student"):
         assert 0.0 <= report["membership"][who]["auc"] <= 1.0
     for space in ("pixel", "feature"):
@@ -79,6 +81,29 @@ def test_audit_refuses_a_teacher_changed_since_the_run(datafree_run, tmp_path):
             A.audit(run_dir, samples=8, references=16)
     finally:
         teacher.write_bytes(saved)
+
+
+def test_lira_removes_what_shadows_also_show_the_loss_attack_does_not():
+    """Members here are merely easier samples (every model, shadows included, fits them better):
+    the loss threshold calls that membership (AUC 1), LiRA's per-sample standardization does not."""
+    class Fixed(torch.nn.Module):
+        def __init__(self, logit):
+            super().__init__()
+            self.logit = logit
+
+        def forward(self, x):  # true class 0 gets ``logit`` (x's mean shifts it per sample), the rest 0
+            out = torch.zeros(len(x), 3)
+            out[:, 0] = self.logit + x.flatten(1).mean(1)
+            return out
+
+    members = (torch.full((4, 1), 1.0), torch.zeros(4, dtype=torch.long))
+    non_members = (torch.full((4, 1), -1.0), torch.zeros(4, dtype=torch.long))
+    result = A.lira_offline({"target": Fixed(2.0)}, [Fixed(0.0), Fixed(1.0)], members, non_members)
+    assert result["target"]["auc"] == 0.5  # every sample sits the same 1.5 spreads above its shadows' mean
+    assert A.loss_attack(Fixed(2.0), members, non_members)["auc"] == 1.0
+    x = torch.tensor([[0.0]])
+    expected = 2.0 - torch.log(torch.tensor(2.0))  # logit_0 - logsumexp(0, 0)
+    assert torch.allclose(A.true_class_logit(Fixed(2.0), x, torch.tensor([0])), expected.reshape(1))
 
 
 def test_audit_needs_synthetic_samples_or_a_generator_and_a_finished_run(tmp_path):
