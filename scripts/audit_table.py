@@ -21,8 +21,10 @@ from pathlib import Path
 def row(run: Path, report: dict) -> str:
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     student = report["membership"]["student"]
+    lira = report.get("lira", {}).get("student")
     cells = [summary.get("experiment", run.parent.name), f"{summary.get('final_acc', float('nan')):.2f}",
-             f"{student['auc']:.3f}", f"{100 * student['tpr_at_1pct_fpr']:.2f}%"]
+             f"{student['auc']:.3f}", f"{100 * student['tpr_at_1pct_fpr']:.2f}%",
+             f"{lira['auc']:.3f} / {100 * lira['tpr_at_1pct_fpr']:.2f}%" if lira else "–"]
     syn = report.get("synthetic")
     if syn:
         null = syn["unseen_test_images"]
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--references", type=int, default=2000)
     p.add_argument("--out", help="also write the table here")
+    p.add_argument("--reuse", action="store_true", help="tabulate a run's existing audit.json instead of auditing again")
     args = p.parse_args(argv)
     from dfkd.audit import audit
     from dfkd.errors import DfkdError
@@ -47,15 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     teachers, lines = {}, []
     for run in map(Path, args.runs):
         try:
-            report = audit(run, samples=args.samples, references=args.references)
+            if args.reuse and (run / "audit.json").is_file():
+                report = json.loads((run / "audit.json").read_text())
+            else:
+                report = audit(run, samples=args.samples, references=args.references)
         except DfkdError as exc:
             print(f"audit_table: {run}: {exc}", file=sys.stderr)
             continue
-        teachers.setdefault(report["teacher"], report["membership"]["teacher"])
+        teachers.setdefault(report["teacher"], {**report["membership"]["teacher"],
+                                                "lira": report.get("lira", {}).get("teacher")})
         lines.append(row(run, report))
-    head = ["run", "student final acc", "MIA AUC", "TPR @ 1% FPR", "median d_train/d_test (pixels)",
+    head = ["run", "student final acc", "loss attack AUC", "TPR @ 1% FPR", "LiRA AUC / TPR @ 1% FPR", "median d_train/d_test (pixels)",
             "(teacher features)", "closer to train > margin (pixels / features)", "the same for unseen test images"]
     table = [f"Teacher {t}: loss-attack AUC {s['auc']:.3f}, TPR @ 1% FPR {100 * s['tpr_at_1pct_fpr']:.2f}%"
+             + (f"; LiRA AUC {s['lira']['auc']:.3f}, TPR @ 1% FPR {100 * s['lira']['tpr_at_1pct_fpr']:.2f}%, "
+                f"@ 0.1% {100 * s['lira']['tpr_at_0.1pct_fpr']:.2f}%" if s.get("lira") else "")
              for t, s in teachers.items()]
     table += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines]
     text = "\n".join(table) + "\n"

@@ -249,3 +249,28 @@ def test_taxonomy_table_has_the_thin_student_fsp_at_full_width_and_the_published
     capsys.readouterr()
     assert taxonomy.main([*args, "--skip-done"]) == 0  # nothing left to run
     assert "taxonomy:" not in capsys.readouterr().err
+
+
+def test_quant_table_puts_bits_down_methods_across_and_names_the_best_data_free_method(tmp_path):
+    quant_table = load_script("quant_table")
+
+    def row(experiment, precision, acc, best, seed, overrides=()):
+        return {"experiment": experiment, "precision": precision, "final_acc": acc, "best_acc": best, "seed": seed,
+                "teacher_acc": 91.85, "overrides": list(overrides)}
+
+    rows = [row("qat-kd-fmnist", "W4A4 lsq", 91.0, 91.2, 0), row("qat-kd-fmnist", "W4A4 lsq", 91.2, 91.3, 1),
+            row("gdfq-fmnist", "W4A4 minmax", 89.5, 89.9, 0), row("qimera-fmnist", "W4A4 minmax", 89.0, 89.1, 0),
+            row("qdfq-fmnist", "W4A4 lsq", 88.0, 88.1, 0),
+            row("ptq-fmnist", "W2A2 minmax, first/last 8-bit", 63.0, 63.0, 0),
+            row("qat-fmnist", "W4A4 lsq", 80.0, 80.5, 0, ["players.student.net.name=lenet5_half"])]
+    table = quant_table.render(rows)
+    lines = table.splitlines()
+    w4 = next(line for line in lines if line.startswith("| LeNet-5 | W4A4"))
+    assert "91.10 ± 0.14 (best 91.30, n=2)" in w4          # QAT + KD: mean ± sample std, best beside
+    assert w4.endswith("| Qimera: 89.00 (best 89.10, n=1) |")  # the best data-free method other than GDFQ
+    assert lines.index(w4) < lines.index(next(line for line in lines if "W2A2, first/last 8-bit" in line))
+    assert any(line.startswith("| LeNet-5-half | W4A4") and "80.00" in line for line in lines)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quant_table.main([str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text() == table
+    assert quant_table.main([str(tmp_path / "missing.jsonl")]) == 2
