@@ -76,7 +76,7 @@ def _weight_quant(quantizer: str, bits: int, per_channel: bool):
         base = bq.ShiftedUint8WeightPerChannelFloat if per_channel else bq.ShiftedUint8WeightPerTensorFloat
         return base.let(bit_width=bits)
     base = bq.Int8WeightPerChannelFloat if per_channel else bq.Int8WeightPerTensorFloat
-    if bits == 1:  # a sign and a scale: binary weights
+    if bits == 1:  # a narrow 1-bit range holds only 0; the full one holds -1 and 0 (brevitas' integer grid)
         base = base.let(narrow_range=False)
     if quantizer == "lsq":
         return base.let(bit_width=bits, scaling_impl_type=Scaling.PARAMETER_FROM_STATS)
