@@ -191,10 +191,10 @@ def _synthetic_samples(run_dir: Path, config, state: dict, info, n: int) -> tupl
     generator = build_generator(config.players[name].net, info, torch.device("cpu"))
     saved = state["players"][name]
     generator.load_state_dict(saved.get("ema") or saved["model"])
-    torch.manual_seed(0)
-    labels = torch.randint(info.num_classes, (n,)) if getattr(generator, "conditional", False) else None
+    draws = torch.Generator().manual_seed(0)  # the same samples every audit, the process's RNG untouched
+    labels = torch.randint(info.num_classes, (n,), generator=draws) if getattr(generator, "conditional", False) else None
     with torch.no_grad():  # train mode, as generators run: their last BatchNorm uses batch statistics
-        images = generator.train()(torch.randn(n, generator.nz), labels)
+        images = generator.train()(torch.randn(n, generator.nz, generator=draws), labels)
     return images, f"generator '{name}'"
 
 
@@ -285,8 +285,8 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
     if config.synthesis.kind != "none":
         synthetic, source = _synthetic_samples(run_dir, config, state, info, samples)
         pixel = memorization(synthetic, members[0], non_members[0], margin)
-        feature = memorization(embeddings(teacher, synthetic), embeddings(teacher, members[0]),
-                               embeddings(teacher, non_members[0]), margin)
+        reference_features = embeddings(teacher, members[0]), embeddings(teacher, non_members[0])
+        feature = memorization(embeddings(teacher, synthetic), *reference_features, margin)
         closest = pixel["_d_train"].argsort()[:k]
         pairs_image = torch.stack([torch.stack([denormalize(synthetic[i], info),
                                                 denormalize(members[0][pixel["_nearest"][i]], info)])
@@ -296,8 +296,7 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
         held_out = held_out[~torch.isin(held_out, test_index)][:len(synthetic)]
         unseen = test.normalize(test.images[held_out])
         null = {"pixel": memorization(unseen, members[0], non_members[0], margin),
-                "feature": memorization(embeddings(teacher, unseen), embeddings(teacher, members[0]),
-                                        embeddings(teacher, non_members[0]), margin)}
+                "feature": memorization(embeddings(teacher, unseen), *reference_features, margin)}
         plain = lambda d: {k_: v for k_, v in d.items() if not k_.startswith("_")}  # noqa: E731
         report["synthetic"] = {"source": source, "samples": len(synthetic),
                                "pixel": plain(pixel), "feature": plain(feature),

@@ -13,11 +13,14 @@ accuracy in that row, named in the cell.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import mean_std  # noqa: E402
+from sweep import read_jsonl  # noqa: E402
 
 COLUMNS = {"ptq": "PTQ min/max", "qat": "QAT, labels", "qat-kd": "QAT + KD", "gdfq": "data-free GDFQ"}
 DATA_FREE = {"qimera": "Qimera", "genie": "Genie-style", "qdfq": "DFQ"}
@@ -34,10 +37,8 @@ def student_of(row: dict) -> str:
 
 
 def cell(rows: list[dict]) -> str:
-    finals = [r["final_acc"] for r in rows]
     best = max(r["best_acc"] for r in rows)
-    spread = f" ± {statistics.stdev(finals):.2f}" if len(finals) > 1 else ""
-    return f"{statistics.mean(finals):.2f}{spread} (best {best:.2f}, n={len(finals)})"
+    return f"{mean_std([r['final_acc'] for r in rows])} (best {best:.2f}, n={len(rows)})"
 
 
 def render(rows: list[dict]) -> str:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"quant_table: error: {path} not found", file=sys.stderr)
             return 2
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows += read_jsonl(path)  # a last line cut short by a killed sweep is dropped, as sweep.py does
     rows = [r for r in rows if r.get("precision") not in (None, "float32")]
     table = render(rows)
     if args.out:
