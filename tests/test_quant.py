@@ -316,3 +316,24 @@ def test_mixing_needs_labels_and_two_classes():
         load_config("quant/qimera-digits", ["synthesis.labels=none"])
     with pytest.raises(ConfigError, match="mix_classes >= 2"):
         load_config("quant/qimera-digits", ["synthesis.mix_classes=1"])
+
+
+def test_gdfq_and_qimera_configs_compute_what_the_papers_code_computes():
+    """GDFQ's trainer: generator CE(teacher(G(z, y)), y) + 0.1 x BN MSE averaged over layers; the
+    student on the same pre-update batch with CE + KLDivLoss' mean (÷ classes) x T² at T = 20, its BN
+    frozen (eval mode), min/max quantizers on a copy of the teacher; Qimera adds superposed batches
+    with probability 0.4 of 2 classes."""
+    for name in ("quant/gdfq-digits", "quant/gdfq-fmnist", "quant/qimera-fmnist"):
+        c = load_config(name)
+        generator, student = c.phases
+        assert generator.player == "generator" and generator.batch == "fresh"
+        assert generator.losses["onehot_ce"] == {"weight": 1.0, "target": "labels"}
+        assert generator.losses["bn_stats"] == {"weight": 0.1, "norm": "mse", "layers": "mean"}
+        assert student.batch == "same" and student.epochs[0] == 1  # the generator's warm-up
+        assert student.losses["kd_kl"] == {"weight": 1.0, "T": 20.0, "reduction": "mean"} and student.losses["ce"] == 1.0
+        q = c.players["student"].quant
+        assert (q.quantizer, q.init, q.freeze_bn) == ("minmax", "teacher", True)
+        assert c.synthesis.labels == "random"
+    qimera = load_config("quant/qimera-fmnist")
+    assert (qimera.synthesis.mix_prob, qimera.synthesis.mix_classes) == (0.4, 2)
+    assert qimera.players["generator"].net.name == "qimera"
