@@ -16,7 +16,8 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .config import Config, PhaseConfig, PlayerConfig
-from .data import DatasetInfo, TensorLoader, dataset_info, labeled_subset, load_dataset, load_pairs, plant_canaries
+from .data import (DatasetInfo, TensorLoader, dataset_info, hold_out, labeled_subset, load_dataset, load_pairs,
+                   plant_canaries)
 from .errors import ConfigError, ShapeError
 from .losses import Feature, PlayerUse
 from .modalities import get_modality
@@ -104,7 +105,11 @@ def build_run(config: Config) -> Run:
         student_shape = tuple(train_split.paired.shape[1:])
     else:
         train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download) \
-            if uses & {"real", "labeled"} else None
+            if uses & {"real", "labeled"} or config.data.validation else None
+    held_out = None
+    if config.data.validation:  # evaluation reads the held-out part; training (if it reads any) the rest
+        train_split, held_out = hold_out(train_split, config.data.validation)
+        train_split = train_split if uses & {"real", "labeled"} else None
     canaries = None
     if config.data.canaries and train_split is not None:
         train_split, canaries = plant_canaries(train_split, config.data.canaries, config.seed)
@@ -119,7 +124,7 @@ def build_run(config: Config) -> Run:
     labeled = stream(labeled_subset(train_split, config.data.labeled_fraction, config.seed)) \
         if "labeled" in uses else None
     test_loader = TensorLoader(
-        pairs_test or load_dataset(config.data.name, "test", config.data.root, config.data.download),
+        pairs_test or held_out or load_dataset(config.data.name, "test", config.data.root, config.data.download),
         config.data.eval_batch_size, device=runtime.device) if config.data.eval else None
 
     tc = config.train

@@ -104,11 +104,8 @@ class Chain:
 
     @classmethod
     def resume(cls, folder: str | Path) -> "Chain":
-        path = Path(folder) / "chain.json"
-        if not path.is_file():
-            raise ConfigError(f"{folder} is not a chain's folder (no chain.json)")
-        state = json.loads(path.read_text())
-        return cls(dataclass_from_dict(ChainConfig, state["config"], default_origin=str(path)), folder, state)
+        state, config = read_folder_state(folder, "chain.json", ChainConfig)
+        return cls(config, folder, state)
 
     def teachers_of(self, index: int) -> list[str]:
         made = [self.state["stages"][s.name]["model"] for s in self.config.stages[:index]]
@@ -148,6 +145,15 @@ class Chain:
 
     def _save(self) -> None:
         atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
+
+
+def read_folder_state(folder: str | Path, name: str, config_class: type) -> tuple[dict, object]:
+    """The state file ``name`` of a chain's or search's folder, and the config recorded in it."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise ConfigError(f"{folder} is not the folder of a {name.split('.')[0]} (no {name})")
+    state = json.loads(path.read_text())
+    return state, dataclass_from_dict(config_class, state["config"], default_origin=str(path))
 
 
 def evaluate_ensemble(models: list[str], split: str = "test") -> dict:

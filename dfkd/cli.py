@@ -1,4 +1,4 @@
-"""Command line: ``dfkd teacher | distill | chain | eval | export | audit | list``.
+"""Command line: ``dfkd teacher | distill | chain | search | eval | export | audit | list``.
 
 Config overrides follow the config name, either as ``key.path=value`` or ``--key.path value``::
 
@@ -169,6 +169,27 @@ def _audit(args, extra: list[str]) -> int:
     return 0
 
 
+def _search(args, extra: list[str]) -> int:
+    from .search import Search, load_search
+
+    if args.resume:
+        if extra or args.config or args.teacher or args.storage:
+            raise DfkdError("--resume continues a search as it was configured; give no --config, --teacher, "
+                            "--storage or overrides")
+        search = Search.resume(args.resume)
+    else:
+        if not args.config:
+            raise DfkdError("dfkd search needs --config (a search/ config) or --resume SEARCH_DIR")
+        overrides = _overrides(extra) + ([f"seed={args.seed}"] if args.seed is not None else []) + \
+            ([f"root={args.out}"] if args.out else []) + ([f"teacher={args.teacher}"] if args.teacher else [])
+        search = Search(load_search(args.config, overrides), storage=args.storage, study_name=args.study_name)
+    print(f"search folder: {search.folder}", file=sys.stderr)
+    search.run(trials_only=args.trials_only)
+    if not args.trials_only:
+        print((search.folder / "search.md").read_text(), end="")
+    return 0
+
+
 def _chain(args, extra: list[str]) -> int:
     from .chain import Chain, load_chain
 
@@ -232,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="shortcut for seed=N")
     p.add_argument("--out", help="output root (shortcut for root=DIR)")
 
+    p = sub.add_parser("search", help="Search a student architecture for a teacher: an Optuna study of short "
+                                      "distillations under a budget, then the best retrained over seeds and a "
+                                      "Pareto table.", description="Extra arguments are search config overrides.")
+    p.add_argument("--config", help="search config: a shipped search/ name or a YAML path")
+    p.add_argument("--teacher", metavar="CKPT", help="the teacher's model file (shortcut for teacher=CKPT)")
+    p.add_argument("--resume", metavar="SEARCH_DIR", help="continue a killed search in its folder")
+    p.add_argument("--storage", metavar="URL", help="the study's database (any URL Optuna accepts, e.g. "
+                                                    "postgresql://host/db); default: study.db in the search folder")
+    p.add_argument("--study-name", help="the study's name in --storage (default: the experiment's)")
+    p.add_argument("--trials-only", action="store_true",
+                   help="run trials until the study has enough, then stop (a helper worker of a shared study)")
+    p.add_argument("--seed", type=int, help="shortcut for seed=N")
+    p.add_argument("--out", help="output root (shortcut for root=DIR)")
+
     p = sub.add_parser("eval", help="Evaluate a model file on a dataset split.")
     p.add_argument("checkpoint")
     p.add_argument("--data", help="dataset name (default: the one the checkpoint was trained on)")
@@ -278,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"teacher": lambda: _run(args, extra, "teacher"), "distill": lambda: _run(args, extra, "distill"),
                 "eval": lambda: _eval(args, extra), "list": lambda: _list(args, extra),
                 "chain": lambda: _chain(args, extra), "export": lambda: _export(args, extra),
-                "audit": lambda: _audit(args, extra)}
+                "audit": lambda: _audit(args, extra), "search": lambda: _search(args, extra)}
     if extra and args.command in ("eval", "list", "export", "audit"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -47,6 +47,9 @@ class DataConfig:
     # the teacher the images themselves; evaluation is on the test split's modality.
     modality: Optional[str] = None
     labeled_fraction: float = 1.0       # the share of the training split (stratified, per seed) 'labeled' batches draw
+    # model selection (dfkd search): this share of the training split, stratified and the same in every
+    # run, is held out; training reads the rest and evaluation reads it in place of the test split
+    validation: float = 0.0
     class_pairs: bool = False           # real batches also carry another sample of each one's class (CS-KD)
     # privacy-audit canaries: this many training samples (drawn by seed) relabeled to another class at
     # random; their indices and planted labels are recorded in the trained model's file (dfkd audit)
@@ -548,6 +551,11 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         v.fail("data.canaries", f"data.canaries must be >= 0, got {config.data.canaries}")
     if not 0 < config.data.labeled_fraction <= 1:
         v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
+    if not 0 <= config.data.validation < 1:
+        v.fail("data.validation", f"data.validation must be in [0, 1), got {config.data.validation}")
+    if config.data.validation and (config.data.pairs or config.data.pairs_test):
+        v.fail("data.validation", "data.validation holds out part of a registered dataset's training split; "
+                                  "with data.pairs, give the held-out pairs as data.pairs_test")
     for name, player in config.players.items():
         if player.quant is None:
             continue

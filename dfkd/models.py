@@ -14,7 +14,7 @@ import inspect
 import re
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -70,21 +70,28 @@ class LeNet5(nn.Sequential):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
-                 channels: tuple[int, int, int, int] = (6, 16, 120, 84), batchnorm: bool = True):
+                 channels: tuple[int, int, int, int] = (6, 16, 120, 84), batchnorm: bool = True,
+                 kernels: tuple[int, int] = (5, 5)):
         if not 28 <= image_size <= 32:
             raise ShapeError(f"LeNet-5 takes 28..32 pixel images (conv3 needs a 5x5 map), got image_size={image_size}")
         c1, c2, c3, hidden = channels
+        k1, k2 = kernels
         # Padding ceil((32 - size) / 2) brings every size in 28..32 to the 5x5 map conv3 expects
         # (28 -> 2, the classic MNIST LeNet); floor would leave odd sizes one pixel short.
         padding = (33 - image_size) // 2
+        # conv3 covers whatever map conv1/conv2 leave (5x5 with the paper's 5x5 kernels), so it stays
+        # the fully connected layer over the map that LeNet-5's C5 is, whatever the kernels
+        k3 = ((image_size + 2 * padding - k1 + 1) // 2 - k2 + 1) // 2
+        if k3 < 1:
+            raise ConfigError(f"lenet5: kernels {tuple(kernels)} leave no map for conv3")
         def block(i: int, conv: nn.Conv2d, pool: bool) -> list[tuple[str, nn.Module]]:
             norm = [(f"bn{i}", nn.BatchNorm2d(conv.out_channels))] if batchnorm else []
             return [(f"conv{i}", conv), *norm, (f"relu{i}", nn.ReLU())] + ([(f"pool{i}", nn.MaxPool2d(2))] if pool else [])
 
         bias = not batchnorm  # a BatchNorm's shift makes a convolution's bias redundant
         super().__init__(OrderedDict(
-            block(1, nn.Conv2d(in_channels, c1, 5, padding=padding, bias=bias), True)
-            + block(2, nn.Conv2d(c1, c2, 5, bias=bias), True) + block(3, nn.Conv2d(c2, c3, 5, bias=bias), False)
+            block(1, nn.Conv2d(in_channels, c1, k1, padding=padding, bias=bias), True)
+            + block(2, nn.Conv2d(c1, c2, k2, bias=bias), True) + block(3, nn.Conv2d(c2, c3, k3, bias=bias), False)
             + [("flatten", nn.Flatten()), ("fc1", nn.Linear(c3, hidden)), ("relu4", nn.ReLU()),
                ("fc2", nn.Linear(hidden, num_classes))]))
         init_weights(self)
@@ -207,12 +214,13 @@ def _make_divisible(channels: float, divisor: int = 8) -> int:
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection; residual when shapes match."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, expansion: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, expansion: int, kernel_size: int = 3):
         super().__init__()
         hidden = in_planes * expansion
         self.expand = (nn.Sequential(conv1x1(in_planes, hidden), nn.BatchNorm2d(hidden), nn.ReLU6())
                        if expansion != 1 else nn.Identity())
-        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, kernel_size, stride, kernel_size // 2, groups=hidden,
+                                                 bias=False),
                                        nn.BatchNorm2d(hidden), nn.ReLU6())
         self.project = nn.Sequential(conv1x1(hidden, planes), nn.BatchNorm2d(planes))
         self.residual = stride == 1 and in_planes == planes
@@ -229,21 +237,22 @@ class MobileNetV2(_StagedNet):
     # reaches the head at 4x4 instead of the 1x1 the ImageNet strides would leave.
     STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width_mult: float = 1.0):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width_mult: float = 1.0,
+                 stages: tuple = STAGES, kernel_size: int = 3, head: int | None = None):
         super().__init__()
         in_planes = _make_divisible(32 * width_mult)
         self.conv1 = conv3x3(in_channels, in_planes)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu1 = nn.ReLU6()
-        stages = []
-        for expansion, channels, blocks, stride in self.STAGES:
+        modules = []
+        for expansion, channels, blocks, stride in stages:
             planes = _make_divisible(channels * width_mult)
-            stages.append(nn.Sequential(*(InvertedResidual(in_planes if i == 0 else planes, planes,
-                                                           stride if i == 0 else 1, expansion)
-                                          for i in range(blocks))))
+            modules.append(nn.Sequential(*(InvertedResidual(in_planes if i == 0 else planes, planes,
+                                                            stride if i == 0 else 1, expansion, kernel_size)
+                                           for i in range(blocks))))
             in_planes = planes
-        self._add_stages(stages)
-        head = _make_divisible(1280 * max(1.0, width_mult))  # the head is never thinned
+        self._add_stages(modules)
+        head = head or _make_divisible(1280 * max(1.0, width_mult))  # the paper never thins the head
         self.conv2 = conv1x1(in_planes, head)
         self.bn2 = nn.BatchNorm2d(head)
         self.relu2 = nn.ReLU6()
@@ -262,13 +271,29 @@ class MobileNetV2(_StagedNet):
 
 @MODELS.register("lenet5")
 def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32, batchnorm: bool = True,
-           width: float = 1.0) -> nn.Module:
+           width: float = 1.0, channels: Optional[list[int]] = None, kernels: list[int] = (5, 5)) -> nn.Module:
     """``width`` scales every layer's channels (rounded, at least 1): 0.5 is ``lenet5_half``,
-    0.125 (1, 2, 15, 10 channels) a student with a real capacity gap to LeNet-5."""
+    0.125 (1, 2, 15, 10 channels) a student with a real capacity gap to LeNet-5. ``channels``
+    (conv1, conv2, conv3, hidden) sets them one by one instead, and ``kernels`` the two first
+    convolutions' kernel sizes (conv3 then spans the map they leave): the family a search explores."""
     if not width > 0:
         raise ConfigError(f"lenet5: width must be positive, got {width}")
-    channels = tuple(max(1, round(c * width)) for c in (6, 16, 120, 84))
-    return LeNet5(in_channels, num_classes, image_size, channels=channels, batchnorm=batchnorm)
+    if channels is None:
+        channels = tuple(max(1, round(c * width)) for c in (6, 16, 120, 84))
+    elif width != 1.0:
+        raise ConfigError("lenet5: give width or channels, not both")
+    _check_ints("lenet5", channels=(channels, 4), kernels=(kernels, 2))
+    return LeNet5(in_channels, num_classes, image_size, channels=tuple(channels), batchnorm=batchnorm,
+                  kernels=tuple(kernels))
+
+
+def _check_ints(model: str, **values: tuple[Any, int | None]) -> None:
+    """Each option a sequence of positive ints (of the given length, if one is given)."""
+    for key, (value, length) in values.items():
+        if (not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and v > 0 for v in value)
+                or (length is not None and len(value) != length)):
+            size = f"{length} " if length is not None else ""
+            raise ConfigError(f"{model}: {key} must be a list of {size}positive integers, got {value!r}")
 
 
 @MODELS.register("lenet5_half", "lenet5-half")
@@ -290,10 +315,32 @@ _register_resnet("resnet18", [2, 2, 2, 2], [64, 128, 256, 512])
 _register_resnet("resnet34", [3, 4, 6, 3], [64, 128, 256, 512])
 
 
+@MODELS.register("resnet")
+def resnet(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, blocks: list[int] = (1, 1, 1),
+           widths: list[int] = (16, 32, 64)) -> nn.Module:
+    """The CIFAR ResNet family: ``blocks`` BasicBlocks per stage at ``widths`` channels (one entry
+    per stage); ``resnet20`` is blocks (3, 3, 3), widths (16, 32, 64)."""
+    _check_ints("resnet", blocks=(blocks, None), widths=(widths, len(blocks)))
+    return ResNet(list(blocks), list(widths), in_channels, num_classes)
+
+
 @MODELS.register("mobilenetv2")
-def mobilenetv2(in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
-                width_mult: float = 1.0) -> nn.Module:
-    return MobileNetV2(in_channels, num_classes, width_mult)
+def mobilenetv2(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width_mult: float = 1.0,
+                expansion: Optional[int] = None, blocks: Optional[list[int]] = None, kernel_size: int = 3,
+                head: Optional[int] = None) -> nn.Module:
+    """``expansion`` replaces the paper's ratio 6 (every stage but the first), ``blocks`` its blocks
+    per stage (seven entries), ``kernel_size`` the depthwise kernels' size (3, 5, 7), ``head`` the
+    last 1x1 convolution's 1280 channels: the dimensions a search varies."""
+    stages = list(MobileNetV2.STAGES)
+    if expansion is not None:
+        _check_ints("mobilenetv2", expansion=([expansion], 1))
+        stages = [(t if i == 0 else expansion, c, n, s) for i, (t, c, n, s) in enumerate(stages)]
+    if blocks is not None:
+        _check_ints("mobilenetv2", blocks=(blocks, len(stages)))
+        stages = [(t, c, n, s) for (t, c, _, s), n in zip(stages, blocks)]
+    if kernel_size not in (3, 5, 7):
+        raise ConfigError(f"mobilenetv2: kernel_size must be 3, 5 or 7, got {kernel_size!r}")
+    return MobileNetV2(in_channels, num_classes, width_mult, stages=tuple(stages), kernel_size=kernel_size, head=head)
 
 
 def _wide_resnet(depth: int, width: int, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,

@@ -105,7 +105,7 @@ def test_chain_config_errors_are_one_line(tmp_path):
         load_chain("chain/takd-digits", ['stages=[{name: assistant, config: kd/kd-digits}]'])
     with pytest.raises(ConfigError, match="unknown key 'stages.0.teacher' \\(did you mean 'teachers'"):
         load_chain("chain/takd-digits", ['stages.0.teacher=all'])
-    with pytest.raises(ConfigError, match="is not a chain's folder"):
+    with pytest.raises(ConfigError, match="is not the folder of a chain \\(no chain.json\\)"):
         Chain.resume(tmp_path)
 
 

@@ -37,6 +37,10 @@ def test_shipped_configs_load_and_validate():
             from dfkd.chain import ChainConfig, load_chain
 
             assert isinstance(load_chain(name), ChainConfig), name
+        elif name.startswith("search/"):  # searches name a run config and a model family
+            from dfkd.search import SearchConfig, load_search
+
+            assert isinstance(load_search(name), SearchConfig), name
         else:
             assert isinstance(load_config(name), Config), name
 
