@@ -375,7 +375,7 @@ class Search:
         self.lock = RunLock(self.folder)
         self.space = Space(config.family, config.space, config.fixed)
         probe = self.run_config(self.config.trial.set, self.space.decode(self.space.sample(random.Random(0))), 0)
-        self.info = dataset_info(probe.data.name)
+        self.info, self.data_root = dataset_info(probe.data.name), probe.data.root
         self.data_free = not {p.batch for p in probe.phases} & {"real", "labeled"}
         self.student = _student_player(probe)
         self._teacher: nn.Module | None = None
@@ -420,7 +420,7 @@ class Search:
         pc, generator = self.config.proxy, torch.Generator().manual_seed(self.config.seed)
         if pc.batch == "noise" or (pc.batch == "auto" and self.data_free):
             return torch.randn(pc.batch_size, *self.info.shape, generator=generator)
-        train, _ = hold_out(load_dataset(self.info.name, "train"), self.config.trial.validation or 0.1)
+        train, _ = hold_out(load_dataset(self.info.name, "train", self.data_root), self.config.trial.validation or 0.1)
         index = torch.randperm(len(train), generator=generator)[: pc.batch_size]
         return train.normalize(train.images[index].float())
 

@@ -274,3 +274,49 @@ def test_a_killed_search_resumes_without_losing_a_finished_trial(tmp_path, digit
     assert before["config"] == state["config"] and (folder / "search.md").is_file()
     # the retried trial continued in the killed one's folder, from its checkpoint
     assert not (folder / "trials" / str(retried[0]["number"])).exists()
+
+
+@pytest.mark.slow
+def test_candidates_over_the_budget_are_rejected_untrained_and_do_not_count(tmp_path, digits_teacher):
+    teacher, _ = digits_teacher
+    search = _search(tmp_path, teacher, "budget.params=1500", "trials=2", "proxy.name=none",
+                     "trial.set=[train.epochs=1]", "retrain.top_k=0", "references=[]")
+    state = search.run()
+    rejected = [t for t in state["trials"] if t["over_budget"]]
+    trained = [t for t in state["trials"] if not t["over_budget"]]
+    assert rejected and all(t["state"] == "PRUNED" and t["epochs"] == 0 for t in rejected)
+    assert all(t["cost"]["params"] > 1500 and t["over_budget"] == f"params {t['cost']['params']} > 1500"
+               for t in rejected)
+    assert len(trained) == 2 and all(t["cost"]["params"] <= 1500 for t in trained)
+    assert not any((search.folder / "trials" / str(t["number"])).exists() for t in rejected)
+
+
+@pytest.mark.slow
+def test_with_no_trials_the_proxy_alone_chooses(tmp_path, digits_teacher):
+    teacher, _ = digits_teacher
+    search = _search(tmp_path, teacher, "trials=0", "proxy.candidates=5", "retrain.seeds=[0]",
+                     "retrain.set=[train.epochs=1]", "references=[]")
+    state = search.run()
+    assert state["trials"] == [] and not (search.folder / "trials").exists()
+    assert len(state["proxy_ranking"]) == 5
+    assert state["retrain"]["searched-1"]["options"] == state["proxy_ranking"][0]["options"]
+
+
+def test_a_data_free_search_ranks_by_the_proxy_on_noise_and_reads_no_training_image(tmp_path, digits_teacher,
+                                                                                    monkeypatch):
+    import dfkd.search
+
+    teacher, _ = digits_teacher
+    search = _search(tmp_path, teacher, "config=datafree/dfq-digits")
+    assert search.data_free
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a data-free search read a dataset")
+
+    monkeypatch.setattr(dfkd.search, "load_dataset", no_reading)
+    batch = search.proxy_batch()
+    assert batch.shape == (64, 1, 32, 32) and abs(float(batch.mean())) < 0.05 and abs(float(batch.std()) - 1) < 0.05
+    assert search.proxy({"channels": [2, 4, 16, 8], "kernels": [5, 5]}, batch) < 0
+    monkeypatch.undo()
+    kd = _search(tmp_path, teacher)  # a real-data method compares on training images (never held-out ones)
+    assert not kd.data_free and kd.proxy_batch().shape == (64, 1, 32, 32)
