@@ -238,6 +238,12 @@ class OutputConfig:
     tensorboard: bool = True
     image_every: int = 1                    # epochs between synthetic sample grids
     show_real: bool = True                  # also show a labeled grid of the evaluation split (off: never display real data)
+    # sample quality (dfkd.quality: teacher-FID, precision/recall/density/coverage, diversity) at image
+    # epochs, on the newest this-many synthetic samples against as many of the evaluation split (0: off)
+    quality_samples: int = 256
+    # epochs between embedding-projector snapshots (synthetic and real samples in the teacher's feature
+    # space, at image epochs); None: the last epoch only; 0: never
+    projector_every: Optional[int] = None
 
 
 @dataclass
@@ -551,6 +557,12 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         v.fail("data.canaries", f"data.canaries must be >= 0, got {config.data.canaries}")
     if not 0 < config.data.labeled_fraction <= 1:
         v.fail("data.labeled_fraction", f"data.labeled_fraction must be in (0, 1], got {config.data.labeled_fraction}")
+    if config.output.quality_samples and config.output.quality_samples <= 6:
+        v.fail("output.quality_samples", f"output.quality_samples must be 0 (off) or more than 6 (the measures' "
+                                         f"5 nearest neighbours), got {config.output.quality_samples}")
+    if (config.output.projector_every or 0) < 0:
+        v.fail("output.projector_every", f"output.projector_every must be >= 0 (0: never), got "
+                                         f"{config.output.projector_every}")
     if not 0 <= config.data.validation < 1:
         v.fail("data.validation", f"data.validation must be in [0, 1), got {config.data.validation}")
     if config.data.validation and (config.data.pairs or config.data.pairs_test):

@@ -7,19 +7,16 @@ against the global step, the iteration count.
 from __future__ import annotations
 
 import sys
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DatasetInfo, denormalize
+from .data import denormalize
 from .errors import ConfigError
 from .losses import bn_layer_distances
 from .runs import MetricLogger, is_main_process
-from .runtime import Runtime
 from .taps import BNStatsTap
-from .teachers import Teachers
 
 
 GRID_CELL = 96   # pixels a grid cell is shown at (nearest-neighbour upscaling): legible in TensorBoard's cards
@@ -30,16 +27,24 @@ def labeled_class_grid(rows: list[torch.Tensor], names: list[str], counts: list[
     """One row per class: up to ``per_row`` images (C, H, W in [0, 1]) upscaled to ``cell`` px,
     the class's index, name and count written in a margin on the left, empty cells dark gray (so a
     short row reads as empty, not as white images). Returns (3, H, W) in [0, 1]."""
+    return labeled_grid(rows, [f"{k}: {name}" for k, name in enumerate(names)],
+                        [f"{count} in the batch" for count in counts], per_row, cell)
+
+
+def labeled_grid(rows: list[torch.Tensor], titles: list[str], notes: list[str], per_row: int = 8,
+                 cell: int = GRID_CELL) -> torch.Tensor:
+    """Rows of up to ``per_row`` images upscaled to ``cell`` px, each row's title and a note in a
+    margin on the left, empty cells dark gray. Returns (3, H, W) in [0, 1]."""
     from PIL import Image, ImageDraw
 
     margin, pad = 150, 2
     width, height = margin + per_row * (cell + pad), len(rows) * (cell + pad)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for k, (images, name, count) in enumerate(zip(rows, names, counts)):
+    for k, (images, title, note) in enumerate(zip(rows, titles, notes)):
         top = k * (cell + pad)
-        draw.text((4, top + cell // 2 - 12), f"{k}: {name}", fill=(0, 0, 0))
-        draw.text((4, top + cell // 2 + 2), f"{count} in the batch", fill=(90, 90, 90))
+        draw.text((4, top + cell // 2 - 12), title, fill=(0, 0, 0))
+        draw.text((4, top + cell // 2 + 2), note, fill=(90, 90, 90))
         for j in range(per_row):
             left = margin + j * (cell + pad)
             if j < len(images):
@@ -56,13 +61,19 @@ class Reporter:
         self.logger, self.info, self.runtime, self.teachers, self.modality = \
             logger, run.info, run.runtime, run.teachers, run.modality
         self.config, self.test_loader, self.student = run.config, run.test_loader, run.student
+        self.iters_per_epoch, self.total_iters = run.iters_per_epoch, run.total_iters
+        self.recent: torch.Tensor | None = None   # the newest synthetic samples, for the quality measures
+        self._seen: torch.Tensor | None = None
+        self._quality = None
         # kept as device tensors until a flush: converting each would synchronize a GPU once per term and step
         self.pending: dict[str, list[torch.Tensor]] = {}
         if logger.writer is not None:  # the student's accuracy with the teacher's as a line beside it
             counts = [f"synthetic/count/{k}_{name}" for k, name in enumerate(self.info.class_names)]
             logger.writer.add_custom_scalars({
                 "accuracy": {"student and teacher": ["Multiline", ["eval/acc", "eval/teacher_acc"]]},
-                "synthetic": {"samples per class the teacher predicts": ["Multiline", counts]}})
+                "synthetic": {"samples per class the teacher predicts": ["Multiline", counts],
+                              "diversity, synthetic and real": ["Multiline", ["quality/diversity",
+                                                                              "quality/diversity_real"]]}})
 
     def evaluation(self, step: int, epoch: int, result: dict, best: float, teacher_acc: float | None,
                    extra: dict[str, float]) -> None:
@@ -76,6 +87,7 @@ class Reporter:
     def epoch_images(self, step: int, synthetic: torch.Tensor | None) -> None:
         """The epoch's grids: synthetic samples (all, and by the class the teacher predicts), an
         evaluation batch by label (unless ``output.show_real`` is off), paired modalities."""
+        self.sample_quality(step, synthetic)
         if self.logger.writer is None:  # no TensorBoard here (turned off, or not rank 0)
             return
         self.quantization(step, synthetic)
@@ -91,6 +103,65 @@ class Reporter:
             images, labels = next(iter(self.test_loader))[:2]
             self.class_grid(step, "real/by_class", images, labels,
                             "a batch of the evaluation split, one row per true class")
+
+    def remember(self, synthetic: torch.Tensor | None) -> None:
+        """Keep the newest ``output.quality_samples`` synthetic samples (each batch once)."""
+        n = self.config.output.quality_samples
+        if synthetic is None or not n or synthetic is self._seen or not self.logger.enabled:
+            return
+        self._seen = synthetic
+        joined = synthetic.detach() if self.recent is None else torch.cat([self.recent, synthetic.detach()])
+        self.recent = joined[-n:]
+
+    @torch.no_grad()
+    def sample_quality(self, step: int, synthetic: torch.Tensor | None) -> None:
+        """Teacher-FID, precision/recall/density/coverage and diversity of the newest synthetic
+        samples (once there are ``output.quality_samples`` of them) against as many evaluation-split
+        samples; a projector snapshot of both at its epochs."""
+        from .quality import Embedding, SampleQuality
+
+        self.remember(synthetic)
+        n, teacher = self.config.output.quality_samples, self.teachers.first
+        if self.recent is None or len(self.recent) < n or teacher is None:
+            return
+        if self._quality is None:
+            real = self._real_samples(n)
+            self._quality = SampleQuality(Embedding(teacher, self.runtime.forward), real)
+        self.logger.scalars(step, self._quality(self.recent))
+        every, epoch = self.config.output.projector_every, step // self.iters_per_epoch
+        due = step == self.total_iters if every is None else bool(every) and epoch % every == 0
+        if due and self.logger.writer is not None:
+            self.projector(step)
+
+    def _real_samples(self, n: int) -> torch.Tensor | None:
+        """The first ``n`` evaluation-split samples the teacher takes (None: the run reads none)."""
+        if self.test_loader is None or len(self.test_loader.dataset) < n:
+            return None
+        images, labels = [], []
+        for batch in self.test_loader:
+            images.append(batch[0])
+            labels.append(batch[1])
+            if sum(len(x) for x in images) >= n:
+                break
+        self.real_labels = torch.cat(labels)[:n]
+        return torch.cat(images)[:n]
+
+    def projector(self, step: int) -> None:
+        """Synthetic (labeled with the teacher's class) and real samples (their true class) in the
+        teacher's feature space, with their images unless ``output.show_real`` is off."""
+        names = self.info.class_names
+        embed, real = self._quality.embed, self._quality.real
+        predicted = self.runtime.forward(self.teachers.first, self.recent).argmax(1).tolist()
+        features, metadata = [embed(self.recent)], [["synthetic", names[k]] for k in predicted]
+        images = [denormalize(self.recent.float(), self.info)]
+        if real is not None:
+            features.append(real)
+            metadata += [["real", names[k]] for k in self.real_labels.tolist()]
+            images.append(denormalize(self._real_samples(len(real)).float(), self.info))
+        show = real is None or self.config.output.show_real
+        self.logger.writer.add_embedding(torch.cat(features).cpu(), metadata=metadata, global_step=step,
+                                         label_img=torch.cat(images).clamp(0, 1).cpu() if show else None,
+                                         tag="teacher_features", metadata_header=["source", "class"])
 
     def quantization(self, step: int, synthetic: torch.Tensor | None) -> None:
         """A quantized student's steps, clip values and clipped fractions per layer, and its
@@ -143,6 +214,7 @@ class Reporter:
         makes of the latest ``synthetic`` batch."""
         values = {k: float(torch.stack(v).mean()) for k, v in self.pending.items() if v}
         values.update(extra)
+        self.remember(synthetic)
         if synthetic is not None and self.teachers.first is not None:
             values.update(self.inspect_synthetic(step, synthetic))
         self.logger.scalars(step, values)
@@ -201,9 +273,9 @@ class Reporter:
 
     @torch.no_grad()
     def pair_grid(self, step: int, tag: str, images: torch.Tensor, paired: torch.Tensor | None = None) -> None:
-        """Up to 8 samples: the teacher's modality on top, the students' (``paired``, or the
-        built-in modality of ``images``; rescaled to [0, 1] per image, to the same size and
-        channel count) below."""
+        """Up to 8 samples, two labeled rows: the teacher's modality on top, the students'
+        (``paired``, or the built-in modality of ``images``; rescaled to [0, 1] per image, to the
+        same size and channel count) below."""
         if self.logger.writer is None:
             return
         images = images[:8].float()
@@ -214,4 +286,9 @@ class Reporter:
         b = F.interpolate(b, size=a.shape[2:], mode="bilinear", align_corners=False) if b.shape[2:] != a.shape[2:] else b
         channels = max(a.shape[1], b.shape[1])
         a, b = a.expand(-1, channels, -1, -1), b.expand(-1, channels, -1, -1)
-        self.logger.image_grid(step, tag, torch.cat([a, b]), nrow=len(a))
+        student = self.config.data.modality or "paired modality B"
+        grid = labeled_grid([a, b], ["teacher sees", "students see"],
+                            ["the images" if not self.config.data.pairs else "modality A", student])
+        self.logger.writer.add_image(tag, grid, step)
+        self.logger.text(step, f"{tag}/about", f"the same {len(a)} samples: the teacher's input on top, the "
+                                               f"students' ({student}) below")

@@ -138,6 +138,12 @@ def test_paired_grids_and_eval_of_a_crossmodal_student(tmp_path, digits_teacher,
     events = EventAccumulator(str(summary["run_dir"]), size_guidance={"images": 0})
     events.Reload()
     assert "crossmodal/real_pairs" in events.Tags()["images"]
+    pairs = events.Images("crossmodal/real_pairs")[-1]  # two labeled rows of 8 cells of 96 + 2 px
+    assert (pairs.width, pairs.height) == (150 + 8 * 98, 2 * 98)
+    events = EventAccumulator(str(summary["run_dir"]), size_guidance={"tensors": 0})
+    events.Reload()
+    about = events.Tensors("crossmodal/real_pairs/about/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "students' (edges) below" in about
     # `dfkd eval` applies the modality recorded in the model file
     assert cli_main(["eval", f"{summary['run_dir']}/ckpt/final.pt"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

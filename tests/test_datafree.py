@@ -151,7 +151,7 @@ def tb_run(tmp_path_factory, digits_teacher):
     cfg = load_config("datafree/dfad-digits", [
         f"output.root={root}", f"teacher.checkpoint={digits_teacher[0]}", "train.epochs=2",
         "train.iters_per_epoch=5", "train.log_every=5", "output.image_every=1", "synthesis.batch_size=32",
-        "runtime.num_threads=1"])
+        "output.quality_samples=32", "output.projector_every=1", "runtime.num_threads=1"])
     threads = torch.get_num_threads()   # module scope: set up before the per-test thread guard
     try:
         engine = Engine(cfg)
@@ -208,6 +208,35 @@ def test_tensorboard_events_of_a_datafree_run(tb_run):
     assert {"synthetic/teacher_confidence"} <= set(tags["histograms"])
     confidence = acc.Histograms("synthetic/teacher_confidence")[-1].histogram_value
     assert 0.1 - 1e-6 <= confidence.min <= confidence.max <= 1.0 + 1e-6
+
+
+def test_sample_quality_curves_and_the_projector_are_in_tensorboard(tb_run):
+    acc = accumulate(tb_run)
+    measures = ["teacher_fid", "precision", "recall", "density", "coverage", "diversity", "diversity_real"]
+    for name in measures:  # 32 synthetic samples against the first 32 of the evaluation split, each epoch
+        values = acc.Scalars(f"quality/{name}")
+        assert [e.step for e in values] == [5, 10] and all(math.isfinite(e.value) and e.value >= 0 for e in values)
+    for name in ("precision", "recall", "coverage"):
+        assert all(e.value <= 1 for e in acc.Scalars(f"quality/{name}"))
+    # the diversity chart holds the synthetic and the real curve together
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    proto = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    charts = {c.title: list(c.multiline.tag) for cat in layout_pb2.Layout.FromString(proto).category for c in cat.chart}
+    assert charts["diversity, synthetic and real"] == ["quality/diversity", "quality/diversity_real"]
+    # a projector snapshot per epoch: 32 synthetic and 32 real points in the teacher's 84-d feature space
+    config = (tb_run / "projector_config.pbtxt").read_text()
+    assert config.count("tensor_name") == 2 and "sprite" in config
+    snapshot = tb_run / "00010" / "teacher_features"
+    rows = (snapshot / "metadata.tsv").read_text().splitlines()
+    assert rows[0] == "source\tclass" and len(rows) == 1 + 64
+    assert sum(r.startswith("synthetic\t") for r in rows) == 32 and sum(r.startswith("real\t") for r in rows) == 32
+    assert {r.split("\t")[1] for r in rows[1:]} <= {str(k) for k in range(10)}
+    vectors = (snapshot / "tensors.tsv").read_text().splitlines()
+    assert len(vectors) == 64 and len(vectors[0].split("\t")) == 84
+    from PIL import Image
+
+    assert Image.open(snapshot / "sprite.png").size == (8 * 32, 8 * 32)  # 64 cells of 32 px, 8 x 8
 
 
 def test_no_tag_is_both_a_scalar_and_a_histogram(tb_run):
