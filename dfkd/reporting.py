@@ -22,10 +22,24 @@ from .taps import BNStatsTap
 GRID_CELL = 96   # pixels a grid cell is shown at (nearest-neighbour upscaling): legible in TensorBoard's cards
 
 
+LABEL_MARGIN = 240  # pixels of a labeled grid's left margin, for a row's title and note
+
+
+def _font(size: int):
+    """Pillow's built-in scalable font at ``size`` px (its bitmap font where FreeType is missing):
+    labels stay readable when TensorBoard scales a grid down into its card."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def labeled_class_grid(rows: list[torch.Tensor], names: list[str], counts: list[int], per_row: int = 8,
                        cell: int = GRID_CELL) -> torch.Tensor:
     """One row per class: up to ``per_row`` images (C, H, W in [0, 1]) upscaled to ``cell`` px,
-    the class's index, name and count written in a margin on the left, empty cells dark gray (so a
+    the class's index, name and count written in a 240 px margin on the left in a scalable font, empty cells dark gray (so a
     short row reads as empty, not as white images). Returns (3, H, W) in [0, 1]."""
     return labeled_grid(rows, [f"{k}: {name}" for k, name in enumerate(names)],
                         [f"{count} in the batch" for count in counts], per_row, cell)
@@ -37,14 +51,15 @@ def labeled_grid(rows: list[torch.Tensor], titles: list[str], notes: list[str], 
     margin on the left, empty cells dark gray. Returns (3, H, W) in [0, 1]."""
     from PIL import Image, ImageDraw
 
-    margin, pad = 150, 2
+    margin, pad = LABEL_MARGIN, 2
     width, height = margin + per_row * (cell + pad), len(rows) * (cell + pad)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    title_font, note_font = _font(max(10, cell // 4)), _font(max(8, cell // 6))
     for k, (images, title, note) in enumerate(zip(rows, titles, notes)):
         top = k * (cell + pad)
-        draw.text((4, top + cell // 2 - 12), title, fill=(0, 0, 0))
-        draw.text((4, top + cell // 2 + 2), note, fill=(90, 90, 90))
+        draw.text((4, top + cell // 2 - cell // 4 - 2), title, fill=(0, 0, 0), font=title_font)
+        draw.text((4, top + cell // 2 + 4), note, fill=(90, 90, 90), font=note_font)
         for j in range(per_row):
             left = margin + j * (cell + pad)
             if j < len(images):

@@ -139,7 +139,7 @@ def test_paired_grids_and_eval_of_a_crossmodal_student(tmp_path, digits_teacher,
     events.Reload()
     assert "crossmodal/real_pairs" in events.Tags()["images"]
     pairs = events.Images("crossmodal/real_pairs")[-1]  # two labeled rows of 8 cells of 96 + 2 px
-    assert (pairs.width, pairs.height) == (150 + 8 * 98, 2 * 98)
+    assert (pairs.width, pairs.height) == (240 + 8 * 98, 2 * 98)
     events = EventAccumulator(str(summary["run_dir"]), size_guidance={"tensors": 0})
     events.Reload()
     about = events.Tensors("crossmodal/real_pairs/about/text_summary")[-1].tensor_proto.string_val[0].decode()

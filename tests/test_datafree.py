@@ -199,9 +199,9 @@ def test_tensorboard_events_of_a_datafree_run(tb_run):
     for tag in ("synthetic/samples", "synthetic/by_teacher_class", "real/by_class"):
         assert [e.step for e in acc.Images(tag)] == [5, 10], tag      # one grid per epoch
         assert all(e.width > 0 and e.height > 0 and e.encoded_image_string for e in acc.Images(tag))
-    # one labeled row of up to 8 samples per class: a 150 px margin for the label, cells of 96 + 2 px
+    # one labeled row of up to 8 samples per class: a 240 px margin for the label, cells of 96 + 2 px
     by_class = acc.Images("synthetic/by_teacher_class")[0]
-    assert (by_class.width, by_class.height) == (150 + 8 * 98, 10 * 98)
+    assert (by_class.width, by_class.height) == (240 + 8 * 98, 10 * 98)
     samples = acc.Images("synthetic/samples")[0]
     assert samples.width >= 8 * 96  # upscaled to a legible size
 
@@ -254,10 +254,10 @@ def test_the_class_grid_is_labeled_and_empty_cells_are_dark():
 
     rows = [torch.ones(2, 1, 8, 8), torch.zeros(0, 1, 8, 8)]  # two white samples of class 0, none of class 1
     grid = labeled_class_grid(rows, ["zero", "one"], [2, 0], per_row=3, cell=16)
-    assert grid.shape == (3, 2 * 18, 150 + 3 * 18)
-    assert torch.all(grid[:, :16, 150:166] == 1.0)                       # a sample, upscaled
-    assert torch.allclose(grid[:, 18:34, 150:166], torch.full((3, 16, 16), 64 / 255))  # empty: dark gray
-    assert grid[:, :16, :150].min() < 0.5                               # text drawn in the margin
+    assert grid.shape == (3, 2 * 18, 240 + 3 * 18)
+    assert torch.all(grid[:, :16, 240:256] == 1.0)                       # a sample, upscaled
+    assert torch.allclose(grid[:, 18:34, 240:256], torch.full((3, 16, 16), 64 / 255))  # empty: dark gray
+    assert grid[:, :16, :240].min() < 0.5                               # text drawn in the margin
 
 
 def test_tensorboard_hparams_table_has_the_config_and_final_numbers(tb_run):
