@@ -253,7 +253,7 @@ class Engine:
 
     def _flush(self) -> None:
         extra = {**{f"lr/{n}": p.lr for n, p in self.players.items()},
-                 **{f"time/{k}_s": v for k, v in self.progress.timers.items()}}
+                 **{f"time/{k}_s": v for k, v in self.progress.timers.items() if k != "synthesis" or self.synth}}
         synthetic = self.synth.last.images if self.synth is not None and self.synth.last is not None else None
         self.reporter.flush(self.step, extra, synthetic)
 

@@ -239,6 +239,11 @@ def test_sample_quality_curves_and_the_projector_are_in_tensorboard(tb_run):
     assert Image.open(snapshot / "sprite.png").size == (8 * 32, 8 * 32)  # 64 cells of 32 px, 8 x 8
 
 
+def test_a_run_without_synthesis_logs_no_synthesis_time(digits_teacher):
+    logged = set().union(*read_metrics(digits_teacher[0].parent.parent))
+    assert "time/train_s" in logged and "time/synthesis_s" not in logged
+
+
 def test_no_tag_is_both_a_scalar_and_a_histogram(tb_run):
     tags = accumulate(tb_run).Tags()
     assert set(tags["scalars"]) & set(tags["histograms"]) == set()
