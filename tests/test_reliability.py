@@ -164,3 +164,28 @@ def test_a_teacher_trained_on_another_dataset_is_named_in_a_warning(tmp_path, ca
                {"name": "lenet5", "in_channels": 1, "num_classes": 10, "image_size": 32, "kwargs": {}}, dataset="mnist")
     Engine(load_config("kd/kd-digits", [f"output.root={tmp_path}", f"teacher.checkpoint={path}"]), write=False)
     assert f"teacher {path} was trained on 'mnist'; this run's data is 'digits'" in capsys.readouterr().err
+
+
+def test_a_state_with_a_negative_step_is_refused_in_one_line(tmp_path):
+    from dfkd.errors import CheckpointError
+
+    engine = run(tmp_path, "train.epochs=1")
+    engine.fit()
+    last = engine.run_dir / "ckpt" / "last.pt"
+    state = safe_load(last)
+    state["step"] = -3
+    torch.save(state, last)
+    with pytest.raises(CheckpointError) as err:
+        Engine(engine.config, resume=last)
+    assert str(err.value) == f"{last}: its iteration -3 is not a step count"
+
+
+def test_an_explicit_data_root_is_read_and_never_replaced_by_the_system_copy(tmp_path):
+    from dfkd.data import load_dataset
+    from dfkd.errors import DatasetNotFoundError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetNotFoundError) as err:  # even where Debian's copy is installed
+        load_dataset("fashion-mnist", "test", str(empty))
+    assert str(empty) in str(err.value) and "/usr/share/datasets" not in str(err.value)
