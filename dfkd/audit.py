@@ -20,6 +20,10 @@ teacher's training split; it writes only into the run folder it names (``audit.j
   random halves of test images held out from the references, give each evaluated sample the
   spread of its true-class logit among models that never saw it; the target's logit, standardized
   by it, is the score. Stronger than the loss threshold at low false-positive rates.
+* **Online LiRA** (``--lira online``): shadow models trained on random halves of a pool of
+  training and test images, each sample in exactly half of them, so that every evaluated sample
+  has IN and OUT distributions; the likelihood ratio between them is the score. The strongest
+  attack here, at the cost of training every shadow on as many images as the teacher saw.
 * **Canaries** (``dfkd teacher ... data.canaries=N``): training images the teacher learned under
   a wrong label, recorded in its model file; the audit counts those each model still "knows".
 """
@@ -163,6 +167,42 @@ def lira_offline(targets: dict, shadows: list, members: tuple, non_members: tupl
     return out
 
 
+def lira_online(targets: dict, shadows: list, keep: torch.Tensor, pool: tuple, members: torch.Tensor,
+                non_members: torch.Tensor) -> dict:
+    """Online LiRA (Carlini et al. 2022): every pool sample trained ``keep[i, j]`` shadow i on it
+    (each in exactly half of them); its statistic under the target is compared with Gaussians fitted
+    to it under the shadows that trained on it (IN) and those that did not (OUT). Per-sample means
+    and, as Carlini et al. advise for few shadow models, one variance per side shared by all
+    samples; the log-likelihood ratio IN/OUT is the score. ``members``/``non_members``: indices
+    into ``pool`` of the evaluated target members and non-members."""
+    values = torch.stack([true_class_logit(s, *pool) for s in shadows]).double()   # (shadows, pool)
+    keep = keep.double()
+    mu_in = (values * keep).sum(0) / keep.sum(0)
+    mu_out = (values * (1 - keep)).sum(0) / (1 - keep).sum(0)
+    sd_in = ((values - mu_in) ** 2 * keep).sum().div(keep.sum()).sqrt().clamp_min(1e-3)
+    sd_out = ((values - mu_out) ** 2 * (1 - keep)).sum().div((1 - keep).sum()).sqrt().clamp_min(1e-3)
+    out = {}
+    for who, model in targets.items():
+        x = true_class_logit(model, *pool).double()
+        score = (-0.5 * ((x - mu_in) / sd_in) ** 2 - sd_in.log()) - (-0.5 * ((x - mu_out) / sd_out) ** 2 - sd_out.log())
+        a, b = score[members], score[non_members]
+        out[who] = {"auc": roc_auc(a, b), "tpr_at_1pct_fpr": tpr_at_fpr(a, b, 0.01),
+                    "tpr_at_0.1pct_fpr": tpr_at_fpr(a, b, 0.001)}
+    return out
+
+
+def teacher_members(train, recipe: dict | None):
+    """The images the teacher trained on: its training split, or the stratified labeled subset
+    its recorded config drew when it trained on 'labeled' batches."""
+    from .data import labeled_subset
+
+    if not recipe:
+        return train
+    fraction = (recipe.get("data") or {}).get("labeled_fraction", 1.0)
+    labeled = any(p.get("batch") == "labeled" for p in recipe.get("phases") or [])
+    return labeled_subset(train, fraction, recipe.get("seed", 0)) if labeled and fraction < 1 else train
+
+
 @torch.no_grad()
 def embeddings(teacher: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
     teacher.eval()
@@ -226,7 +266,7 @@ def canary_exposure(models: dict, canaries: tuple[torch.Tensor, torch.Tensor],
 
 
 def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: int = 8, margin: float = 0.1,
-          root: str | None = None, shadows: int = 4) -> dict:
+          root: str | None = None, shadows: int = 4, lira: str = "offline") -> dict:
     run_dir = Path(run_dir)
     files = {"config": run_dir / "config.yaml", "state": run_dir / "ckpt" / "last.pt",
              "student": run_dir / "ckpt" / "final.pt"}
@@ -243,7 +283,18 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
                           f"of the teacher's dataset")
     print(f"dfkd audit: reads the training split of '{info.name}' (the teacher's training data) to measure "
           f"what the run reveals of it", file=sys.stderr)
-    train = load_dataset(info.name, "train", root or config.data.root)
+    if lira not in ("offline", "online"):
+        raise ConfigError(f"--lira must be 'offline' or 'online', got '{lira}'")
+    if shadows and (shadows < 2 or lira == "online" and shadows % 2):
+        raise ConfigError(f"--shadows must be 0 (no LiRA) or >= 2 (a spread per sample needs two), and even for "
+                          f"online LiRA (each sample in half of them); got {shadows}")
+    recipe = teacher_meta.get("config")
+    if shadows and (not recipe or "model" not in recipe.get("players", {})):
+        raise ConfigError(f"{teacher_path} records no teacher-training config to train shadow models with; "
+                          f"use --shadows 0")
+    # members: what the teacher trained on (all of the split, or the labeled part it drew)
+    full_train = load_dataset(info.name, "train", root or config.data.root)
+    train = teacher_members(full_train, recipe)
     test = load_dataset(info.name, "test", root or config.data.root)
     g = torch.Generator().manual_seed(0)
     m = min(references, len(train), len(test))
@@ -255,32 +306,29 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
                     "margin": margin, "data_free": config.synthesis.kind != "none"}
     report["membership"] = {"teacher": loss_attack(teacher, members, non_members),
                             "student": loss_attack(student, members, non_members)}
-    if shadows:
-        if shadows < 2:
-            raise ConfigError(f"--shadows must be 0 (no LiRA) or >= 2 (a spread per sample needs two), got {shadows}")
+    if shadows and lira == "online":
+        report["lira"] = {"kind": "online", "shadows": shadows,
+                          **_online(teacher, student, teacher_meta, recipe, train, test, shadows, m, g)}
+    elif shadows:
         # shadow data: the test images outside the references, a random half for each shadow
         pool = torch.randperm(len(test), generator=g)
         pool = pool[~torch.isin(pool, test_index)]
         if len(pool) < 20:
             raise ConfigError(f"{info.name}/test has {len(pool)} images outside the {m} references: too few to train "
                               f"shadow models; lower --references")
-        recipe = teacher_meta.get("config")
-        if not recipe or "model" not in recipe.get("players", {}):
-            raise ConfigError(f"{teacher_path} records no teacher-training config to train shadow models with; "
-                              f"use --shadows 0")
         models = []
         for i in range(shadows):
             half = pool[torch.randperm(len(pool), generator=g)[:len(pool) // 2]]
             models.append(train_shadow(teacher_meta["arch"], recipe, test.normalize(test.images[half]),
                                        test.labels[half], seed=i))
-        report["lira"] = {"shadows": shadows, "shadow_images": len(pool) // 2,
+        report["lira"] = {"kind": "offline", "shadows": shadows, "shadow_images": len(pool) // 2,
                           **lira_offline({"teacher": teacher, "student": student}, models, members, non_members)}
     planted = teacher_meta.get("canaries")
     if planted is not None:
         wrong = (non_members[1] + torch.randint(1, info.num_classes, (m,), generator=g)) % info.num_classes
         report["canaries"] = canary_exposure(
             {"teacher": teacher, "student": student},
-            (train.normalize(train.images[planted["index"]]), planted["label"]), (non_members[0], wrong))
+            (full_train.normalize(full_train.images[planted["index"]]), planted["label"]), (non_members[0], wrong))
     pairs_image = None
     if config.synthesis.kind != "none":
         synthetic, source = _synthetic_samples(run_dir, config, state, info, samples)
@@ -307,6 +355,26 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
         ratios = {}
     _write(run_dir, report, pairs_image, ratios)
     return report
+
+
+def _online(teacher, student, teacher_meta: dict, recipe: dict, train, test, shadows: int, m: int, g) -> dict:
+    """Online LiRA's shadows and scores: the pool is as many of the teacher's training images as
+    of test images (each side as large as the teacher's training set allows), every shadow trains
+    with the teacher's recipe on a random half of it, so a shadow's data is as large as the
+    teacher's was when the pool holds all of it; ``m`` members and non-members are evaluated."""
+    size = min(len(train), len(test))
+    inside = torch.randperm(len(train), generator=g)[:size]
+    outside = torch.randperm(len(test), generator=g)[:size]
+    images = torch.cat([train.normalize(train.images[inside]), test.normalize(test.images[outside])])
+    labels = torch.cat([train.labels[inside], test.labels[outside]])
+    # each pool sample is in exactly half of the shadows' data (a random half, per sample)
+    keep = torch.rand(shadows, 2 * size, generator=g).argsort(0) < shadows // 2
+    models = [train_shadow(teacher_meta["arch"], recipe, images[keep[i]], labels[keep[i]], seed=i)
+              for i in range(shadows)]
+    members, non_members = torch.arange(min(m, size)), size + torch.arange(min(m, size))
+    return {"shadow_images": int(keep[0].sum()), "pool": 2 * size,
+            **lira_online({"teacher": teacher, "student": student}, models, keep, (images, labels), members,
+                          non_members)}
 
 
 def _write(run_dir: Path, report: dict, pairs_image: torch.Tensor | None, ratios: dict) -> None:
@@ -338,16 +406,18 @@ def _write(run_dir: Path, report: dict, pairs_image: torch.Tensor | None, ratios
 
 def render(report: dict) -> str:
     lines = [f"# Privacy audit of {report['run_dir']}", "",
-             f"Teacher {report['teacher']}, dataset {report['dataset']}; {report['references']} training images "
-             f"(members) and as many test images (non-members).", "",
+             f"Teacher {report['teacher']}, dataset {report['dataset']}; {report['references']} of the images the "
+             f"teacher trained on (members) and as many test images (non-members).", "",
              "## Membership inference (loss threshold)", "", "| model | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |",
              "|---|---|---|---|"]
     for who, s in report["membership"].items():
         lines.append(f"| {who} | {s['auc']:.3f} | {100 * s['tpr_at_1pct_fpr']:.2f}% | {100 * s['tpr_at_0.1pct_fpr']:.2f}% |")
     if "lira" in report:
         lira = report["lira"]
-        lines += ["", f"## Membership inference (offline LiRA, {lira['shadows']} shadow models on "
-                      f"{lira['shadow_images']} held-out test images each)", "",
+        where = f"{lira['shadow_images']} held-out test images each" if lira.get("kind") != "online" else \
+            f"random halves of a pool of {lira['pool']} training and test images, each sample in half of them"
+        lines += ["", f"## Membership inference ({lira.get('kind', 'offline')} LiRA, {lira['shadows']} shadow models "
+                      f"on {where})", "",
                   "| model | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |", "|---|---|---|---|"]
         for who in ("teacher", "student"):
             s = lira[who]

@@ -164,7 +164,7 @@ def _audit(args, extra: list[str]) -> int:
     from .audit import audit, render
 
     report = audit(args.run_dir, samples=args.samples, references=args.references, k=args.pairs,
-                   margin=args.margin, root=args.root, shadows=args.shadows)
+                   margin=args.margin, root=args.root, shadows=args.shadows, lira=args.lira)
     print(render(report), end="")
     return 0
 
@@ -299,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.1,
                    help="a sample counts as closer to training data when d_train < (1 - margin) d_test")
     p.add_argument("--root", help="dataset root folder")
-    p.add_argument("--shadows", type=int, default=4, help="shadow models of offline LiRA (default 4; 0: none)")
+    p.add_argument("--shadows", type=int, default=4, help="shadow models of LiRA (default 4; 0: none)")
+    p.add_argument("--lira", choices=["offline", "online"], default="offline",
+                   help="offline: shadows on held-out test images only; online: shadows on random halves of "
+                        "training and test images, each sample in half of them (stronger, costlier)")
 
     p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",

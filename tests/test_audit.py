@@ -139,3 +139,52 @@ def test_canaries_are_planted_recorded_and_counted(tmp_path, digits_teacher):
     exposure = A.canary_exposure({"planted": teacher, "clean": clean}, canaries, (test.normalize(test.images), wrong))
     # measured: 4 of 20 found in the teacher trained on them, 0 in the clean one
     assert exposure["planted"] == 20 and exposure["found"]["planted"] > exposure["found"]["clean"]
+
+
+def test_online_lira_scores_by_the_likelihood_ratio_of_in_and_out_shadows():
+    """Two pool samples, four shadows, each sample in two of them: shadows that trained on a
+    sample give it logit 3, the others 0 (a hand-computable IN/OUT split); the target gives its
+    member 3 and its non-member 0, so LiRA separates them, and a target that gives both 1.5 does not."""
+    class Table(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.values = torch.tensor(values)
+
+        def forward(self, x):  # sample i (x = i) gets its true class 0 logit values[i] + log 2, the rest 0
+            out = torch.zeros(len(x), 3)
+            out[:, 0] = self.values[x[:, 0].long()] + torch.log(torch.tensor(2.0))
+            return out
+
+    keep = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 1]], dtype=torch.bool)
+    shadows = [Table([3.0 * k for k in row.tolist()]) for row in keep.float()]
+    pool = (torch.tensor([[0.0], [1.0]]), torch.zeros(2, dtype=torch.long))
+    member, non_member = torch.tensor([0]), torch.tensor([1])
+    result = A.lira_online({"leaky": Table([3.0, 0.0]), "blind": Table([1.5, 1.5])}, shadows, keep, pool,
+                           member, non_member)
+    assert result["leaky"]["auc"] == 1.0 and result["blind"]["auc"] == 0.5
+    # the statistic: log p_0 - log(1 - p_0) = logit_0 - logsumexp(0, 0) = values[i]
+    assert torch.allclose(A.true_class_logit(Table([3.0, 0.0]), *pool), torch.tensor([3.0, 0.0]))
+
+
+def test_the_members_are_what_the_teacher_trained_on():
+    from dfkd.data import labeled_subset, load_dataset
+
+    train = load_dataset("digits", "train")
+    assert A.teacher_members(train, None) is train
+    assert A.teacher_members(train, {"data": {"labeled_fraction": 0.2}, "phases": [{"batch": "real"}]}) is train
+    part = A.teacher_members(train, {"data": {"labeled_fraction": 0.2}, "phases": [{"batch": "labeled"}], "seed": 3})
+    assert torch.equal(part.images, labeled_subset(train, 0.2, 3).images) and len(part) < len(train) / 4
+
+
+def test_an_online_audit_of_the_digits_run(datafree_run, capsys):
+    run_dir, _ = datafree_run
+    assert main(["audit", run_dir, "--samples", "32", "--references", "100", "--shadows", "2",
+                 "--lira", "online"]) == 0
+    report = json.loads((Path(run_dir) / "audit.json").read_text())
+    lira = report["lira"]
+    # the pool: all 450 test images and as many training images; a shadow trains on about half of it
+    assert lira["kind"] == "online" and lira["pool"] == 2 * 450 and 400 < lira["shadow_images"] < 500
+    assert all(0.0 <= lira[who]["auc"] <= 1.0 for who in ("teacher", "student"))
+    assert "online LiRA, 2 shadow models on random halves of a pool of 900" in capsys.readouterr().out
+    assert main(["audit", run_dir, "--shadows", "3", "--lira", "online"]) == 2
+    assert "even for online LiRA" in capsys.readouterr().err
