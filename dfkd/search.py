@@ -478,6 +478,7 @@ class Search:
 
     def objective(self, trial) -> float:
         import optuna
+        from optuna.trial import TrialState
 
         options = self.space.suggest(trial)
         cost = self.cost(self.config.family, options, latency=self.config.budget.latency_ms is not None)
@@ -493,6 +494,13 @@ class Search:
         if excess:
             trial.set_user_attr("over_budget", ", ".join(excess))
             raise optuna.TrialPruned(f"over the budget: {', '.join(excess)}")
+        # TPE may propose an architecture it has seen: its run would repeat the earlier one exactly
+        # (same options, seed and data), so the earlier result is returned and the trial does not count
+        earlier = next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if t.user_attrs.get("options") == options and "duplicate_of" not in t.user_attrs), None)
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier.number)
+            return earlier.value
         if self.config.proxy.name == "diswot" and self.config.teacher:
             trial.set_user_attr("proxy", self.proxy(options, self._proxy_batch()))
         # a retried trial (a copy of one cut short, user attributes included) goes on in that one's folder
@@ -548,9 +556,11 @@ class Search:
         n = self.config.trials
 
         def enough(study, trial) -> None:
-            trained = [t for t in study.get_trials(deepcopy=False) if _trained(t)]
-            rejected = sum("over_budget" in t.user_attrs for t in study.get_trials(deepcopy=False))
-            if len(trained) >= n or rejected > 100 * max(n, 1):
+            trials = study.get_trials(deepcopy=False)
+            # candidates over the budget and repeats cost milliseconds, but a small or mostly infeasible
+            # space could make them endless: past this many, the space is taken as exhausted
+            unproductive = sum("over_budget" in t.user_attrs or "duplicate_of" in t.user_attrs for t in trials)
+            if sum(_trained(t) for t in trials) >= n or unproductive > 20 * n + 50:
                 study.stop()
 
         if n > 0 and sum(_trained(t) for t in study.get_trials(deepcopy=False)) < n:
@@ -638,7 +648,9 @@ def _first_line(error: BaseException) -> str:
 def _trained(trial) -> bool:
     from optuna.trial import TrialState
 
-    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "over_budget" not in trial.user_attrs)
+    if "duplicate_of" in trial.user_attrs or "over_budget" in trial.user_attrs:
+        return False
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _retry_cut_short(study) -> None:
@@ -659,7 +671,7 @@ def _trial_table(study) -> list[dict]:
             continue
         rows.append({"number": t.number, "state": t.state.name, "value": t.value, "options": t.user_attrs["options"],
                      "cost": t.user_attrs["cost"], "proxy": t.user_attrs.get("proxy"),
-                     "over_budget": t.user_attrs.get("over_budget"),
+                     "over_budget": t.user_attrs.get("over_budget"), "duplicate_of": t.user_attrs.get("duplicate_of"),
                      "epochs": len(t.intermediate_values), "queued_by": t.user_attrs.get("queued_by"),
                      "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                      if t.datetime_complete and t.datetime_start else None})
@@ -668,7 +680,7 @@ def _trial_table(study) -> list[dict]:
 
 def _rank_correlations(trials: list[dict]) -> dict:
     """How well the proxy (and, for comparison, the parameter count) ranks the finished trials."""
-    done = [t for t in trials if t["state"] == "COMPLETE" and t["proxy"] is not None]
+    done = [t for t in trials if t["state"] == "COMPLETE" and t["proxy"] is not None and t.get("duplicate_of") is None]
     accuracy = [t["value"] for t in done]
     return {"n": len(done), "proxy": spearman([t["proxy"] for t in done], accuracy),
             "params": spearman([t["cost"]["params"] for t in done], accuracy)}
@@ -693,10 +705,13 @@ def pareto_rows(state: dict) -> list[dict]:
 
 def render(state: dict, rows: list[dict]) -> str:
     trials = state.get("trials", [])
-    trained = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED") and not t["over_budget"]]
+    trained = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED") and not t["over_budget"]
+               and t.get("duplicate_of") is None]
     lines = [f"# Search {state['config']['experiment']}", "",
              f"{len(trained)} trials trained ({sum(t['state'] == 'PRUNED' for t in trained)} pruned), "
              f"{sum(bool(t['over_budget']) for t in trials)} candidates over the budget rejected, "
+             f"{sum(t.get('duplicate_of') is not None for t in trials)} repeated architectures answered from "
+             f"earlier trials, "
              f"{state.get('search_s', 0):.0f} s of search.", ""]
     rc = state.get("rank_correlation") or {}
     if rc.get("n"):
@@ -712,7 +727,7 @@ def render(state: dict, rows: list[dict]) -> str:
                      f"{r['seeds']} | {'✓' if r['pareto'] else ''} |")
     lines += ["", "| trial | state | options | params | proxy | val acc | epochs |", "|---|---|---|---|---|---|---|"]
     for t in trials:
-        if t["over_budget"]:
+        if t["over_budget"] or t.get("duplicate_of") is not None:
             continue
         value = "–" if t["value"] is None else f"{t['value']:.2f}"
         proxy = "–" if t["proxy"] is None else f"{t['proxy']:.3f}"

@@ -320,3 +320,18 @@ def test_a_data_free_search_ranks_by_the_proxy_on_noise_and_reads_no_training_im
     monkeypatch.undo()
     kd = _search(tmp_path, teacher)  # a real-data method compares on training images (never held-out ones)
     assert not kd.data_free and kd.proxy_batch().shape == (64, 1, 32, 32)
+
+
+@pytest.mark.slow
+def test_a_repeated_architecture_is_answered_from_its_earlier_trial_and_a_small_space_ends(tmp_path, digits_teacher):
+    teacher, _ = digits_teacher
+    search = _search(tmp_path, teacher, "space={channels: [[2], [4], [16], [8, 16]], kernels: [[5], [5]]}",
+                     "trials=3", "proxy.name=none", "trial.set=[train.epochs=1]", "retrain.top_k=0", "references=[]")
+    state = search.run()
+    trained = [t for t in state["trials"] if t["duplicate_of"] is None]
+    repeats = [t for t in state["trials"] if t["duplicate_of"] is not None]
+    assert sorted(t["options"]["channels"][3] for t in trained) == [8, 16]  # the space's two architectures, once each
+    assert repeats and len(repeats) == 20 * 3 + 50 + 1  # then repeats, answered without training, until the cap
+    by_number = {t["number"]: t for t in trained}
+    assert all(t["value"] == by_number[t["duplicate_of"]]["value"] for t in repeats)
+    assert sorted(p.name for p in (search.folder / "trials").iterdir()) == sorted(str(t["number"]) for t in trained)
