@@ -192,12 +192,15 @@ def lira_online(targets: dict, shadows: list, keep: torch.Tensor, pool: tuple, m
 
 
 def teacher_members(train, recipe: dict | None):
-    """The images the teacher trained on: its training split, or the stratified labeled subset
-    its recorded config drew when it trained on 'labeled' batches."""
-    from .data import labeled_subset
+    """The images the teacher trained on: its training split (less the part it held out for
+    validation, if it did), or the stratified labeled subset its recorded config drew when it
+    trained on 'labeled' batches."""
+    from .data import hold_out, labeled_subset
 
     if not recipe:
         return train
+    if (recipe.get("data") or {}).get("validation"):
+        train = hold_out(train, recipe["data"]["validation"])[0]
     fraction = (recipe.get("data") or {}).get("labeled_fraction", 1.0)
     labeled = any(p.get("batch") == "labeled" for p in recipe.get("phases") or [])
     return labeled_subset(train, fraction, recipe.get("seed", 0)) if labeled and fraction < 1 else train

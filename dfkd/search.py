@@ -377,7 +377,6 @@ class Search:
         probe = self.run_config(self.config.trial.set, self.space.decode(self.space.sample(random.Random(0))), 0)
         self.info, self.data_root = dataset_info(probe.data.name), probe.data.root
         self.data_free = not {p.batch for p in probe.phases} & {"real", "labeled"}
-        self.student = _student_player(probe)
         self._teacher: nn.Module | None = None
         self._save()
 

@@ -1,7 +1,7 @@
 """The privacy table: `dfkd audit` of finished runs, one row per run, beside its accuracy.
 
     python scripts/audit_table.py runs/table/fmnist/*/*_s0 runs/taxonomy/kd-fmnist/*_s0 \\
-        [--samples 500] [--references 2000] [--out runs/audit-fmnist.md]
+        [--samples 500] [--references 2000] [--shadows 4] [--lira offline|online] [--out runs/audit-fmnist.md]
 
 Each run folder gets its audit.json / audit.md (as `dfkd audit` writes them); the table lists the
 teacher's membership-inference AUC once per teacher, then per run: the student's final accuracy,
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--references", type=int, default=2000)
     p.add_argument("--out", help="also write the table here")
+    p.add_argument("--shadows", type=int, default=4, help="LiRA's shadow models per audit (0: none)")
+    p.add_argument("--lira", choices=["offline", "online"], default="offline")
     p.add_argument("--reuse", action="store_true", help="tabulate a run's existing audit.json instead of auditing again")
     args = p.parse_args(argv)
     from dfkd.audit import audit
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.reuse and (run / "audit.json").is_file():
                 report = json.loads((run / "audit.json").read_text())
             else:
-                report = audit(run, samples=args.samples, references=args.references)
+                report = audit(run, samples=args.samples, references=args.references, shadows=args.shadows,
+                               lira=args.lira)
         except DfkdError as exc:
             print(f"audit_table: {run}: {exc}", file=sys.stderr)
             continue

@@ -167,13 +167,15 @@ def test_online_lira_scores_by_the_likelihood_ratio_of_in_and_out_shadows():
 
 
 def test_the_members_are_what_the_teacher_trained_on():
-    from dfkd.data import labeled_subset, load_dataset
+    from dfkd.data import hold_out, labeled_subset, load_dataset
 
     train = load_dataset("digits", "train")
     assert A.teacher_members(train, None) is train
     assert A.teacher_members(train, {"data": {"labeled_fraction": 0.2}, "phases": [{"batch": "real"}]}) is train
     part = A.teacher_members(train, {"data": {"labeled_fraction": 0.2}, "phases": [{"batch": "labeled"}], "seed": 3})
     assert torch.equal(part.images, labeled_subset(train, 0.2, 3).images) and len(part) < len(train) / 4
+    rest = A.teacher_members(train, {"data": {"validation": 0.1}, "phases": [{"batch": "real"}]})
+    assert torch.equal(rest.images, hold_out(train, 0.1)[0].images)  # not what it held out to validate on
 
 
 def test_an_online_audit_of_the_digits_run(datafree_run, capsys):
