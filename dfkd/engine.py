@@ -56,7 +56,6 @@ class Engine:
         self.iters_per_epoch, self.total_iters = run.iters_per_epoch, run.total_iters
         self.scaler = run.runtime.grad_scaler()
         self.progress = Progress()
-        self.rollbacks = 0
         self.last_batch: Batch | None = None  # what a 'same' phase reuses
 
         resume_state = None
@@ -83,6 +82,7 @@ class Engine:
 
     # ---------------------------------------------------------------- views of the parts
     step = property(lambda self: self.progress.step, lambda self, v: setattr(self.progress, "step", v))
+    rollbacks = property(lambda self: self.progress.rollbacks)
     device, amp_dtype, channels_last = (property(lambda self, k=k: getattr(self.runtime, k))
                                         for k in ("device", "amp_dtype", "channels_last"))
 
@@ -242,7 +242,7 @@ class Engine:
         tc = self.config.train
         if tc.on_nan != "rollback" or not (last and last.exists()) or self.rollbacks >= tc.max_rollbacks:
             raise exc
-        self.rollbacks += 1
+        self.progress.rollbacks += 1
         restore(self.run, self.progress, self.scaler, safe_load(last, map_location=self.runtime.device))
         seed_everything(self.config.seed + rank() + 1000 * self.rollbacks)  # the same draws would diverge again
         self.reporter.pending.clear()

@@ -36,6 +36,7 @@ class Progress:
     good_norms: dict[str, float] = dataclasses.field(default_factory=dict)  # its players' weight norms
     best_acc: float = -1.0
     teacher_acc: float | None = None
+    rollbacks: int = 0                    # rollbacks so far (train.max_rollbacks bounds them over resumes too)
     history: list[dict] = dataclasses.field(default_factory=list)
     timers: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"train": 0.0, "synthesis": 0.0, "eval": 0.0})
@@ -133,7 +134,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
     return {"format": ckpt_io.STATE_FORMAT, "identity": ident,
             "identity_sha256": hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest(),
             "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
-            "good_step": progress.good_step, "good_norms": progress.good_norms,
+            "good_step": progress.good_step, "good_norms": progress.good_norms, "rollbacks": progress.rollbacks,
             "teacher_sha256": run.teachers.hashes,
             "history": progress.history, "timers": progress.timers,
             "players": {n: p.state_dict() for n, p in run.players.items()},
@@ -165,6 +166,8 @@ def restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state:
     progress.step, progress.best_acc, progress.teacher_acc = state["step"], state["best_acc"], state["teacher_acc"]
     progress.good_step, progress.good_norms = state.get("good_step", state["step"]), dict(state.get("good_norms", {}))
     progress.history, progress.timers = list(state["history"]), dict(state["timers"])
+    # a rollback restores a state saved before it: the count kept is the larger one
+    progress.rollbacks = max(progress.rollbacks, state.get("rollbacks", 0))
     set_rng_state(state["rng"])
 
 

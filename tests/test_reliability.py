@@ -189,3 +189,20 @@ def test_an_explicit_data_root_is_read_and_never_replaced_by_the_system_copy(tmp
     with pytest.raises(DatasetNotFoundError) as err:  # even where Debian's copy is installed
         load_dataset("fashion-mnist", "test", str(empty))
     assert str(empty) in str(err.value) and "/usr/share/datasets" not in str(err.value)
+
+
+def test_rollbacks_are_counted_across_resumes(tmp_path, monkeypatch):
+    engine = run(tmp_path, "train.epochs=3", "train.on_nan=rollback", "train.max_rollbacks=1")
+    blow_up_at(monkeypatch, 2)
+    engine.fit()
+    last = engine.run_dir / "ckpt" / "last.pt"
+    assert engine.rollbacks == 1 and safe_load(last)["rollbacks"] == 1
+    longer = load_config("teacher/lenet5-digits", [f"output.root={tmp_path}", "train.iters_per_epoch=2",
+                                                   "runtime.num_threads=1", "output.tensorboard=false",
+                                                   "train.epochs=5", "train.on_nan=rollback", "train.max_rollbacks=1"])
+    resumed = Engine(longer, resume=last)
+    assert resumed.rollbacks == 1  # the one spent before the resume still counts
+    blow_up_at(monkeypatch, 4)
+    with pytest.raises(DivergenceError, match="iteration 8"):
+        resumed.fit()
+    assert safe_load(last)["step"] == 6  # the last good state stays the one before the new divergence
