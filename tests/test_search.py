@@ -186,6 +186,13 @@ def test_digits_search_finds_a_student_better_than_the_smallest_member(tmp_path,
     table = (search.folder / "search.md").read_text()
     assert "| searched-1: lenet5(" in table and "| reference-lenet5: lenet5(channels=[1, 2, 8, 8]" in table
     assert (search.folder / "pareto.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    events = ea.EventAccumulator(str(search.folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert events.Images("search/pareto")[0].width == 720  # the plot, in TensorBoard too
+    assert [e.step for e in events.Scalars("search/trial_acc")] == [t["number"] for t in trained
+                                                                   if t["value"] is not None]
     # each trial is a run folder with its validation curve; retrained runs evaluate on the test split
     trial_config = (search.folder / "trials" / "0" / "config.yaml").read_text()
     assert "validation: 0.2" in trial_config
