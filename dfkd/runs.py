@@ -85,6 +85,10 @@ class RunLock:
             self.file = None
 
 
+# Kept in metrics.jsonl (to find an epoch's row) but not drawn: against the step it is a straight line.
+JSONL_ONLY = {"epoch"}
+
+
 class MetricLogger:
     """Writes scalars to ``metrics.jsonl`` and TensorBoard, images and histograms to TensorBoard.
 
@@ -114,7 +118,8 @@ class MetricLogger:
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         if self.writer is not None:
             for tag, value in values.items():
-                self.writer.add_scalar(tag, float(value), step)
+                if tag not in JSONL_ONLY:
+                    self.writer.add_scalar(tag, float(value), step)
 
     def image_grid(self, step: int, tag: str, images: torch.Tensor, nrow: int = 8) -> None:
         """``images`` in [0, 1], (N, C, H, W)."""

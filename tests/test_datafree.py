@@ -179,6 +179,7 @@ def test_tensorboard_events_of_a_datafree_run(tb_run):
     assert {"loss/student/l1_logits", "loss/generator/adv_l1", "eval/acc", "eval/best_acc", "eval/teacher_acc",
             "time/synthesis_s", *counts} <= scalars, sorted(scalars)
     assert "synthetic/classes_present" not in scalars  # a constant card, gone
+    assert "epoch" not in scalars and all("epoch" in m for m in read_metrics(tb_run) if "eval/acc" in m)
     assert any(t.startswith("bn_distance/") for t in scalars), sorted(scalars)
     # the global step is the iteration: evaluation after each 5-iteration epoch; the teacher's before
     # any and again beside each, so that its line spans the student's chart
