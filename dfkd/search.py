@@ -624,7 +624,7 @@ class Search:
                 with SummaryWriter(str(self.folder)) as writer:
                     writer.add_image("search/pareto", np.asarray(image), dataformats="HWC")
                     for t in self.state["trials"]:
-                        if t["value"] is not None:
+                        if t["value"] is not None and t.get("duplicate_of") is None:
                             writer.add_scalar("search/trial_acc", t["value"], t["number"])
             except ImportError:
                 pass
