@@ -368,6 +368,8 @@ class Search:
     def __init__(self, config: SearchConfig, folder: str | Path | None = None, state: dict | None = None,
                  storage: str | None = None, study_name: str | None = None):
         self.config = config
+        if storage and not folder:  # a storage that can't be opened stops a new search before it has a folder
+            open_storage(storage)
         self.folder = Path(folder) if folder else new_run_dir(config.root, config.experiment, config.seed)
         self.state = state or {"config": dataclasses.asdict(config), "retrain": {}}
         self.state.setdefault("storage", storage or f"sqlite:///{(self.folder / 'study.db').resolve()}")
@@ -433,16 +435,7 @@ class Search:
     def study(self):
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # heartbeats and their retry callback are marked experimental; they are what resumes shared studies
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        url = self.state["storage"]
-        try:
-            storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=60, grace_period=180,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-        except Exception as error:  # sqlalchemy's and the driver's errors have no common base
-            raise DfkdError(f"--storage {url}: cannot open it ({_first_line(error)})") from None
+        storage = open_storage(self.state["storage"])
         c = self.config
         # epochs count from 1: a trial may be pruned from epoch warmup_epochs + 1 on
         pruner = optuna.pruners.MedianPruner(n_startup_trials=c.pruner.startup_trials,
@@ -631,6 +624,21 @@ class Search:
 
     def _save(self) -> None:
         atomic_write_text(self.folder / "search.json", json.dumps(self.state, indent=1))
+
+
+def open_storage(url: str):
+    """Optuna's database at ``url``, with heartbeats that re-queue a dead worker's trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats and their retry callback are marked experimental; they are what resumes shared studies
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=60, grace_period=180,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except Exception as error:  # sqlalchemy's and the driver's errors have no common base
+        raise DfkdError(f"--storage {url}: cannot open it ({_first_line(error)})") from None
 
 
 def _student_player(config: Config) -> str:

@@ -225,6 +225,7 @@ def test_an_unknown_option_and_an_unopenable_storage_are_one_line_errors(tmp_pat
     code = main(["search", "--config", "search/lenet5-digits", "--teacher", str(teacher), "--out", str(tmp_path),
                  "--storage", "nosuchdb://x"])
     assert code == 2 and "cannot open it" in capsys.readouterr().err
+    assert not (tmp_path / "search-lenet5-digits").exists()  # no search folder was left behind
 
 
 @pytest.mark.slow
