@@ -96,11 +96,16 @@ def losses_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
                                                                                      labels.split(batch))])
 
 
+def attack_scores(members: torch.Tensor, non_members: torch.Tensor) -> dict:
+    """How well scores (higher: "member") separate members from non-members: ROC AUC and the
+    true-positive rate at 1% and 0.1% false positives."""
+    return {"auc": roc_auc(members, non_members), "tpr_at_1pct_fpr": tpr_at_fpr(members, non_members, 0.01),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(members, non_members, 0.001)}
+
+
 def loss_attack(model, members: tuple[torch.Tensor, torch.Tensor], non_members: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """Loss-threshold membership inference: a lower loss means "member"."""
-    member_scores, other_scores = -losses_of(model, *members), -losses_of(model, *non_members)
-    return {"auc": roc_auc(member_scores, other_scores), "tpr_at_1pct_fpr": tpr_at_fpr(member_scores, other_scores, 0.01),
-            "tpr_at_0.1pct_fpr": tpr_at_fpr(member_scores, other_scores, 0.001)}
+    return attack_scores(-losses_of(model, *members), -losses_of(model, *non_members))
 
 
 @torch.no_grad()
@@ -117,19 +122,18 @@ def true_class_logit(model: torch.nn.Module, images: torch.Tensor, labels: torch
 
 
 def train_shadow(arch: dict, recipe: dict, images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
-    """A shadow model: the teacher's architecture, optimizer, batch size, epochs and cosine
+    """A shadow model: the teacher's architecture, optimizer, batch size, epochs and learning-rate
     schedule (from its model file's config), trained with cross-entropy on ``images`` (without
     the teacher's augmentation)."""
-    import math
-
+    from .config import OptimConfig, SchedConfig
     from .models import create_model
-    from .players import build_optimizer
-    from .config import OptimConfig
+    from .players import build_optimizer, lr_factor
 
     torch.manual_seed(seed)
     arch = dict(arch)
     model = create_model(arch.pop("name"), **arch.pop("kwargs", {}), **{k: v for k, v in arch.items() if k != "quant"})
     optim = recipe["players"]["model"]["optim"]
+    sched = SchedConfig(**recipe["players"]["model"].get("sched", {}))
     optimizer = build_optimizer(model.parameters(), OptimConfig(**optim))
     batch, epochs = min(recipe["data"]["batch_size"], len(images)), recipe["train"]["epochs"]
     steps, total = 0, epochs * max(1, len(images) // batch)
@@ -139,7 +143,7 @@ def train_shadow(arch: dict, recipe: dict, images: torch.Tensor, labels: torch.T
         for i in range(0, len(images) - batch + 1, batch):
             index = order[i:i + batch]
             for group in optimizer.param_groups:
-                group["lr"] = optim["lr"] * 0.5 * (1 + math.cos(math.pi * steps / total))
+                group["lr"] = optim["lr"] * lr_factor(sched, steps, total, optim["lr"])
             loss = F.cross_entropy(model(images[index]), labels[index])
             optimizer.zero_grad()
             loss.backward()
@@ -161,9 +165,7 @@ def lira_offline(targets: dict, shadows: list, members: tuple, non_members: tupl
     for who, model in targets.items():
         scores = {k: (true_class_logit(model, *(members if k == "in" else non_members)) - mu) / sd
                   for k, (mu, sd) in stats.items()}
-        out[who] = {"auc": roc_auc(scores["in"], scores["out"]),
-                    "tpr_at_1pct_fpr": tpr_at_fpr(scores["in"], scores["out"], 0.01),
-                    "tpr_at_0.1pct_fpr": tpr_at_fpr(scores["in"], scores["out"], 0.001)}
+        out[who] = attack_scores(scores["in"], scores["out"])
     return out
 
 
@@ -185,9 +187,7 @@ def lira_online(targets: dict, shadows: list, keep: torch.Tensor, pool: tuple, m
     for who, model in targets.items():
         x = true_class_logit(model, *pool).double()
         score = (-0.5 * ((x - mu_in) / sd_in) ** 2 - sd_in.log()) - (-0.5 * ((x - mu_out) / sd_out) ** 2 - sd_out.log())
-        a, b = score[members], score[non_members]
-        out[who] = {"auc": roc_auc(a, b), "tpr_at_1pct_fpr": tpr_at_fpr(a, b, 0.01),
-                    "tpr_at_0.1pct_fpr": tpr_at_fpr(a, b, 0.001)}
+        out[who] = attack_scores(score[members], score[non_members])
     return out
 
 
