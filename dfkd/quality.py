@@ -33,13 +33,18 @@ class Embedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.with_logits(x)[0]
+
+    @torch.no_grad()
+    def with_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and the logits of one forward pass."""
         kept = []
         handle = self.layer.register_forward_hook(lambda m, inputs, output: kept.append(inputs[0]))
         try:
-            self.forward_fn(self.model, x)
+            logits = self.forward_fn(self.model, x)
         finally:
             handle.remove()
-        return kept[0].flatten(1).float()
+        return kept[0].flatten(1).float(), logits
 
 
 class _Identity(nn.Module):
@@ -92,7 +97,10 @@ class SampleQuality:
         self.real_diversity = diversity(self.real) if self.real is not None else None
 
     def __call__(self, synthetic: torch.Tensor) -> dict[str, float]:
-        fake = self.embed(synthetic)
+        return self.measure(self.embed(synthetic))
+
+    def measure(self, fake: torch.Tensor) -> dict[str, float]:
+        """The measures of synthetic samples' embeddings ``fake``."""
         out = {"quality/diversity": diversity(fake)}
         if self.real is not None:
             out["quality/diversity_real"] = self.real_diversity

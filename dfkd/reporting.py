@@ -80,6 +80,7 @@ class Reporter:
         self.recent: torch.Tensor | None = None   # the newest synthetic samples, for the quality measures
         self._seen: torch.Tensor | None = None
         self._quality = None
+        self._real: tuple[torch.Tensor, torch.Tensor] | None = None  # evaluation samples the measures compare with
         # kept as device tensors until a flush: converting each would synchronize a GPU once per term and step
         self.pending: dict[str, list[torch.Tensor]] = {}
         if logger.writer is not None:  # the student's accuracy with the teacher's as a line beside it
@@ -140,16 +141,19 @@ class Reporter:
         if self.recent is None or len(self.recent) < n or teacher is None:
             return
         if self._quality is None:
-            real = self._real_samples(n)
-            self._quality = SampleQuality(Embedding(teacher, self.runtime.forward), real)
-        self.logger.scalars(step, self._quality(self.recent))
+            self._real = self._real_samples(n)
+            self._quality = SampleQuality(Embedding(teacher, self.runtime.forward),
+                                          self._real[0] if self._real else None)
+        features, logits = self._quality.embed.with_logits(self.recent)  # one teacher pass serves both
+        self.logger.scalars(step, self._quality.measure(features))
         every, epoch = self.config.output.projector_every, step // self.iters_per_epoch
         due = step == self.total_iters if every is None else bool(every) and epoch % every == 0
         if due and self.logger.writer is not None:
-            self.projector(step)
+            self.projector(step, features, logits.argmax(1))
 
-    def _real_samples(self, n: int) -> torch.Tensor | None:
-        """The first ``n`` evaluation-split samples the teacher takes (None: the run reads none)."""
+    def _real_samples(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first ``n`` evaluation-split samples the teacher takes and their labels (None: the
+        run reads none, or fewer)."""
         if self.test_loader is None or len(self.test_loader.dataset) < n:
             return None
         images, labels = [], []
@@ -158,21 +162,19 @@ class Reporter:
             labels.append(batch[1])
             if sum(len(x) for x in images) >= n:
                 break
-        self.real_labels = torch.cat(labels)[:n]
-        return torch.cat(images)[:n]
+        return torch.cat(images)[:n], torch.cat(labels)[:n]
 
-    def projector(self, step: int) -> None:
+    def projector(self, step: int, features: torch.Tensor, predicted: torch.Tensor) -> None:
         """Synthetic (labeled with the teacher's class) and real samples (their true class) in the
         teacher's feature space, with their images unless ``output.show_real`` is off."""
         names = self.info.class_names
-        embed, real = self._quality.embed, self._quality.real
-        predicted = self.runtime.forward(self.teachers.first, self.recent).argmax(1).tolist()
-        features, metadata = [embed(self.recent)], [["synthetic", names[k]] for k in predicted]
+        real = self._quality.real
+        features, metadata = [features], [["synthetic", names[k]] for k in predicted.tolist()]
         images = [denormalize(self.recent.float(), self.info)]
         if real is not None:
             features.append(real)
-            metadata += [["real", names[k]] for k in self.real_labels.tolist()]
-            images.append(denormalize(self._real_samples(len(real)).float(), self.info))
+            metadata += [["real", names[k]] for k in self._real[1].tolist()]
+            images.append(denormalize(self._real[0].float(), self.info))
         show = real is None or self.config.output.show_real
         self.logger.writer.add_embedding(torch.cat(features).cpu(), metadata=metadata, global_step=step,
                                          label_img=torch.cat(images).clamp(0, 1).cpu() if show else None,
