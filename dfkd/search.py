@@ -228,23 +228,18 @@ def static_cost(name: str, options: dict, shape: tuple[int, int, int], num_class
     return {"params": count_parameters(model), "flops": int(counter.get_total_flops())}
 
 
-def cpu_latency_ms(model: nn.Module, shape: tuple[int, int, int], repeats: int = 50) -> float:
-    """Median CPU time of one image through ``model`` on one thread, in milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = model.cpu().eval()
-        x = torch.zeros(1, *shape)
-        times = []
-        with torch.no_grad():
-            for i in range(repeats + 5):
-                t0 = time.perf_counter()
-                model(x)
-                if i >= 5:
-                    times.append(time.perf_counter() - t0)
-        return 1000.0 * statistics.median(times)
-    finally:
-        torch.set_num_threads(threads)
+def cpu_latency_ms(model: nn.Module, shape: tuple[int, int, int], min_run_time: float = 0.2) -> float:
+    """CPU time of one image through ``model`` on one thread, in milliseconds: the median over
+    blocks of torch's benchmark timer (which warms up and sets the thread count)."""
+    import logging
+
+    # importing the timer loads torch's C++-extension helper, which warns that a CPU machine has no CUDA
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Timer
+
+    timer = Timer("with torch.no_grad(): model(x)", globals={"torch": torch, "model": model.cpu().eval(),
+                                                             "x": torch.zeros(1, *shape)}, num_threads=1)
+    return 1000.0 * timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def over_budget(cost: dict, budget: BudgetConfig) -> list[str]:
@@ -302,14 +297,15 @@ def _relations(model: nn.Module, x: torch.Tensor, num_classes: int) -> tuple[tor
     return (F.normalize(semantic @ semantic.T, dim=1).detach(), F.normalize(embedding @ embedding.T, dim=1).detach())
 
 
-def diswot_score(teacher: nn.Module, student: nn.Module, x: torch.Tensor, num_classes: int) -> float:
+def diswot_score(teacher: nn.Module, student: nn.Module, x: torch.Tensor, num_classes: int,
+                 teacher_relations: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
     """DisWOT (Dong et al., CVPR 2023): the negated distance between teacher and (untrained) student
     in class-semantic similarity and in sample relations, ``-(‖S_t − S_s‖ + ‖R_t − R_s‖)`` with
     Frobenius norms; higher ranks a student as the better one to distil into. The teacher runs in
-    eval mode; the student in train mode (its BatchNorm has no statistics yet)."""
-    teacher.eval()
+    eval mode (its matrices on ``x`` may be given, computed once for many students); the student in
+    train mode (its BatchNorm has no statistics yet)."""
+    st, rt = teacher_relations or _relations(teacher.eval(), x, num_classes)
     student.train()
-    st, rt = _relations(teacher, x, num_classes)
     ss, rs = _relations(student, x, num_classes)
     return -float(torch.linalg.norm(st - ss) + torch.linalg.norm(rt - rs))
 
@@ -380,6 +376,7 @@ class Search:
         self.info, self.data_root = dataset_info(probe.data.name), probe.data.root
         self.data_free = not {p.batch for p in probe.phases} & {"real", "labeled"}
         self._teacher: nn.Module | None = None
+        self._teacher_relations: tuple | None = None   # (the proxy batch, the teacher's DisWOT matrices on it)
         self._save()
 
     @classmethod
@@ -429,7 +426,10 @@ class Search:
         torch.manual_seed(self.config.seed)  # the same initialization for a candidate, whoever scores it
         shape = tuple(self.info.shape)
         student = create_model(self.config.family, shape[0], self.info.num_classes, shape[1], **options)
-        return diswot_score(self.teacher(), student, batch, self.info.num_classes)
+        if self._teacher_relations is None or self._teacher_relations[0] is not batch:
+            # the teacher's side is the same for every candidate scored on this batch
+            self._teacher_relations = batch, _relations(self.teacher().eval(), batch, self.info.num_classes)
+        return diswot_score(self.teacher(), student, batch, self.info.num_classes, self._teacher_relations[1])
 
     # ---------------------------------------------------------------- the study
     def study(self):

@@ -108,6 +108,8 @@ def test_diswot_is_zero_for_the_teacher_itself_and_lower_for_an_untrained_studen
     assert diswot_score(teacher, teacher, x, 10) == pytest.approx(0.0, abs=1e-5)
     student = create_model("lenet5", 1, 10, 32, channels=[2, 4, 16, 8], batchnorm=False)
     assert diswot_score(teacher, student, x, 10) < -0.1
+    from dfkd.search import _relations  # the teacher's side computed once for many students gives the same score
+    assert diswot_score(teacher, student, x, 10, _relations(teacher, x, 10)) == diswot_score(teacher, student, x, 10)
 
 
 def test_diswot_relation_term_is_the_row_normalized_embedding_gram():
