@@ -13,10 +13,18 @@ appended to ``<out>/results.jsonl`` at once (``--skip-done`` resumes a killed ta
 ``<out>/results.md`` holds one table per dataset: final accuracy (mean ± sample std over seeds; the
 best beside it, for reference only), seconds per run, and the published CIFAR-100 ResNet-56 →
 ResNet-20 number of each method, the ordering to compare with.
+
+Chains (``chain/<name>-<dataset>``, the table's teacher in their first stage's place, chain seed =
+the row's seed) give rows of their own: born-again (the second generation; the first and the
+ensemble beside), TAKD and DGKD (the thin student; the assistant beside). Data-free rows distil the
+same thin student with no real image: ``dfq`` (``datafree/dfq-<dataset>``) and ``dfq+pkt``
+(``datafree/dfq+pkt-<dataset>``, the same with PKT's relation term on the synthetic batches);
+on Fashion-MNIST at 2000 iterations, a third of dfq-fmnist's 6000, to fit the table's time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,13 +32,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import Teachers, append_row, mean_std, read_results, table_arguments, write_table  # noqa: E402
 
+from dfkd.chain import Chain, load_chain  # noqa: E402
 from dfkd.config import load_config  # noqa: E402
 from dfkd.engine import Engine  # noqa: E402
 
-METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot", "cskd"]
+CHAINS = ["born-again", "takd", "dgkd"]
+DATAFREE = ["dfq", "dfq+pkt"]
+METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot", "cskd",
+           *CHAINS, *DATAFREE]
+DATAFREE_BUDGET = {"fmnist": ["train.epochs=40"]}  # 40 x 50 = 2000 iterations (dfq-fmnist: 6000)
 SELF = {"byot", "cskd"}  # no teacher: the trained network is the config's 'model' player
 DATASETS = {"digits": "digits", "fmnist": "Fashion-MNIST"}
-SAME_WIDTH = {"fsp"}  # FSP matrices need the teacher's channel counts
+SAME_WIDTH = {"fsp", "born-again"}  # FSP matrices need the teacher's channel counts; born-again is the teacher's
 # CIFAR-100, ResNet-56 (72.34) -> ResNet-20: Tian et al. 2020 (CRD), Table 1; DKD: Zhao et al. 2022
 PUBLISHED = {"student": 69.06, "kd": 70.66, "hint": 69.21, "at": 70.55, "rkd": 69.61, "sp": 69.67, "pkt": 70.34,
              "crd": 71.16, "fsp": 69.95, "dkd": 71.97}
@@ -53,12 +66,38 @@ def render(rows: list[dict]) -> str:
             if "final_exits" in group[0]:  # each exit, shallow to deep, and the exits' ensemble
                 exits = [mean_std([r["final_exits"][i] for r in group]) for i in range(len(group[0]["final_exits"]))]
                 student += f" (exits {' / '.join(exits)}; ensemble {mean_std([r['final_exit_ensemble'] for r in group])})"
-            cells = [f"kd/{method}-{dataset}", student, mean_std([r["final_acc"] for r in group]),
+            if "stages" in group[0]:  # a chain's earlier stages and its ensemble, final (best)
+                beside = [f"{name} {mean_std([r['stages'][name]['final_acc'] for r in group])} "
+                          f"({mean_std([r['stages'][name]['best_acc'] for r in group])})" for name in group[0]["stages"]]
+                if "ensemble_acc" in group[0]:
+                    beside.append(f"ensemble {mean_std([r['ensemble_acc'] for r in group])}")
+                student += f" ({'; '.join(beside)})"
+            cells = [group[0].get("config", f"kd/{method}-{dataset}"), student, mean_std([r["final_acc"] for r in group]),
                      mean_std([r["best_acc"] for r in group]), ", ".join(str(r["seed"]) for r in group),
                      f"{statistics.mean(r['time_total_s'] for r in group):.0f}", str(PUBLISHED.get(method, "–"))]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def chain_row(config: str, teacher: str, root: Path, seed: int, overrides: list[str]) -> dict:
+    """Run one chain from the table's teacher; its last stage is the row, the others beside it."""
+    state = Chain(load_chain(config, [f"teacher={teacher}", f"seed={seed}", f"root={root / 'chains'}",
+                                      f"set={json.dumps(overrides)}"])).run()
+    return chain_summary(state)
+
+
+def chain_summary(state: dict) -> dict:
+    """A finished chain's row: the last stage's summary, the earlier stages' accuracies (not the
+    given teacher's) and the ensemble's, if the chain has one."""
+    names = [s["name"] for s in state["config"]["stages"]]
+    made = [n for n in names if state["stages"][n]["config"] != "given"]
+    stages = {n: {k: state["stages"][n]["summary"][k] for k in ("final_acc", "best_acc")} for n in made[:-1]}
+    row = {**state["stages"][names[-1]]["summary"], "stages": stages,
+           "time_total_s": sum(state["stages"][n]["summary"]["time_total_s"] for n in made)}
+    if "ensemble" in state:
+        row["ensemble_acc"] = state["ensemble"]["acc"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +122,19 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in args.seeds:
                     if (dataset, method, seed) in done:
                         continue
-                    print(f"taxonomy: kd/{method}-{dataset} seed {seed}", file=sys.stderr)
-                    overrides = [f"teacher.checkpoint={teacher}", f"output.root={root}", f"seed={seed}",
-                                 f"runtime.num_threads={args.threads}", *width, *args.set]
-                    summary = Engine(load_config(f"kd/{method}-{dataset}", overrides)).fit()
-                    row = {"dataset": dataset, "method": method, "student": student, **summary, "teacher": teacher,
-                           "overrides": args.set}
+                    if method in CHAINS:
+                        config = f"chain/{method}-{dataset}"
+                        print(f"taxonomy: {config} seed {seed}", file=sys.stderr)
+                        row = chain_row(config, teacher, root, seed, [f"runtime.num_threads={args.threads}", *args.set])
+                    else:
+                        config = f"datafree/{method}-{dataset}" if method in DATAFREE else f"kd/{method}-{dataset}"
+                        budget = DATAFREE_BUDGET.get(dataset, []) if method in DATAFREE else []
+                        print(f"taxonomy: {config} seed {seed}", file=sys.stderr)
+                        overrides = [f"teacher.checkpoint={teacher}", f"output.root={root}", f"seed={seed}",
+                                     f"runtime.num_threads={args.threads}", *width, *budget, *args.set]
+                        row = Engine(load_config(config, overrides)).fit()
+                    row = {"dataset": dataset, "method": method, "config": config, "student": student, **row,
+                           "teacher": teacher, "overrides": args.set}
                     append_row(results, rows, row)
     return write_table(root, render(rows))
 

@@ -274,3 +274,23 @@ def test_quant_table_puts_bits_down_methods_across_and_names_the_best_data_free_
     assert quant_table.main([str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "t.md")]) == 0
     assert (tmp_path / "t.md").read_text() == table
     assert quant_table.main([str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_path, teacher):
+    taxonomy = load_script("taxonomy")
+    out = tmp_path / "kd"
+    assert taxonomy.main(["--datasets", "digits", "--methods", "born-again", "takd", "dfq", "--seeds", "0",
+                          "--teacher-digits", teacher, "--out", str(out), "--set", "train.epochs=1"]) == 0
+    rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    born_again, takd, dfq = rows["born-again"], rows["takd"], rows["dfq"]
+    # the given teacher is no stage of the row; generation 1 (or the assistant) is beside the last stage
+    assert list(born_again["stages"]) == ["gen1"] and list(takd["stages"]) == ["assistant"]
+    assert born_again["teacher"] == teacher and born_again["student"] == "LeNet-5"
+    assert 0 <= born_again["ensemble_acc"] <= 100 and "ensemble_acc" not in takd
+    assert born_again["run_dir"].startswith(str(out / "chains" / "born-again-digits"))
+    state = json.loads((Path(born_again["run_dir"]).parent / "chain.json").read_text())
+    assert state["stages"]["teacher"]["model"] == teacher and "runtime.num_threads=1" in state["config"]["set"]
+    assert dfq["config"] == "datafree/dfq-digits" and dfq["student"] == "LeNet-5 × 0.125" and dfq["steps"] == 25
+    table = (out / "results.md").read_text()
+    assert "| chain/born-again-digits | LeNet-5 (gen1 " in table and "; ensemble " in table
+    assert "| chain/takd-digits | LeNet-5 × 0.125 (assistant " in table and "| datafree/dfq-digits |" in table
