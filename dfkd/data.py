@@ -46,6 +46,8 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
     std: tuple[float, ...]
     augment: str  # one of AUGMENTATIONS; what TensorLoader(augment=True) applies
+    # (H, W) the pictures were taken at, when the pipeline resizes them to ``shape`` (None: taken at it)
+    native_size: tuple[int, int] | None = None
 
 
 def normalize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
@@ -461,6 +463,7 @@ _DIGITS_INFO = DatasetInfo(
     mean=(0.3053,),
     std=(0.3234,),
     augment="crop",  # small random shifts; flips would turn digits into other glyphs
+    native_size=(8, 8),  # scanned at 8x8, upsampled bilinearly (see _digits_arrays)
 )
 
 

@@ -9,11 +9,18 @@ A generator maps latents ``z`` of shape ``(N, nz)`` (and, if conditional, labels
 - ``output="pixels"`` (CMI's and Fast-DFKD's): a sigmoid gives pixels in [0, 1], which are then
   normalised with the dataset's ``mean`` and ``std``, so every image is one a camera could take:
   nothing darker than black, nothing brighter than white.
+
+``native_size=(h, w)`` renders images as a dataset whose pictures were taken at ``h x w`` and
+resized to the model's input shows them: area-averaged down to ``h x w``, then resized back
+bilinearly, as the data pipeline resized the real images. The synthetic images then hold no
+detail finer than the real ones can, detail a teacher of one architecture may respond to and a
+student of another cannot imitate (see the README, "Teachers of other architectures").
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dfkd.errors import ShapeError
 from dfkd.registry import Registry
@@ -34,6 +41,7 @@ class DCGANGenerator(nn.Module):
     (``mean`` and ``std``, one per channel or one for all, in [0, 1] pixel units); ``output="affine_bn"``
     drops the tanh and learns the last BatchNorm's scale and shift (ZSKT). ``bn_eps`` is the eps of
     the BatchNorms inside the upsampling blocks: DAFL's code passes 0.8 there (``BatchNorm2d(C, 0.8)``).
+    ``native_size`` (height, width), when given, limits the images to that resolution (module docstring).
 
     ``forward(z, y=None)`` ignores ``y``, so a training loop can call every generator the same way.
     """
@@ -43,7 +51,7 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10, ngf: int = 64,
                  output: str = "bn", mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                 bn_eps: float = 1e-5):
+                 bn_eps: float = 1e-5, native_size: tuple[int, int] | None = None):
         super().__init__()
         if len(img_shape) != 3:
             raise ShapeError(f"{type(self).__name__}: img_shape must be (C, H, W), got {tuple(img_shape)}")
@@ -54,6 +62,12 @@ class DCGANGenerator(nn.Module):
         if output == "pixels" and (mean is None or std is None):
             raise ValueError(f"{type(self).__name__}: output='pixels' needs the dataset's mean and std")
         channels, height, width = img_shape
+        if native_size is not None:
+            native_size = tuple(native_size)
+            if len(native_size) != 2 or not all(0 < n <= m for n, m in zip(native_size, (height, width))):
+                raise ShapeError(f"{type(self).__name__}: native_size must be (height, width) within the image's "
+                                 f"{(height, width)}, got {native_size}")
+        self.native_size = native_size
         factor = 2 ** len(self.width_multipliers)
         if height % factor or width % factor:
             raise ShapeError(f"{type(self).__name__} needs image height and width divisible by {factor}, "
@@ -89,8 +103,18 @@ class DCGANGenerator(nn.Module):
         return self._to_image(self.blocks(self.project(z).view(z.shape[0], *self.init_shape)))
 
     def _to_image(self, features: torch.Tensor) -> torch.Tensor:
-        images = self.to_image(features)
+        if self.native_size is None:
+            images = self.to_image(features)
+        elif self.output == "pixels":  # resized as pixels, then normalised as the dataset's are
+            images = self._from_native(self.to_image(features))
+        else:  # resized before the last BatchNorm, which then standardizes the resized images
+            images = self.to_image[-1](self._from_native(self.to_image[:-1](features)))
         return (images - self.mean) / self.std if self.output == "pixels" else images
+
+    def _from_native(self, images: torch.Tensor) -> torch.Tensor:
+        """The data pipeline's resize: area-averaged to ``native_size``, then bilinearly back."""
+        return F.interpolate(F.adaptive_avg_pool2d(images, self.native_size), size=images.shape[-2:],
+                             mode="bilinear", align_corners=False)
 
     # Feature levels (SpaceshipNet's generator features): level 0 is the first BatchNorm's output at
     # 1/2^k of the image size, level i >= 1 the output of upsampling block i.
@@ -228,5 +252,5 @@ class NoisyLayerGenerator(DCGANGenerator):
 def create_generator(name: str, nz: int, img_shape: tuple[int, int, int], num_classes: int = 10,
                      **kwargs) -> nn.Module:
     """Build a registered generator; ``kwargs`` are its options (``ngf``; ``output``, with ``mean``
-    and ``std`` for ``output="pixels"``)."""
+    and ``std`` for ``output="pixels"``; ``native_size``)."""
     return GENERATORS.get(name)(nz=nz, img_shape=tuple(img_shape), num_classes=num_classes, **kwargs)

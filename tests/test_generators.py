@@ -3,10 +3,11 @@ import re
 import pytest
 import torch
 
-from dfkd.config import load_config
+from dfkd.config import NetConfig, load_config
 from dfkd.data import dataset_info
 from dfkd.engine import Engine
 from dfkd.errors import ConfigError, ShapeError, UnknownNameError
+from dfkd.synthesis import build_generator
 from generators import GENERATORS, ConditionalGenerator, DCGANGenerator, DeepDCGANGenerator, create_generator
 
 SHAPES = [(1, 28, 28), (1, 32, 32), (3, 32, 32)]
@@ -125,3 +126,47 @@ def test_engine_gives_a_pixel_generator_the_datasets_normalisation(digits_teache
     with pytest.raises(ConfigError, match=re.escape("generator 'dcgan': DCGANGenerator: output must be 'bn', "
                                                     "'affine_bn' or 'pixels', got 'rgb'")):
         engine("players.generator.net.kwargs.output=rgb")
+
+
+@pytest.mark.parametrize("name", ["dcgan", "conditional", "nayer"])
+@pytest.mark.parametrize("output", ["bn", "affine_bn", "pixels"])
+def test_native_size_renders_only_what_the_data_pipeline_can_make(name, output):
+    """native_size=(8, 8) on 32x32 images: every image lies in the range of the pipeline's bilinear
+    8 -> 32 upsampling U (X = P X P^T with P the projection onto U's columns), so has rank <= 8; the
+    same weights without the option make images that do not."""
+    kwargs = {"ngf": 4, "output": output, **({"mean": (0.3,), "std": (0.3,)} if output == "pixels" else {})}
+    torch.manual_seed(0)
+    native = create_generator(name, nz=16, img_shape=(1, 32, 32), native_size=(8, 8), **kwargs)
+    plain = create_generator(name, nz=16, img_shape=(1, 32, 32), **kwargs)
+    plain.load_state_dict(native.state_dict())
+    z, y = torch.randn(6, 16), torch.arange(6) % 10
+    with torch.no_grad():
+        images, reference = native(z, y)[:, 0], plain(z, y)[:, 0]
+    upsample = torch.nn.functional.interpolate(torch.eye(8).view(8, 1, 8, 1), size=(32, 1), mode="bilinear",
+                                               align_corners=False).view(8, 32).T  # 32 x 8
+    project = upsample @ torch.linalg.pinv(upsample)
+    torch.testing.assert_close(project @ images @ project.T, images, atol=1e-4, rtol=1e-4)
+    assert (project @ reference @ project.T - reference).abs().max() > 0.1
+    assert max(torch.linalg.matrix_rank(image).item() for image in images) <= 8
+    assert min(torch.linalg.matrix_rank(image).item() for image in reference) > 8
+    if output == "bn":  # the last BatchNorm still standardizes the batch
+        assert images.mean().item() == pytest.approx(0.0, abs=1e-4)
+        assert images.std().item() == pytest.approx(1.0, abs=1e-2)
+
+
+def test_native_size_data_follows_the_dataset_and_bad_sizes_are_named(digits_teacher):
+    with pytest.raises(ShapeError, match=re.escape("DCGANGenerator: native_size must be (height, width) within the "
+                                                   "image's (32, 32), got (64, 64)")):
+        create_generator("dcgan", nz=8, img_shape=(1, 32, 32), native_size=(64, 64))
+    teacher, _ = digits_teacher
+
+    def generator(*overrides):
+        config = load_config("datafree/dfq-digits", [f"teacher.checkpoint={teacher}", "data.eval=false", *overrides])
+        return Engine(config, write=False).players["generator"].module
+
+    assert generator("players.generator.net.kwargs.native_size=data").native_size == (8, 8)
+    assert generator().native_size is None
+    # a dataset taken at the model's resolution: nothing to resize (the fmnist configs inherit the option)
+    fmnist = build_generator(NetConfig(name="dcgan", kwargs={"native_size": "data"}), dataset_info("fashion-mnist"),
+                             torch.device("cpu"))
+    assert fmnist.native_size is None

@@ -24,6 +24,8 @@ def build_generator(net: NetConfig, info: DatasetInfo, device: torch.device) -> 
     from generators import create_generator
 
     kwargs = {"nz": 256, **net.kwargs}
+    if kwargs.get("native_size") == "data":  # the resolution the dataset's pictures were taken at, if resized
+        kwargs["native_size"] = info.native_size
     if kwargs.get("output") == "pixels":  # pixels in [0, 1], normalised as the dataset's are
         kwargs = {"mean": info.mean, "std": info.std, **kwargs}
     try:
