@@ -61,7 +61,7 @@ def render(rows: list[dict]) -> str:
         out += [f"**{DATASETS.get(dataset, dataset)}**, teacher LeNet-5 {first['teacher_acc']:.2f}%", "",
                 "| method | student | final | best | seeds | s per run | CIFAR-100 R56→R20 (published) |",
                 "|" + "---|" * 7]
-        for method, group in groups.items():
+        for method, group in sorted(groups.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else 99):
             student = group[0]["student"]
             if "final_exits" in group[0]:  # each exit, shallow to deep, and the exits' ensemble
                 exits = [mean_std([r["final_exits"][i] for r in group]) for i in range(len(group[0]["final_exits"]))]
@@ -93,7 +93,7 @@ def chain_summary(state: dict) -> dict:
     names = [s["name"] for s in state["config"]["stages"]]
     made = [n for n in names if state["stages"][n]["config"] != "given"]
     stages = {n: {k: state["stages"][n]["summary"][k] for k in ("final_acc", "best_acc")} for n in made[:-1]}
-    row = {**state["stages"][names[-1]]["summary"], "stages": stages,
+    row = {**state["stages"][names[-1]]["summary"], "seed": state["config"]["seed"], "stages": stages,
            "time_total_s": sum(state["stages"][n]["summary"]["time_total_s"] for n in made)}
     if "ensemble" in state:
         row["ensemble_acc"] = state["ensemble"]["acc"]

@@ -286,6 +286,7 @@ def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_pat
     # the given teacher is no stage of the row; generation 1 (or the assistant) is beside the last stage
     assert list(born_again["stages"]) == ["gen1"] and list(takd["stages"]) == ["assistant"]
     assert born_again["teacher"] == teacher and born_again["student"] == "LeNet-5"
+    assert born_again["seed"] == takd["seed"] == 0  # the chain's seed, not its last stage's (seed + 2)
     assert 0 <= born_again["ensemble_acc"] <= 100 and "ensemble_acc" not in takd
     assert born_again["run_dir"].startswith(str(out / "chains" / "born-again-digits"))
     state = json.loads((Path(born_again["run_dir"]).parent / "chain.json").read_text())
@@ -294,3 +295,34 @@ def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_pat
     table = (out / "results.md").read_text()
     assert "| chain/born-again-digits | LeNet-5 (gen1 " in table and "; ensemble " in table
     assert "| chain/takd-digits | LeNet-5 × 0.125 (assistant " in table and "| datafree/dfq-digits |" in table
+
+
+# ------------------------------------------------------------------ teachers_table.py
+def test_teachers_table_trains_each_architecture_as_a_user_would_and_marks_the_target(tmp_path, teacher, capsys):
+    table = load_script("teachers_table")
+    out = tmp_path / "teachers"
+    tiny = ["train.epochs=1", "train.iters_per_epoch=2"]
+    args = ["--archs", "lenet5", "resnet8", "--methods", "dfq", "--seeds", "0", "--teacher", f"lenet5={teacher}",
+            "--teacher-set", *tiny, "--set", *tiny, "--out", str(out)]
+    assert table.main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["config"], r["arch"], r["seed"]) for r in rows] == [("datafree/dfq-digits", "lenet5", 0),
+                                                                  ("datafree/dfq-digits", "resnet8", 0)]
+    trained = rows[1]["teacher"]
+    assert rows[0]["teacher"] == teacher and trained.startswith(str(out / "teachers" / "teacher-resnet8-digits"))
+    assert torch.load(trained, weights_only=True)["arch"]["name"] == "resnet8"
+    assert rows[1]["teacher_sha256"] == torch.load(trained, weights_only=True)["sha256"]
+    capsys.readouterr()
+    assert table.main([*args, "--skip-done"]) == 0  # nothing left to run, the trained teacher found again
+    assert "teachers:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        table.main(["--teacher", "resnet8"])
+    assert "--teacher takes ARCH=PATH, got 'resnet8'" in capsys.readouterr().err
+
+    def result(arch, final, teacher_acc):
+        return {"config": "datafree/dfq-digits", "arch": arch, "seed": 0, "final_acc": final, "best_acc": final,
+                "teacher_acc": teacher_acc}
+
+    text = table.render([result("lenet5", 97.0, 99.0), result("resnet8", 90.0, 99.0)], ["lenet5", "resnet8"], 0.97)
+    assert "| config | lenet5 (99.00) | resnet8 (99.00) |" in text
+    assert "| datafree/dfq-digits | 97.00 (97.00), 98.0% ✓, seeds 0 | 90.00 (90.00), 90.9%, seeds 0 |" in text
