@@ -279,7 +279,7 @@ def test_quant_table_puts_bits_down_methods_across_and_names_the_best_data_free_
 def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_path, teacher):
     taxonomy = load_script("taxonomy")
     out = tmp_path / "kd"
-    assert taxonomy.main(["--datasets", "digits", "--methods", "born-again", "takd", "dfq", "--seeds", "0",
+    assert taxonomy.main(["--datasets", "digits", "--methods", "born-again", "takd", "dfq", "dfq+pkt", "--seeds", "0",
                           "--teacher-digits", teacher, "--out", str(out), "--set", "train.epochs=1"]) == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     born_again, takd, dfq = rows["born-again"], rows["takd"], rows["dfq"]
@@ -292,6 +292,9 @@ def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_pat
     state = json.loads((Path(born_again["run_dir"]).parent / "chain.json").read_text())
     assert state["stages"]["teacher"]["model"] == teacher and "runtime.num_threads=1" in state["config"]["set"]
     assert dfq["config"] == "datafree/dfq-digits" and dfq["student"] == "LeNet-5 × 0.125" and dfq["steps"] == 25
+    pkt = rows["dfq+pkt"]  # PKT's relation term on the synthetic batches, beside KD
+    logged = (Path(pkt["run_dir"]) / "metrics.jsonl").read_text()
+    assert pkt["config"] == "datafree/dfq+pkt-digits" and '"loss/student/pkt"' in logged and "loss/student/ce" not in logged
     table = (out / "results.md").read_text()
     assert "| chain/born-again-digits | LeNet-5 (gen1 " in table and "; ensemble " in table
     assert "| chain/takd-digits | LeNet-5 × 0.125 (assistant " in table and "| datafree/dfq-digits |" in table
