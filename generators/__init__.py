@@ -62,6 +62,8 @@ class DCGANGenerator(nn.Module):
         if output == "pixels" and (mean is None or std is None):
             raise ValueError(f"{type(self).__name__}: output='pixels' needs the dataset's mean and std")
         channels, height, width = img_shape
+        if isinstance(native_size, str):  # 'data' is resolved from a dataset, by dfkd's build_generator
+            raise ShapeError(f"{type(self).__name__}: native_size must be (height, width), got {native_size!r}")
         if native_size is not None:
             native_size = tuple(native_size)
             if len(native_size) != 2 or not all(0 < n <= m for n, m in zip(native_size, (height, width))):

@@ -158,6 +158,8 @@ def test_native_size_data_follows_the_dataset_and_bad_sizes_are_named(digits_tea
     with pytest.raises(ShapeError, match=re.escape("DCGANGenerator: native_size must be (height, width) within the "
                                                    "image's (32, 32), got (64, 64)")):
         create_generator("dcgan", nz=8, img_shape=(1, 32, 32), native_size=(64, 64))
+    with pytest.raises(ShapeError, match=re.escape("DCGANGenerator: native_size must be (height, width), got 'data'")):
+        create_generator("dcgan", nz=8, img_shape=(1, 32, 32), native_size="data")
     teacher, _ = digits_teacher
 
     def generator(*overrides):
