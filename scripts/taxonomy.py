@@ -40,7 +40,9 @@ CHAINS = ["born-again", "takd", "dgkd"]
 DATAFREE = ["dfq", "dfq+pkt"]
 METHODS = ["student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot", "cskd",
            *CHAINS, *DATAFREE]
-DATAFREE_BUDGET = {"fmnist": ["train.epochs=40"]}  # 40 x 50 = 2000 iterations (dfq-fmnist: 6000)
+# fmnist: 40 x 50 = 2000 iterations (dfq-fmnist: 6000); digits: 200 iterations x 5 student steps, the
+# budget the digits rows were measured at (dfq-digits now ships 400 x 10, for teachers of other architectures)
+DATAFREE_BUDGET = {"fmnist": ["train.epochs=40"], "digits": ["train.epochs=8", "phases.1.steps=5"]}
 SELF = {"byot", "cskd"}  # no teacher: the trained network is the config's 'model' player
 DATASETS = {"digits": "digits", "fmnist": "Fashion-MNIST"}
 SAME_WIDTH = {"fsp", "born-again"}  # FSP matrices need the teacher's channel counts; born-again is the teacher's

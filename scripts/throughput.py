@@ -7,8 +7,9 @@ the accelerator's FLOP floor.
         [--set KEY=VALUE ...] [--out FILE]
 
 The default is the GPU benchmark of the data-free engine: ResNet-34 → ResNet-18 at 32×32 (CIFAR-10's
-shape), the DFQ loop (one generator step with BN-statistics, adversarial, one-hot and balance
-terms, then five student KD steps on fresh batches), bf16 autocast and channels_last on CUDA.
+shape), the DFQ loop of datafree/dfq-digits (one generator step with BN-statistics, adversarial,
+one-hot and balance terms, then ten student KD steps on fresh batches), bf16 autocast and
+channels_last on CUDA.
 No dataset is read: the teacher is a freshly initialized network unless --teacher names a
 model file, since weights do not change the work done per iteration.
 

@@ -611,3 +611,15 @@ def test_generator_batches_for_the_student_fill_the_pool_and_replay_is_augmented
     # 2 iterations x 3 student batches of 16 entered the pool; the generator's own batches did not
     assert len(engine.synth.pool) == 2 * 3 * 16
     assert any(k.startswith("loss/replay/") for row in read_metrics(tmp_path / "run") for k in row)
+
+
+def test_dfq_digits_budget_and_the_configs_measured_at_its_earlier_one():
+    def budget(name: str) -> tuple[int, list[int]]:
+        config = load_config(name)
+        return config.train.epochs * config.train.iters_per_epoch, [phase.steps for phase in config.phases]
+
+    # 400 iterations x 10 student steps: what teachers of other architectures need (README)
+    assert budget("datafree/dfq-digits") == (400, [1, 10])
+    # configs built on it keep the 200 x 5 their numbers were measured at
+    for name in ("datafree/mad-digits", "datafree/dfq+pkt-digits", "quant/dfq-digits"):
+        assert budget(name) == (200, [1, 5]), name

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from dfkd.config import load_config
@@ -169,9 +170,9 @@ def _throughput(tmp_path, batch: int, *extra: str) -> dict:
 
 def test_throughput_counts_the_work_of_one_iteration(tmp_path, capsys):
     small, large = _throughput(tmp_path, 8, "--peak-tflops", "2"), _throughput(tmp_path, 16)
-    # dfq-digits: one generator step and five student steps, each on a fresh batch
-    assert small["student_images_per_s"] * small["seconds_per_iter"] == pytest.approx(5 * 8)
-    assert small["synthetic_images_per_s"] * small["seconds_per_iter"] == pytest.approx(6 * 8)
+    # dfq-digits: one generator step and ten student steps, each on a fresh batch
+    assert small["student_images_per_s"] * small["seconds_per_iter"] == pytest.approx(10 * 8)
+    assert small["synthetic_images_per_s"] * small["seconds_per_iter"] == pytest.approx(11 * 8)
     # convolutions and matrix products scale with the batch; set-up work (the generator's shape
     # check, the teacher's probe) would break the proportion if it were counted
     assert small["tflops_per_iter"] > 0 and large["tflops_per_iter"] == pytest.approx(2 * small["tflops_per_iter"])
@@ -292,6 +293,8 @@ def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_pat
     state = json.loads((Path(born_again["run_dir"]).parent / "chain.json").read_text())
     assert state["stages"]["teacher"]["model"] == teacher and "runtime.num_threads=1" in state["config"]["set"]
     assert dfq["config"] == "datafree/dfq-digits" and dfq["student"] == "LeNet-5 × 0.125" and dfq["steps"] == 25
+    # the budget the digits rows were measured at: 5 student steps an iteration (dfq-digits ships 10)
+    assert yaml.safe_load((Path(dfq["run_dir"]) / "config.yaml").read_text())["phases"][1]["steps"] == 5
     pkt = rows["dfq+pkt"]  # PKT's relation term on the synthetic batches, beside KD
     logged = (Path(pkt["run_dir"]) / "metrics.jsonl").read_text()
     assert pkt["config"] == "datafree/dfq+pkt-digits" and '"loss/student/pkt"' in logged and "loss/student/ce" not in logged
