@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from dfkd.config import load_config
 from dfkd.engine import Engine
