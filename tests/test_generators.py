@@ -173,3 +173,15 @@ def test_native_size_data_follows_the_dataset_and_bad_sizes_are_named(digits_tea
     fmnist = build_generator(NetConfig(name="dcgan", kwargs={"native_size": "data"}), dataset_info("fashion-mnist"),
                              torch.device("cpu"))
     assert fmnist.native_size is None
+
+
+def test_cmi_digits_renders_at_the_data_resolution(digits_teacher):
+    """cmi-digits' re-initialized generators render on digits' 8x8 grid, as dfq-digits' does (measured
+    from a resnet8 teacher: 89.56% with it, 74.89 without); cmi-fmnist inherits the option, which its
+    dataset resolves to nothing."""
+    teacher, _ = digits_teacher
+    config = load_config("datafree/cmi-digits", [f"teacher.checkpoint={teacher}", "data.eval=false"])
+    assert Engine(config, write=False).synth.generator.native_size == (8, 8)
+    fmnist = build_generator(load_config("datafree/cmi-fmnist").synthesis.net, dataset_info("fashion-mnist"),
+                             torch.device("cpu"))
+    assert fmnist.native_size is None
