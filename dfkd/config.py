@@ -432,6 +432,8 @@ class _Validator:
                     errors.append(exc)
             raise errors[0]
         if origin is Literal:
+            if isinstance(value, bool) and ("on" if value else "off") in args:
+                value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
             if value not in args:
                 self.fail(key, f"'{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
             return value

@@ -94,6 +94,15 @@ def test_ill_typed_override_names_command_line(base_and_child):
         load_config(str(base_and_child), ["runtime.amp=yes-please"])
 
 
+def test_bare_off_reaches_a_choice_that_names_it(base_and_child, tmp_path):
+    # YAML 1.1 reads a bare off as False, in an override as in a file
+    assert load_config(str(base_and_child), ["runtime.amp=off"]).runtime.amp == "off"
+    write(tmp_path / "amp.yaml", f"_base_: {base_and_child.name}\nruntime: {{amp: off}}\n")
+    assert load_config(str(tmp_path / "amp.yaml")).runtime.amp == "off"
+    with pytest.raises(ConfigError, match=r"'runtime.amp' must be one of auto, off, bf16, fp16; got True"):
+        load_config(str(base_and_child), ["runtime.amp=on"])
+
+
 def test_bool_is_not_an_int(base_and_child):
     with pytest.raises(ConfigError, match="must be int, got bool"):
         load_config(str(base_and_child), ["seed=true"])
