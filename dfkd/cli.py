@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .errors import DfkdError
+from dfkd_base.errors import DfkdError
 
 
 def _overrides(extra: list[str]) -> list[str]:
@@ -43,8 +43,8 @@ def _player_shortcuts(overrides: list[str], player: str) -> list[str]:
 
 
 def _run(args, extra: list[str], task: str) -> int:
-    from .config import load_config
-    from .engine import Engine
+    from dfkd.core.config import load_config
+    from dfkd.loop.engine import Engine
 
     player = "model" if task == "teacher" else "student"
     overrides = _player_shortcuts(_overrides(extra), player)
@@ -68,16 +68,18 @@ def _run(args, extra: list[str], task: str) -> int:
 
 
 def _eval(args, extra: list[str]) -> int:
-    from .checkpoint import load_model
-    from .data import TensorLoader, load_dataset
-    from .evaluation import evaluate
-    from .runtime import resolve_device
+    from dfkd.data.datasets import load_dataset
+    from dfkd.data.loader import TensorLoader
+    from dfkd.loop.evaluation import evaluate
+    from dfkd.loop.runtime import resolve_device
+    from dfkd.nets.arch import load_model
 
     device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device, allow_unhashed=args.allow_unhashed)
     data_config = (meta.get("config") or {}).get("data") or {}
     if data_config.get("pairs_test") and not args.data:  # a student of a user's pairs: their test pairs
-        from .data import dataset_info, load_pairs
+        from dfkd.data.datasets import dataset_info
+        from dfkd.data.pairs import load_pairs
 
         dataset = load_pairs(data_config["pairs_test"], dataset_info(meta["dataset"]), "test")
     else:
@@ -100,7 +102,7 @@ def _eval(args, extra: list[str]) -> int:
     modality_name = data_config.get("modality")
     modality = None
     if modality_name:
-        from .modalities import get_modality
+        from dfkd.data.modalities import get_modality
 
         modality = get_modality(modality_name)
     scores = evaluate(model, TensorLoader(dataset, args.batch_size, device=device), modality=modality,
@@ -110,13 +112,13 @@ def _eval(args, extra: list[str]) -> int:
               "acc": round(scores["acc"], 2), "n": scores["n"], "recorded_acc": meta.get("accuracy"),
               "sha256": meta.get("sha256")}
     if meta["arch"].get("quant"):
-        from .quant import model_bytes, quant_summary
+        from dfkd.nets.quant import model_bytes, quant_summary
 
         result.update(precision=quant_summary(meta["arch"]["quant"]), model_bytes=model_bytes(model)[0])
     if "exits" in scores:
         result.update(exits=[round(a, 2) for a in scores["exits"]], exit_ensemble=round(scores["exit_ensemble"], 2))
     if args.exit_thresholds:
-        from .evaluation import early_exit, exits_of
+        from dfkd.loop.evaluation import early_exit, exits_of
 
         if exits_of(model) is None:
             raise DfkdError(f"{args.checkpoint} has no exits; --exit-thresholds needs a model built with "
@@ -134,9 +136,11 @@ def _export(args, extra: list[str]) -> int:
 
     import torch
 
-    from .checkpoint import load_model
-    from .data import TensorLoader, load_dataset
-    from .quant import export_onnx, float_copy, is_quantized, onnx_check, quant_summary
+    from dfkd.data.datasets import load_dataset
+    from dfkd.data.loader import TensorLoader
+    from dfkd.nets.arch import load_model
+    from dfkd.nets.quant import is_quantized, quant_summary
+    from dfkd.tools.export import export_onnx, float_copy, onnx_check
 
     model, meta = load_model(args.checkpoint, "cpu", allow_unhashed=args.allow_unhashed)
     arch = meta["arch"]
@@ -152,6 +156,11 @@ def _export(args, extra: list[str]) -> int:
         dataset = load_dataset(args.data or meta["dataset"], "test", args.root)
         loader = TensorLoader(dataset, args.batch_size)
         result.update(onnx_check(out, model, loader))
+        if result["agreement_deployed"] < result["agreement"] - 0.5:
+            print(f"dfkd: warning: ONNX Runtime's optimized integer kernels on this CPU agree with the model on "
+                  f"{result['agreement_deployed']:.1f}% of predictions (the exported graph itself: "
+                  f"{result['agreement']:.1f}%): its uint8 x int8 products saturate on x86-64 without VNNI",
+                  file=sys.stderr)
         if is_quantized(model):  # the same network in float32, exported and timed the same way
             reference = out.with_name(out.stem + ".fp32.onnx")
             export_onnx(float_copy(model, arch), reference, example)
@@ -161,7 +170,8 @@ def _export(args, extra: list[str]) -> int:
 
 
 def _audit(args, extra: list[str]) -> int:
-    from .audit import audit, render
+    from dfkd.tools.audit.report import render
+    from dfkd.tools.audit.run import audit
 
     report = audit(args.run_dir, samples=args.samples, references=args.references, k=args.pairs,
                    margin=args.margin, root=args.root, shadows=args.shadows, lira=args.lira)
@@ -170,7 +180,8 @@ def _audit(args, extra: list[str]) -> int:
 
 
 def _search(args, extra: list[str]) -> int:
-    from .search import Search, load_search
+    from dfkd.tools.search.config import load_search
+    from dfkd.tools.search.study import Search
 
     if args.resume:
         if extra or args.config or args.teacher or args.storage:
@@ -191,7 +202,7 @@ def _search(args, extra: list[str]) -> int:
 
 
 def _chain(args, extra: list[str]) -> int:
-    from .chain import Chain, load_chain
+    from dfkd.tools.chain import Chain, load_chain
 
     if args.resume:
         if extra or args.config:
@@ -210,17 +221,18 @@ def _chain(args, extra: list[str]) -> int:
 
 
 def _list(args, extra: list[str]) -> int:
-    from . import config, data, discriminators, losses, modalities, models
+    import generators
+    from dfkd.core.config import named_configs
+    from dfkd.core.registries import SYNTHESIZERS
+    from dfkd.data.datasets import DATASETS
+    from dfkd.data.modalities import MODALITIES
+    from dfkd.methods.losses.base import LOSSES
+    from dfkd.nets.discriminators import DISCRIMINATORS
+    from dfkd.nets.models import list_models
 
-    tables = {"configs": config.named_configs, "models": models.list_models, "datasets": data.DATASETS.names,
-              "losses": losses.LOSSES.names, "discriminators": discriminators.DISCRIMINATORS.names,
-              "modalities": modalities.MODALITIES.names}
-    try:
-        import generators
-
-        tables["generators"] = generators.GENERATORS.names
-    except ImportError:
-        pass
+    tables = {"configs": named_configs, "models": list_models, "datasets": DATASETS.names, "losses": LOSSES.names,
+              "discriminators": DISCRIMINATORS.names, "modalities": MODALITIES.names,
+              "generators": generators.GENERATORS.names, "synthesizers": SYNTHESIZERS.names}
     for what in [args.what] if args.what else tables:
         print(f"{what}: {', '.join(tables[what]())}")
     return 0
@@ -306,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="List what is registered and shipped.")
     p.add_argument("what", nargs="?", choices=["configs", "models", "datasets", "losses", "discriminators",
-                                               "modalities", "generators"])
+                                               "modalities", "generators", "synthesizers"])
     return parser
 
 

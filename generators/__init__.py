@@ -14,7 +14,7 @@ A generator maps latents ``z`` of shape ``(N, nz)`` (and, if conditional, labels
 resized to the model's input shows them: area-averaged down to ``h x w``, then resized back
 bilinearly, as the data pipeline resized the real images. The synthetic images then hold no
 detail finer than the real ones can, detail a teacher of one architecture may respond to and a
-student of another cannot imitate (see the README, "Teachers of other architectures").
+student of another cannot imitate (docs/results.md, "Teachers of other architectures").
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dfkd.errors import ShapeError
-from dfkd.registry import Registry
+from dfkd_base.errors import ShapeError
+from dfkd_base.registry import Registry
 
 __all__ = ["GENERATORS", "create_generator", "DCGANGenerator", "DeepDCGANGenerator", "ConditionalGenerator",
            "SuperposedGenerator"]

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lira", choices=["offline", "online"], default="offline")
     p.add_argument("--reuse", action="store_true", help="tabulate a run's existing audit.json instead of auditing again")
     args = p.parse_args(argv)
-    from dfkd.audit import audit
-    from dfkd.errors import DfkdError
+    from dfkd.tools.audit.run import audit
+    from dfkd_base.errors import DfkdError
 
     teachers, lines = {}, []
     for run in map(Path, args.runs):

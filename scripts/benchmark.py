@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dfkd.checkpoint import load_model
-from dfkd.config import Config, load_config
-from dfkd.data import TensorLoader, dataset_info, load_dataset
-from dfkd.engine import Engine
-from dfkd.runtime import amp_dtype, resolve_device
-from dfkd.errors import ConfigError, DfkdError
-from dfkd.models import create_model
+from dfkd.core.config import load_config
+from dfkd.core.schema import Config
+from dfkd.data.datasets import dataset_info, load_dataset
+from dfkd.data.loader import TensorLoader
+from dfkd.loop.engine import Engine
+from dfkd.loop.runtime import amp_dtype, resolve_device
+from dfkd.nets.arch import load_model
+from dfkd.nets.models import create_model
+from dfkd_base.errors import ConfigError, DfkdError
 from generators import create_generator
 
 CONFIG = "datafree/dfad-digits"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from dfkd.checkpoint import safe_load, state_hash
-from dfkd.config import load_config
-from dfkd.engine import Engine
+from dfkd.core.checkpoint import safe_load, state_hash
+from dfkd.core.config import load_config
+from dfkd.loop.engine import Engine
 
 COMMON = ["runtime.num_threads=1", "runtime.progress=false", "seed=0"]
 # name -> (config, overrides); '{teacher}' / '{teachers}' are filled in

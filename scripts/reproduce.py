@@ -19,9 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from dfkd.checkpoint import read_model_file
-from dfkd.config import Config, load_config
-from dfkd.engine import Engine
+from dfkd.core.checkpoint import read_model_file
+from dfkd.core.config import load_config
+from dfkd.core.schema import Config
+from dfkd.loop.engine import Engine
 
 METHODS = ["dfq", "fast", "cmi", "nayer", "mad", "spaceship", "deepinv", "zskt", "dfad", "dafl"]
 PAPER_RECIPES = {"dfq", "fast", "cmi", "deepinv", "zskt", "dfad", "dafl"}  # methods with a -paper config

@@ -75,11 +75,11 @@ def read_jsonl(path: Path) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines):
-                from dfkd.errors import DfkdError
+                from dfkd_base.errors import DfkdError
 
                 raise DfkdError(f"{path}: line {number} is not a JSON row") from None
             print(f"sweep: {path}: dropped its last line, cut short (a run killed while writing it)", file=sys.stderr)
-            from dfkd.checkpoint import atomic_write_text
+            from dfkd.core.io import atomic_write_text
 
             atomic_write_text(path, "".join(line + "\n" for line in lines[:-1]))  # rows appended later stay readable
     return rows
@@ -103,9 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_sweep(args: argparse.Namespace, results: Path) -> None:
-    from dfkd.config import load_config
-    from dfkd.engine import Engine
-    from dfkd.errors import ConfigError
+    from dfkd.core.config import load_config
+    from dfkd.loop.engine import Engine
+    from dfkd_base.errors import ConfigError
 
     # Resolve every config before the first run, so a typo or a missing teacher fails now,
     # not after an hour of the configs before it.
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         results = Path(args.out or f"runs/sweeps/{time.strftime('%Y%m%d-%H%M%S')}") / "results.jsonl"
-        from dfkd.errors import DfkdError
+        from dfkd_base.errors import DfkdError
 
         try:
             run_sweep(args, results)

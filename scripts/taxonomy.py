@@ -32,9 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import Teachers, append_row, mean_std, read_results, table_arguments, write_table  # noqa: E402
 
-from dfkd.chain import Chain, load_chain  # noqa: E402
-from dfkd.config import load_config  # noqa: E402
-from dfkd.engine import Engine  # noqa: E402
+from dfkd.core.config import load_config  # noqa: E402
+from dfkd.loop.engine import Engine  # noqa: E402
+from dfkd.tools.chain import Chain, load_chain  # noqa: E402
 
 CHAINS = ["born-again", "takd", "dgkd"]
 DATAFREE = ["dfq", "dfq+pkt"]

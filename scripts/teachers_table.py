@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce import append_row, mean_std, read_results, write_table  # noqa: E402
 
-from dfkd.checkpoint import read_model_file  # noqa: E402
-from dfkd.config import load_config  # noqa: E402
-from dfkd.engine import Engine  # noqa: E402
+from dfkd.core.checkpoint import read_model_file  # noqa: E402
+from dfkd.core.config import load_config  # noqa: E402
+from dfkd.loop.engine import Engine  # noqa: E402
 
 ARCHS = ["lenet5", "resnet8", "resnet20", "wrn16_2"]
 METHODS = ["dfq", "fast", "cmi"]

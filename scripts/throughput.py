@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfkd.checkpoint import save_model
-from dfkd.config import load_config
-from dfkd.data import dataset_info
-from dfkd.engine import Engine
-from dfkd.runtime import amp_dtype, resolve_device
-from dfkd.errors import DfkdError
-from dfkd.models import create_model
+from dfkd.core.checkpoint import save_model
+from dfkd.core.config import load_config
+from dfkd.data.datasets import dataset_info
+from dfkd.loop.engine import Engine
+from dfkd.loop.runtime import amp_dtype, resolve_device
+from dfkd.nets.models import create_model
+from dfkd_base.errors import DfkdError
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's data sheets, TFLOP/s; matched in
 # order against torch.cuda.get_device_name(), so the more specific names come first.

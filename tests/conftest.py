@@ -11,8 +11,8 @@ def digits_teacher(tmp_path_factory):
     engine sets the thread count process-wide, so it is put back afterwards."""
     import torch
 
-    from dfkd.config import load_config
-    from dfkd.engine import Engine
+    from dfkd.core.config import load_config
+    from dfkd.loop.engine import Engine
 
     tmp = tmp_path_factory.mktemp("digits-teacher")
     threads = torch.get_num_threads()
@@ -27,24 +27,26 @@ def digits_teacher(tmp_path_factory):
 
 
 @pytest.fixture
-def fit_until_killed(monkeypatch):
+def fit_until_killed():
     """``fit_until_killed(engine, epoch)``: runs ``engine.fit()`` as if the process were killed
-    right after the checkpoint of ``epoch`` (a KeyboardInterrupt out of ``end_of_epoch``)."""
-    from dfkd.engine import Engine
+    right after the checkpoint of ``epoch`` (a KeyboardInterrupt from a callback at its end)."""
+    from dfkd.loop.callbacks import Callback
 
-    def run(engine, epoch: int) -> None:
-        original = Engine.end_of_epoch
+    class Kill(Callback):
+        def __init__(self, epoch: int):
+            self.epoch = epoch
 
-        def die_after(self, e):
-            original(self, e)
-            if e == epoch:
+        def on_epoch_end(self, engine, epoch: int, record: dict) -> None:
+            if epoch == self.epoch:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(Engine, "end_of_epoch", die_after)
+    def run(engine, epoch: int) -> None:
+        kill = Kill(epoch)
+        engine.callbacks.append(kill)
         try:
             with pytest.raises(KeyboardInterrupt):
                 engine.fit()
         finally:
-            monkeypatch.setattr(Engine, "end_of_epoch", original)
+            engine.callbacks.remove(kill)
 
     return run

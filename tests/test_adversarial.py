@@ -8,15 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfkd.checkpoint import save_model
-from dfkd.config import load_config, named_configs
-from dfkd.discriminators import OBJECTIVES, create_adapter, create_discriminator, grad_reverse, gradient_penalty
-from dfkd.engine import Engine
-from dfkd.errors import ConfigError, ShapeError, UnknownNameError
-from dfkd.losses import Adversarial, build_terms, kd_kl_divergence
-from dfkd.teachers import combine_logits
-from dfkd.models import create_model
-from dfkd.runs import read_metrics
+from dfkd.core.checkpoint import save_model
+from dfkd.core.config import load_config, named_configs
+from dfkd.core.runs import read_metrics
+from dfkd.loop.engine import Engine
+from dfkd.loop.teachers import combine_logits
+from dfkd.methods.losses.adversarial import Adversarial
+from dfkd.methods.losses.base import build_terms
+from dfkd.methods.losses.response import kd_kl_divergence
+from dfkd.nets.discriminators import OBJECTIVES, create_adapter, create_discriminator, grad_reverse, gradient_penalty
+from dfkd.nets.models import create_model
+from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 
 ADVERSARIAL = sorted(n for n in named_configs() if n.startswith("adversarial/"))
 
@@ -198,6 +200,7 @@ def digits(name: str, tmp_path, *extra: str, teacher: str | list | None = None) 
 
 
 @pytest.mark.parametrize("name", ADVERSARIAL)
+@pytest.mark.slow
 def test_shipped_adversarial_config_learns_digits(name, tmp_path, teachers):
     teacher = None if "afd" in name else [teachers["trained"]] * (3 if "meal" in name else 1)
     engine = digits(name, tmp_path, "train.epochs=3", "train.iters_per_epoch=30", teacher=teacher)
@@ -221,6 +224,7 @@ def test_gradient_reversal_trains_the_discriminator_in_the_student_phase(tmp_pat
     assert engine.players["disc"].steps == 2
 
 
+@pytest.mark.slow
 def test_wgan_gp_logs_its_penalty(tmp_path, teachers):
     engine = digits("adversarial/advkd-logit-fmnist", tmp_path, "train.epochs=1",
                     "phases.0.losses.adversarial.objective=wgan-gp", "phases.1.losses.adversarial.objective=wgan-gp",
@@ -230,6 +234,7 @@ def test_wgan_gp_logs_its_penalty(tmp_path, teachers):
     assert any("adv/disc/gradient_penalty" in row for row in read_metrics(engine.run_dir))
 
 
+@pytest.mark.slow
 def test_ensemble_of_different_architectures_distils(tmp_path, teachers):
     for ensemble in ("mean", "confidence", "random"):
         engine = digits("adversarial/kd-fmnist", tmp_path, "train.epochs=1", f"teacher.ensemble={ensemble}",
@@ -238,6 +243,7 @@ def test_ensemble_of_different_architectures_distils(tmp_path, teachers):
         assert len(engine.teachers) == 2 and summary["teacher_acc"] is not None
 
 
+@pytest.mark.slow
 def test_resume_restores_discriminator_adapter_and_their_optimizers(tmp_path, teachers, fit_until_killed):
     def make(root):
         return digits("adversarial/advkd-feature-fmnist", root, teacher=teachers["trained"])
@@ -300,6 +306,7 @@ def test_discriminator_that_no_term_uses(tmp_path, teachers):
                teacher=teachers["trained"])
 
 
+@pytest.mark.slow
 def test_peers_and_discriminators_share_one_real_batch_per_iteration(tmp_path):
     engine = digits("adversarial/afd-fmnist", tmp_path, "train.epochs=1")
     engine.fit()

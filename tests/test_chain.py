@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dfkd.chain import Chain, evaluate_ensemble, load_chain
-from dfkd.checkpoint import load_model, read_model_file
-from dfkd.data import TensorLoader, load_dataset
-from dfkd.errors import ConfigError
-from dfkd.losses import kd_kl, kd_kl_divergence
+from dfkd.core.checkpoint import read_model_file
+from dfkd.data.datasets import load_dataset
+from dfkd.data.loader import TensorLoader
+from dfkd.methods.losses.response import kd_kl, kd_kl_divergence
+from dfkd.nets.arch import load_model
+from dfkd.tools.chain import Chain, evaluate_ensemble, load_chain
+from dfkd_base.errors import ConfigError
 
 TINY = 'set=["train.epochs=1", "runtime.num_threads=1", "output.tensorboard=false"]'
 
@@ -22,6 +24,7 @@ def _restore_torch_threads():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_takd_chain_teaches_each_stage_with_the_model_before_it(tmp_path, digits_teacher):
     chain = Chain(load_chain("chain/takd-digits", [f"root={tmp_path}", f"teacher={digits_teacher[0]}", TINY]))
     state = chain.run()
@@ -35,12 +38,13 @@ def test_takd_chain_teaches_each_stage_with_the_model_before_it(tmp_path, digits
     assert "| student |" in table and "| assistant |" in table.split("| student |")[1]  # taught by the assistant
 
 
+@pytest.mark.slow
 def test_a_killed_chain_resumes_at_its_stage_and_step_and_ends_as_an_unkilled_one(tmp_path, digits_teacher,
                                                                                 monkeypatch):
     overrides = [f"teacher={digits_teacher[0]}", 'set=["train.epochs=2", "runtime.num_threads=1", '
                  '"runtime.deterministic=true", "output.tensorboard=false"]']
     whole = Chain(load_chain("chain/takd-digits", [f"root={tmp_path / 'a'}", *overrides])).run()
-    from dfkd.engine import Engine
+    from dfkd.loop.engine import Engine
 
     original, calls = Engine.end_of_epoch, []
 
@@ -63,6 +67,7 @@ def test_a_killed_chain_resumes_at_its_stage_and_step_and_ends_as_an_unkilled_on
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_born_again_ensemble_is_the_mean_of_the_generations_softmax(tmp_path, digits_teacher):
     state = Chain(load_chain("chain/born-again-digits", [f"root={tmp_path}", f"teacher={digits_teacher[0]}",
                                                           TINY])).run()
@@ -80,9 +85,9 @@ def test_born_again_ensemble_is_the_mean_of_the_generations_softmax(tmp_path, di
 
 
 def test_dgkd_drops_one_teacher_per_iteration_and_sums_a_kl_per_teacher():
-    from dfkd.runtime import Runtime
-    from dfkd.config import RuntimeConfig
-    from dfkd.teachers import Teachers
+    from dfkd.core.schema import RuntimeConfig
+    from dfkd.loop.runtime import Runtime
+    from dfkd.loop.teachers import Teachers
 
     teachers = Teachers([torch.nn.Identity()] * 3, "drop_one", Runtime(RuntimeConfig(device="cpu")))
     torch.manual_seed(0)
@@ -109,6 +114,7 @@ def test_chain_config_errors_are_one_line(tmp_path):
         Chain.resume(tmp_path)
 
 
+@pytest.mark.slow
 def test_chain_command_line(tmp_path, digits_teacher, capsys):
     from dfkd.cli import main
 

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from dfkd.checkpoint import MODEL_FORMAT
 from dfkd.cli import main
+from dfkd.core.checkpoint import MODEL_FORMAT
 
 TINY = ["train.epochs=1", "train.iters_per_epoch=3"]
 
@@ -93,6 +93,7 @@ def test_resume_from_a_foreign_config_keeps_the_run(capsys, trained, out_root):
     assert open(last, "rb").read() == before
 
 
+@pytest.mark.slow
 def test_list_and_console_entry_point(capsys):
     code, out, _ = run_cli(capsys, "list")
     assert code == 0

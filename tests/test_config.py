@@ -2,8 +2,9 @@ import textwrap
 
 import pytest
 
-from dfkd.config import Config, load_config, load_config_dict, named_configs, parse_override
-from dfkd.errors import ConfigError
+from dfkd.core.config import load_config, load_config_dict, named_configs, parse_override
+from dfkd.core.schema import Config
+from dfkd_base.errors import ConfigError
 
 
 def write(path, text):
@@ -28,17 +29,18 @@ def base_and_child(tmp_path):
     """)
 
 
+@pytest.mark.slow
 def test_shipped_configs_load_and_validate():
     names = named_configs()
     assert "teacher/lenet5-fmnist" in names and "teacher/lenet5-digits" in names
     assert not any(n.startswith("_base_") for n in names)
     for name in names:
         if name.startswith("chain/"):  # chains of run configs, loaded with every stage checked
-            from dfkd.chain import ChainConfig, load_chain
+            from dfkd.tools.chain import ChainConfig, load_chain
 
             assert isinstance(load_chain(name), ChainConfig), name
         elif name.startswith("search/"):  # searches name a run config and a model family
-            from dfkd.search import SearchConfig, load_search
+            from dfkd.tools.search.config import SearchConfig, load_search
 
             assert isinstance(load_search(name), SearchConfig), name
         else:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from dfkd.cli import main as cli_main
-from dfkd.config import load_config
-from dfkd.data import dataset_info, labeled_subset, load_dataset, normalize
-from dfkd.engine import Engine
-from dfkd.errors import ConfigError, ShapeError, UnknownNameError
-from dfkd.modalities import MODALITIES, get_modality
+from dfkd.core.config import load_config
+from dfkd.data.datasets import dataset_info, load_dataset, normalize
+from dfkd.data.modalities import MODALITIES, get_modality
+from dfkd.data.splits import labeled_subset
+from dfkd.loop.engine import Engine
+from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 
 DIGITS = dataset_info("digits")
 
@@ -103,6 +104,7 @@ def labels_only(tmp_path_factory):
     return run("crossmodal/crossmodal-labels-digits", tmp_path_factory.mktemp("labels"))
 
 
+@pytest.mark.slow
 def test_crossmodal_response_with_no_labels_beats_the_few_labels_baseline(tmp_path, digits_teacher, labels_only):
     summary = run("crossmodal/crossmodal-response-digits", tmp_path, digits_teacher[0])
     assert summary["final_acc"] > labels_only["final_acc"] + 3, (summary["final_acc"], labels_only["final_acc"])
@@ -110,6 +112,7 @@ def test_crossmodal_response_with_no_labels_beats_the_few_labels_baseline(tmp_pa
     assert engine.student_shape == (1, 32, 32) and engine.labeled is None  # no label is drawn
 
 
+@pytest.mark.slow
 def test_crossmodal_feature_with_few_labels_beats_the_few_labels_baseline(tmp_path, digits_teacher, labels_only):
     summary = run("crossmodal/crossmodal-feature-digits", tmp_path, digits_teacher[0])
     assert summary["final_acc"] > labels_only["final_acc"], (summary["final_acc"], labels_only["final_acc"])
@@ -119,18 +122,20 @@ def test_crossmodal_feature_with_few_labels_beats_the_few_labels_baseline(tmp_pa
     assert engine.players["adapter"].steps == 20 * ipe and engine.players["student"].steps == 30 * ipe
 
 
+@pytest.mark.slow
 def test_datafree_crossmodal_learns_real_edge_maps_without_real_data(tmp_path, monkeypatch, digits_teacher):
-    import dfkd.build
+    import dfkd.loop.build
 
     read = []
-    real_load = dfkd.build.load_dataset
-    monkeypatch.setattr(dfkd.build, "load_dataset", lambda name, split, *a: read.append(split) or real_load(
+    real_load = dfkd.loop.build.load_dataset
+    monkeypatch.setattr(dfkd.loop.build, "load_dataset", lambda name, split, *a: read.append(split) or real_load(
         name, split, *a))
     summary = run("crossmodal/crossmodal-datafree-digits", tmp_path, digits_teacher[0], "train.epochs=3")
     assert read == ["test"]  # the training split, of either modality, is never read
     assert summary["final_acc"] > 40, summary  # chance is 10%
 
 
+@pytest.mark.slow
 def test_paired_grids_and_eval_of_a_crossmodal_student(tmp_path, digits_teacher, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -163,8 +168,8 @@ def test_non_differentiable_modality_for_datafree(tmp_path, digits_teacher):
 
 
 def test_student_checkpoint_that_does_not_take_the_modality(tmp_path, digits_teacher):
-    from dfkd.checkpoint import save_model
-    from dfkd.models import create_model
+    from dfkd.core.checkpoint import save_model
+    from dfkd.nets.models import create_model
 
     rgb = save_model(tmp_path / "rgb.pt", create_model("lenet5_half", in_channels=3, num_classes=10, image_size=32),
                      {"name": "lenet5_half", "in_channels": 3, "num_classes": 10, "image_size": 32, "kwargs": {}},
@@ -195,6 +200,7 @@ def write_npz(path, a, b, y=None):
     return str(path)
 
 
+@pytest.mark.slow
 def test_distil_onto_a_users_pairs(tmp_path, digits_teacher, capsys):
     train = write_npz(tmp_path / "train.npz", *digits_pairs()[:2])  # unlabeled
     test = write_npz(tmp_path / "test.npz", *digits_pairs(split="test"))
@@ -212,7 +218,7 @@ def test_pairs_from_two_folders(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dfkd.data import load_pairs
+    from dfkd.data.pairs import load_pairs
 
     a, b, _ = digits_pairs(3)
     (tmp_path / "rgb").mkdir()
@@ -228,7 +234,7 @@ def test_pairs_from_two_folders(tmp_path):
 
 
 def test_pairs_bad_input(tmp_path):
-    from dfkd.data import load_pairs
+    from dfkd.data.pairs import load_pairs
 
     a, b, y = digits_pairs(10)
     with pytest.raises(ShapeError, match="'a' has 10 samples, 'b' has 9"):
@@ -249,6 +255,7 @@ def test_pairs_bad_input(tmp_path):
                                                               f"data.pairs=[{tmp_path / 'nob.npz'}]"])
 
 
+@pytest.mark.slow
 def test_crossmodal_with_a_discriminator_term(tmp_path, digits_teacher):
     # the discriminator tells the image teacher's class probabilities from the edge-map student's
     summary = run("crossmodal/crossmodal-response-digits", tmp_path, digits_teacher[0], "train.epochs=8",

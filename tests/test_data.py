@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd import data
-from dfkd.errors import ConfigError, DatasetNotFoundError, DfkdError, UnknownNameError
+import dfkd.data.readers
+from dfkd.data.datasets import DatasetInfo, ImageTensorDataset, dataset_info, denormalize, load_dataset
+from dfkd.data.loader import TensorLoader, augment_batch
+from dfkd.data.readers import _digits_arrays
+from dfkd_base.errors import ConfigError, DatasetNotFoundError, DfkdError, UnknownNameError
 
 DEBIAN_FASHION_TEST_IMAGES = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
@@ -42,7 +45,7 @@ def random_idx_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def no_system_fashion(tmp_path, monkeypatch):
     """Point the Debian location at an empty directory so results do not depend on this machine."""
     empty = tmp_path / "no-system-files"
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(empty))
+    monkeypatch.setattr(dfkd.data.readers, "FASHION_MNIST_SYSTEM_DIR", str(empty))
     return empty
 
 
@@ -73,7 +76,7 @@ def rows(dataset) -> collections.Counter:
 
 
 def test_digits_shapes_sizes_and_partition():
-    train, test = data.load_dataset("digits", "train"), data.load_dataset("digits", "test")
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     assert (len(train), len(test)) == (1347, 450)
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (1, 32, 32)
     assert train.labels.dtype == torch.int64
@@ -86,34 +89,34 @@ def test_digits_shapes_sizes_and_partition():
 
 
 def test_digits_split_is_stratified():
-    test = data.load_dataset("digits", "test")
+    test = load_dataset("digits", "test")
     _, all_labels = recompute_digits()
     expected = all_labels.bincount().double() * 0.25
     assert torch.all((test.labels.bincount().double() - expected).abs() <= 1)
 
 
 def test_digits_split_ignores_global_seeds():
-    first = data.load_dataset("digits", "test")
+    first = load_dataset("digits", "test")
     # Drop the in-memory cache so the second load really redoes the split.
-    data._digits_arrays.cache_clear()
+    _digits_arrays.cache_clear()
     torch.manual_seed(123)
     np.random.seed(123)
-    second = data.load_dataset("digits", "test")
+    second = load_dataset("digits", "test")
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
 
 
 def test_digits_mean_std_constants_match_train_split():
-    train = data.load_dataset("digits", "train")
+    train = load_dataset("digits", "train")
     pixels = train.images.double() / 255
-    info = data.dataset_info("digits")
+    info = dataset_info("digits")
     assert pixels.mean().item() == pytest.approx(info.mean[0], abs=1e-3)
     assert pixels.std().item() == pytest.approx(info.std[0], abs=1e-3)
 
 
 def test_loaded_datasets_are_independent_copies():
-    first = data.load_dataset("digits", "train")
+    first = load_dataset("digits", "train")
     first.images.zero_()
-    assert data.load_dataset("digits", "train").images.max() > 0
+    assert load_dataset("digits", "train").images.max() > 0
 
 
 # --- fashion-mnist and mnist: IDX files ----------------------------------------------------
@@ -126,8 +129,8 @@ def test_fashion_mnist_round_trips_idx_files_in_root(tmp_path, no_system_fashion
     write_idx_split(tmp_path, "train", train_images, train_labels, ext)
     write_idx_split(tmp_path, "test", test_images, test_labels, ext)
 
-    train = data.load_dataset("fashion-mnist", "train", root=str(tmp_path))
-    test = data.load_dataset("fmnist", "test", root=str(tmp_path))
+    train = load_dataset("fashion-mnist", "train", root=str(tmp_path))
+    test = load_dataset("fmnist", "test", root=str(tmp_path))
     assert train.images.shape == (20, 1, 28, 28) and train.images.dtype == torch.uint8
     assert np.array_equal(train.images[:, 0].numpy(), train_images)
     assert np.array_equal(train.labels.numpy(), train_labels)
@@ -139,7 +142,7 @@ def test_fashion_mnist_round_trips_idx_files_in_root(tmp_path, no_system_fashion
 def test_fashion_mnist_reads_torchvision_layout(tmp_path, no_system_fashion):
     images, labels = random_idx_split(5, seed=2)
     write_idx_split(tmp_path / "FashionMNIST" / "raw", "test", images, labels, ext="")
-    test = data.load_dataset("fashion-mnist", "test", root=str(tmp_path))
+    test = load_dataset("fashion-mnist", "test", root=str(tmp_path))
     assert np.array_equal(test.images[:, 0].numpy(), images)
 
 
@@ -147,26 +150,26 @@ def test_fashion_mnist_default_root_is_data_in_cwd(tmp_path, no_system_fashion, 
     images, labels = random_idx_split(4, seed=3)
     write_idx_split(tmp_path / "data", "test", images, labels)
     monkeypatch.chdir(tmp_path)
-    assert np.array_equal(data.load_dataset("fashion-mnist", "test").labels.numpy(), labels)
+    assert np.array_equal(load_dataset("fashion-mnist", "test").labels.numpy(), labels)
 
 
 def test_fashion_mnist_falls_back_to_system_dir_only_without_a_root(tmp_path, monkeypatch):
     system = tmp_path / "system"
     images, labels = random_idx_split(3, seed=4)
     write_idx_split(system, "test", images, labels)
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(system))
+    monkeypatch.setattr(dfkd.data.readers, "FASHION_MNIST_SYSTEM_DIR", str(system))
     monkeypatch.chdir(tmp_path)  # the default root, ./data, holds nothing
-    test = data.load_dataset("fashion-mnist", "test")
+    test = load_dataset("fashion-mnist", "test")
     assert np.array_equal(test.labels.numpy(), labels)
     # a root the user names is the one read: not silently replaced by the system-wide copy
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "empty")):
-        data.load_dataset("fashion-mnist", "test", root=str(tmp_path / "empty"))
+        load_dataset("fashion-mnist", "test", root=str(tmp_path / "empty"))
 
 
 def test_fashion_mnist_missing_files_name_places_and_remedies(tmp_path, no_system_fashion, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DatasetNotFoundError) as excinfo:
-        data.load_dataset("fashion-mnist", "train")
+        load_dataset("fashion-mnist", "train")
     assert_one_line_not_found(
         excinfo, "fashion-mnist", str(tmp_path / "data"), str(no_system_fashion), "apt-get install dataset-fashion-mnist"
     )
@@ -176,7 +179,7 @@ def test_fashion_mnist_needs_both_files_of_a_split(tmp_path, no_system_fashion):
     images, _ = random_idx_split(3, seed=5)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
     with pytest.raises(DatasetNotFoundError):
-        data.load_dataset("fashion-mnist", "train", root=str(tmp_path))
+        load_dataset("fashion-mnist", "train", root=str(tmp_path))
 
 
 def test_bad_magic_names_the_file(tmp_path, no_system_fashion):
@@ -185,7 +188,7 @@ def test_bad_magic_names_the_file(tmp_path, no_system_fashion):
     bad = tmp_path / "t10k-images-idx3-ubyte.gz"
     write_idx(bad, images, magic=0x0801)
     with pytest.raises(DfkdError, match="magic") as excinfo:
-        data.load_dataset("fashion-mnist", "test", root=str(tmp_path))
+        load_dataset("fashion-mnist", "test", root=str(tmp_path))
     assert str(bad) in str(excinfo.value)
 
 
@@ -195,19 +198,19 @@ def test_truncated_and_non_gzip_files_are_reported(tmp_path, no_system_fashion):
     path = tmp_path / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(DfkdError, match="header says"):
-        data.load_dataset("fashion-mnist", "test", root=str(tmp_path))
+        load_dataset("fashion-mnist", "test", root=str(tmp_path))
 
     path.unlink()
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DfkdError, match="t10k-images-idx3-ubyte.gz"):
-        data.load_dataset("fashion-mnist", "test", root=str(tmp_path))
+        load_dataset("fashion-mnist", "test", root=str(tmp_path))
 
 
 def test_image_and_label_counts_must_agree(tmp_path, no_system_fashion):
     images, labels = random_idx_split(3, seed=8)
     write_idx_split(tmp_path, "test", images, labels[:2])
     with pytest.raises(DfkdError, match="3 images but"):
-        data.load_dataset("fashion-mnist", "test", root=str(tmp_path))
+        load_dataset("fashion-mnist", "test", root=str(tmp_path))
 
 
 def test_download_reads_what_torchvision_fetched(tmp_path, no_system_fashion, monkeypatch):
@@ -223,7 +226,7 @@ def test_download_reads_what_torchvision_fetched(tmp_path, no_system_fashion, mo
             write_idx_split(os.path.join(root, "FashionMNIST", "raw"), "test", images, labels, ext="")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
-    test = data.load_dataset("fashion-mnist", "test", root=str(tmp_path), download=True)
+    test = load_dataset("fashion-mnist", "test", root=str(tmp_path), download=True)
     assert np.array_equal(test.images[:, 0].numpy(), images)
 
 
@@ -235,13 +238,13 @@ def test_failed_download_is_one_line(tmp_path, no_system_fashion, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(DatasetNotFoundError) as excinfo:
-        data.load_dataset("fashion-mnist", "train", root=str(tmp_path), download=True)
+        load_dataset("fashion-mnist", "train", root=str(tmp_path), download=True)
     assert_one_line_not_found(excinfo, "fashion-mnist", str(tmp_path), "Error downloading")
 
 
 @pytest.mark.skipif(not os.path.exists(DEBIAN_FASHION_TEST_IMAGES), reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_test_split():
-    test = data.load_dataset("fashion-mnist", "test")
+    test = load_dataset("fashion-mnist", "test")
     assert test.images.shape == (10000, 1, 28, 28)
     assert test.labels.bincount().tolist() == [1000] * 10
 
@@ -250,7 +253,7 @@ def test_mnist_reads_torchvision_raw_layout(tmp_path):
     images, labels = random_idx_split(7, seed=10)
     # torchvision's MNIST keeps the uncompressed files in root/MNIST/raw.
     write_idx_split(tmp_path / "MNIST" / "raw", "train", images, labels, ext="")
-    train = data.load_dataset("mnist", "train", root=str(tmp_path))
+    train = load_dataset("mnist", "train", root=str(tmp_path))
     assert train.info.mean == (0.1307,)
     assert np.array_equal(train.images[:, 0].numpy(), images)
     assert np.array_equal(train.labels.numpy(), labels)
@@ -258,7 +261,7 @@ def test_mnist_reads_torchvision_raw_layout(tmp_path):
 
 def test_mnist_missing_is_one_line(tmp_path):
     with pytest.raises(DatasetNotFoundError) as excinfo:
-        data.load_dataset("mnist", "test", root=str(tmp_path))
+        load_dataset("mnist", "test", root=str(tmp_path))
     assert_one_line_not_found(excinfo, "mnist", str(tmp_path), "data.download=true")
 
 
@@ -292,15 +295,15 @@ def test_cifar10_train_and_test(tmp_path, skip_md5):
     for i, batch in enumerate(batches[:5]):
         write_pickle(folder / f"data_batch_{i + 1}", {"data": batch, "labels": [i, 9 - i]})
     write_pickle(folder / "test_batch", {"data": batches[5], "labels": [3, 3]})
-    names = list(data.dataset_info("cifar10").class_names)
+    names = list(dataset_info("cifar10").class_names)
     write_pickle(folder / "batches.meta", {"label_names": names})
 
-    train = data.load_dataset("cifar10", "train", root=str(tmp_path))
+    train = load_dataset("cifar10", "train", root=str(tmp_path))
     assert train.images.shape == (10, 3, 32, 32) and train.images.dtype == torch.uint8
     assert train.labels.tolist() == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5]
     # CIFAR rows are channel-major 3x32x32, which is also our layout.
     assert np.array_equal(train.images[1].numpy(), batches[0][1].reshape(3, 32, 32))
-    test = data.load_dataset("cifar10", "test", root=str(tmp_path))
+    test = load_dataset("cifar10", "test", root=str(tmp_path))
     assert len(test) == 2 and test.labels.tolist() == [3, 3]
     assert test.info.class_names == tuple(names) and test.info.augment == "crop_flip"
 
@@ -317,7 +320,7 @@ def test_cifar100_uses_fine_labels_and_meta_names(tmp_path, skip_md5):
         )
     names = [f"class{i}" for i in range(100)]
     write_pickle(folder / "meta", {"fine_label_names": names})
-    train = data.load_dataset("cifar100", "train", root=str(tmp_path))
+    train = load_dataset("cifar100", "train", root=str(tmp_path))
     assert train.labels.tolist() == fine and train.info.num_classes == 100
     assert train.info.class_names == tuple(names)
 
@@ -329,7 +332,7 @@ def test_svhn_maps_label_10_to_zero(tmp_path, skip_md5):
     x = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)  # SVHN stores H, W, C, N
     y = np.array([[10], [1], [9], [10]], dtype=np.uint8)
     scipy.io.savemat(tmp_path / "test_32x32.mat", {"X": x, "y": y})
-    test = data.load_dataset("svhn", "test", root=str(tmp_path))
+    test = load_dataset("svhn", "test", root=str(tmp_path))
     assert test.images.shape == (4, 3, 32, 32) and test.images.dtype == torch.uint8
     assert test.labels.tolist() == [0, 1, 9, 0]
     assert np.array_equal(test.images.numpy(), x.transpose(3, 2, 0, 1))
@@ -342,7 +345,7 @@ def test_svhn_maps_label_10_to_zero(tmp_path, skip_md5):
 )
 def test_torchvision_datasets_missing_are_one_line(tmp_path, name, looked_in):
     with pytest.raises(DatasetNotFoundError) as excinfo:
-        data.load_dataset(name, "train", root=str(tmp_path))
+        load_dataset(name, "train", root=str(tmp_path))
     assert_one_line_not_found(excinfo, name, str(tmp_path / looked_in), "data.download=true")
     assert excinfo.value.__cause__ is None and excinfo.value.__context__ is None
 
@@ -352,23 +355,23 @@ def test_torchvision_datasets_missing_are_one_line(tmp_path, name, looked_in):
 
 def test_unknown_dataset_suggests_spelling():
     with pytest.raises(UnknownNameError, match="did you mean.*'fashion-mnist'"):
-        data.load_dataset("fashon-mnist", "train")
-    assert data.dataset_info("fashion_mnist") is data.dataset_info("fmnist")
+        load_dataset("fashon-mnist", "train")
+    assert dataset_info("fashion_mnist") is dataset_info("fmnist")
 
 
 def test_bad_split_is_config_error():
     with pytest.raises(ConfigError, match="'val'"):
-        data.load_dataset("digits", "val")
+        load_dataset("digits", "val")
 
 
 # --- TensorLoader -----------------------------------------------------------------------
 
 
-def toy_dataset(n: int = 10, augment: str = "none", size: int = 4) -> data.ImageTensorDataset:
+def toy_dataset(n: int = 10, augment: str = "none", size: int = 4) -> ImageTensorDataset:
     """Image i is filled with the value i and has label i, so batches reveal their indices."""
-    info = data.DatasetInfo("toy", (1, size, size), 10, tuple("abcdefghij"), (0.0,), (1.0,), augment)
+    info = DatasetInfo("toy", (1, size, size), 10, tuple("abcdefghij"), (0.0,), (1.0,), augment)
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, size, size).contiguous()
-    return data.ImageTensorDataset(images, torch.arange(n), info, "train")
+    return ImageTensorDataset(images, torch.arange(n), info, "train")
 
 
 def epoch_labels(loader) -> list[list[int]]:
@@ -376,7 +379,7 @@ def epoch_labels(loader) -> list[list[int]]:
 
 
 def test_loader_covers_every_sample_once():
-    loader = data.TensorLoader(toy_dataset(10), batch_size=3, shuffle=True)
+    loader = TensorLoader(toy_dataset(10), batch_size=3, shuffle=True)
     batches = epoch_labels(loader)
     assert len(loader) == 4 and [len(b) for b in batches] == [3, 3, 3, 1]
     assert sorted(itertools.chain(*batches)) == list(range(10))
@@ -385,13 +388,13 @@ def test_loader_covers_every_sample_once():
 
 
 def test_loader_drop_last():
-    loader = data.TensorLoader(toy_dataset(10), batch_size=3, drop_last=True)
+    loader = TensorLoader(toy_dataset(10), batch_size=3, drop_last=True)
     assert len(loader) == 3 and epoch_labels(loader) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 
 
 def test_shuffle_reproduces_and_varies_by_epoch_and_seed():
     def two_epochs(seed):
-        loader = data.TensorLoader(toy_dataset(10), batch_size=10, shuffle=True, seed=seed)
+        loader = TensorLoader(toy_dataset(10), batch_size=10, shuffle=True, seed=seed)
         return epoch_labels(loader), epoch_labels(loader)
 
     first, second = two_epochs(seed=0)
@@ -401,27 +404,27 @@ def test_shuffle_reproduces_and_varies_by_epoch_and_seed():
 
 
 def test_normalization_by_hand():
-    info = data.DatasetInfo("toy", (1, 1, 3), 10, tuple("abcdefghij"), (0.5,), (0.25,), "none")
+    info = DatasetInfo("toy", (1, 1, 3), 10, tuple("abcdefghij"), (0.5,), (0.25,), "none")
     pixels = torch.tensor([[[[0, 51, 255]]]], dtype=torch.uint8)
-    dataset = data.ImageTensorDataset(pixels, torch.tensor([7]), info, "test")
+    dataset = ImageTensorDataset(pixels, torch.tensor([7]), info, "test")
     expected = torch.tensor([[[-2.0, -1.2, 2.0]]])
     image, label = dataset[0]
     assert torch.allclose(image, expected) and label == 7
-    (batch, labels), = list(data.TensorLoader(dataset, batch_size=4))
+    (batch, labels), = list(TensorLoader(dataset, batch_size=4))
     assert torch.allclose(batch[0], expected) and labels.tolist() == [7]
-    assert torch.allclose(data.denormalize(batch, info), torch.tensor([0, 0.2, 1.0]).view(1, 1, 1, 3))
+    assert torch.allclose(denormalize(batch, info), torch.tensor([0, 0.2, 1.0]).view(1, 1, 1, 3))
 
 
 def test_no_augmentation_unless_asked():
     dataset = toy_dataset(4, augment="crop_flip")
-    (images, _), = list(data.TensorLoader(dataset, batch_size=4))
+    (images, _), = list(TensorLoader(dataset, batch_size=4))
     assert torch.equal(images, dataset.images.float() / 255)
 
 
 def test_crop_flip_changes_the_batch_but_not_its_shape():
     dataset = toy_dataset(10, augment="crop_flip", size=8)
-    (plain, _), = list(data.TensorLoader(dataset, batch_size=10))
-    (augmented, _), = list(data.TensorLoader(dataset, batch_size=10, augment=True))
+    (plain, _), = list(TensorLoader(dataset, batch_size=10))
+    (augmented, _), = list(TensorLoader(dataset, batch_size=10, augment=True))
     assert augmented.shape == plain.shape
     assert not torch.equal(augmented, plain)
 
@@ -429,7 +432,7 @@ def test_crop_flip_changes_the_batch_but_not_its_shape():
 @pytest.mark.parametrize("policy", ["crop", "crop_flip"])
 def test_augment_batch_is_a_padded_crop_per_image(policy):
     x = torch.rand(64, 2, 6, 6)
-    out = data.augment_batch(x, policy, torch.Generator().manual_seed(0))
+    out = augment_batch(x, policy, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     flips_seen = 0
     for i in range(len(x)):
@@ -442,7 +445,7 @@ def test_augment_batch_is_a_padded_crop_per_image(policy):
 
 
 def test_infinite_runs_past_an_epoch():
-    loader = data.TensorLoader(toy_dataset(10), batch_size=4, shuffle=True)
+    loader = TensorLoader(toy_dataset(10), batch_size=4, shuffle=True)
     batches = list(itertools.islice(loader.infinite(), 3 * len(loader) + 1))
     assert len(batches) == 3 * len(loader) + 1
     assert loader.epoch == 4
@@ -450,13 +453,13 @@ def test_infinite_runs_past_an_epoch():
 
 def test_loader_rejects_bad_arguments():
     with pytest.raises(ConfigError, match="batch_size"):
-        data.TensorLoader(toy_dataset(), batch_size=0)
+        TensorLoader(toy_dataset(), batch_size=0)
     with pytest.raises(ConfigError, match="seed"):
-        data.TensorLoader(toy_dataset(), batch_size=1, seed=-1)
+        TensorLoader(toy_dataset(), batch_size=1, seed=-1)
 
 
 def test_infinite_without_batches_is_an_error():
-    loader = data.TensorLoader(toy_dataset(3), batch_size=4, drop_last=True)
+    loader = TensorLoader(toy_dataset(3), batch_size=4, drop_last=True)
     with pytest.raises(ConfigError):
         next(loader.infinite())
 
@@ -465,9 +468,9 @@ def test_sharded_loaders_split_each_epoch_between_ranks():
     import dataclasses
 
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
-    info = dataclasses.replace(data.dataset_info("digits"), shape=(1, 2, 2))
-    dataset = data.ImageTensorDataset(images, torch.arange(10), info, "train")
-    ranks = [data.TensorLoader(dataset, 2, shuffle=True, seed=3, shard=(r, 3)) for r in range(3)]
+    info = dataclasses.replace(dataset_info("digits"), shape=(1, 2, 2))
+    dataset = ImageTensorDataset(images, torch.arange(10), info, "train")
+    ranks = [TensorLoader(dataset, 2, shuffle=True, seed=3, shard=(r, 3)) for r in range(3)]
     seen = [torch.cat([labels for _, labels in loader]).tolist() for loader in ranks]
     assert [len(s) for s in seen] == [3, 3, 3] and [len(loader) for loader in ranks] == [2, 2, 2]
     assert len(set(sum(seen, []))) == 9  # disjoint; the one sample that does not divide is dropped

@@ -16,17 +16,18 @@ import pytest
 import torch
 from torch import nn
 
-import dfkd.build
-import dfkd.checkpoint
-import dfkd.config
-import dfkd.data
-from dfkd.checkpoint import load_model, save_model
-from dfkd.config import load_config, named_configs
-from dfkd.engine import Engine
-from dfkd.errors import ConfigError, ShapeError, UnknownNameError
-from dfkd.models import create_model
-from dfkd.runs import read_metrics
-from dfkd.synthesis import ImagePool
+import dfkd.data.datasets
+import dfkd.loop.build
+import dfkd.loop.teachers
+from dfkd.core.checkpoint import save_model
+from dfkd.core.config import load_config, named_configs
+from dfkd.core.runs import read_metrics
+from dfkd.core.schema import AugmentConfig, PhaseConfig
+from dfkd.loop.engine import Engine
+from dfkd.methods.ring_buffer import RingBuffer
+from dfkd.nets.arch import load_model
+from dfkd.nets.models import create_model
+from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 
 DATAFREE_CONFIGS = [n for n in named_configs() if n.startswith("datafree/")]
 
@@ -68,6 +69,7 @@ def dataset_of(name: str) -> str:
 # --------------------------------------------------------------------------------------
 # 1. Learning without data
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dfad_student_learns_digits_without_real_data(tmp_path, digits_teacher):
     teacher_path, teacher_acc = digits_teacher
     assert teacher_acc > 90.0, f"the fixture teacher is too weak to distill from: {teacher_acc}"
@@ -104,7 +106,7 @@ def guard_load_dataset(monkeypatch) -> list[tuple[str, str]]:
     """Wrap load_dataset (the engine's imported name and the module's): the train split fails
     the test on the spot, the test split passes through. Returns the list of calls."""
     calls: list[tuple[str, str]] = []
-    original = dfkd.data.load_dataset
+    original = dfkd.data.datasets.load_dataset
 
     def guarded(name, split, *args, **kwargs):
         calls.append((name, split))
@@ -112,12 +114,13 @@ def guard_load_dataset(monkeypatch) -> list[tuple[str, str]]:
             raise AssertionError(f"a data-free run read the training split of {name}")
         return original(name, split, *args, **kwargs)
 
-    monkeypatch.setattr(dfkd.build, "load_dataset", guarded)
-    monkeypatch.setattr(dfkd.data, "load_dataset", guarded)
+    monkeypatch.setattr(dfkd.loop.build, "load_dataset", guarded)
+    monkeypatch.setattr(dfkd.data.datasets, "load_dataset", guarded)
     return calls
 
 
 @pytest.mark.parametrize("name", [n for n in DATAFREE_CONFIGS if dataset_of(n) == "digits"])
+@pytest.mark.slow
 def test_datafree_run_never_reads_the_training_split(name, tmp_path, monkeypatch, untrained_teachers):
     calls = guard_load_dataset(monkeypatch)
     cfg = load_config(name, tiny(name, f"output.root={tmp_path}", f"teacher.checkpoint={untrained_teachers['digits']}"))
@@ -128,6 +131,7 @@ def test_datafree_run_never_reads_the_training_split(name, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("name", DATAFREE_CONFIGS)
+@pytest.mark.slow
 def test_datafree_run_without_eval_reads_no_data_at_all(name, tmp_path, monkeypatch, untrained_teachers):
     calls = guard_load_dataset(monkeypatch)
     cfg = load_config(name, tiny(name, f"output.root={tmp_path}", "data.eval=false",
@@ -256,7 +260,7 @@ def test_histograms_are_logged_once_per_step(tb_run):
 
 
 def test_the_class_grid_is_labeled_and_empty_cells_are_dark():
-    from dfkd.reporting import labeled_class_grid
+    from dfkd.loop.reporting import labeled_class_grid
 
     rows = [torch.ones(2, 1, 8, 8), torch.zeros(0, 1, 8, 8)]  # two white samples of class 0, none of class 1
     grid = labeled_class_grid(rows, ["zero", "one"], [2, 0], per_row=3, cell=16)
@@ -382,13 +386,13 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def test_bn_stats_loss_with_a_teacher_without_batchnorm(output_root, monkeypatch, digits_teacher):
-    original = dfkd.checkpoint.load_model
+    original = dfkd.loop.teachers.load_model
 
     def load_without_batchnorm(*args, **kwargs):
         model, meta = original(*args, **kwargs)
         return without_batchnorm(model), meta
 
-    monkeypatch.setattr(dfkd.checkpoint, "load_model", load_without_batchnorm)
+    monkeypatch.setattr(dfkd.loop.teachers, "load_model", load_without_batchnorm)
     cfg = load_config("datafree/dfq-digits", [f"output.root={output_root}", f"teacher.checkpoint={digits_teacher[0]}",
                                               "data.eval=false"])
     assert "bn_stats" in cfg.phases[0].losses
@@ -398,8 +402,8 @@ def test_bn_stats_loss_with_a_teacher_without_batchnorm(output_root, monkeypatch
 
 
 def test_teacher_without_batchnorm_runs_methods_that_do_not_need_it(tmp_path, monkeypatch, digits_teacher):
-    original = dfkd.checkpoint.load_model
-    monkeypatch.setattr(dfkd.checkpoint, "load_model",
+    original = dfkd.loop.teachers.load_model
+    monkeypatch.setattr(dfkd.loop.teachers, "load_model",
                         lambda *a, **k: (lambda m, meta: (without_batchnorm(m), meta))(*original(*a, **k)))
     cfg = load_config("datafree/dfad-digits", [*tiny("datafree/dfad-digits", "train.log_every=1"),
                                                f"output.root={tmp_path}", f"teacher.checkpoint={digits_teacher[0]}"])
@@ -459,64 +463,71 @@ def numbered(values, shape=(1, 2, 2)) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, *shape).clone()
 
 
-def ids(pool: ImagePool) -> list[int]:
-    return [int(v) for v in pool.images[: pool.count, 0, 0, 0]]
+def ids(pool: RingBuffer) -> list[int]:
+    return [int(v) for v in pool.columns["images"][: pool.count, 0, 0, 0]]
 
 
 def test_image_pool_is_fifo():
-    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    pool = RingBuffer(5, "cpu")
     assert len(pool) == 0
-    pool.add(numbered([0, 1, 2]), torch.tensor([0, 1, 2]))
+    pool.add(images=numbered([0, 1, 2]), labels=torch.tensor([0, 1, 2]))
     assert len(pool) == 3 and ids(pool) == [0, 1, 2]
-    pool.add(numbered([3, 4, 5, 6]), torch.tensor([3, 4, 5, 6]))
+    pool.add(images=numbered([3, 4, 5, 6]), labels=torch.tensor([3, 4, 5, 6]))
     assert len(pool) == 5
     assert sorted(ids(pool)) == [2, 3, 4, 5, 6]             # the oldest two (0, 1) were replaced
     assert ids(pool) == [5, 6, 2, 3, 4]                     # written in place of 0 and 1
-    assert pool.labels.tolist() == ids(pool)                # labels travel with their images
-    pool.add(numbered([7]))                                 # unlabeled images: label -1
-    assert sorted(ids(pool)) == [3, 4, 5, 6, 7] and pool.labels[ids(pool).index(7)] == -1
+    assert pool.columns["labels"].tolist() == ids(pool)     # labels travel with their images
+    pool.add(images=numbered([7]), labels=None)             # unlabeled images: label -1
+    assert sorted(ids(pool)) == [3, 4, 5, 6, 7] and pool.columns["labels"][ids(pool).index(7)] == -1
 
 
 def test_image_pool_sample():
-    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
-    pool.add(numbered([10, 11, 12]), torch.tensor([0, 1, 2]))
-    images, labels = pool.sample(8)                         # with replacement, from filled slots only
+    pool = RingBuffer(5, "cpu")
+    pool.add(images=numbered([10, 11, 12]), labels=torch.tensor([0, 1, 2]))
+    index = pool.random_index(8)                            # with replacement, from filled slots only
+    images, labels = pool.rows("images", index), pool.rows("labels", index)
     assert images.shape == (8, 1, 2, 2) and labels.shape == (8,) and labels.dtype == torch.long
     assert set(int(v) for v in images[:, 0, 0, 0]) <= {10, 11, 12}
     assert all(int(images[i, 0, 0, 0]) - 10 == int(labels[i]) for i in range(8))
 
 
 def test_image_pool_state_dict_round_trip():
-    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
-    pool.add(numbered([0, 1, 2]), torch.tensor([0, 1, 2]))
-    pool.add(numbered([3, 4, 5, 6]), torch.tensor([3, 4, 5, 6]))
+    pool = RingBuffer(5, "cpu")
+    pool.add(images=numbered([0, 1, 2]), labels=torch.tensor([0, 1, 2]))
+    pool.add(images=numbered([3, 4, 5, 6]), labels=torch.tensor([3, 4, 5, 6]))
     state = pool.state_dict()
-    restored = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    assert set(state) == {"images", "labels", "cursor"}     # the format run states (and the audit) read
+    restored = RingBuffer(5, "cpu")
     restored.load_state_dict(state)
     assert len(restored) == 5 and restored.cursor == pool.cursor
-    assert torch.equal(restored.images, pool.images) and torch.equal(restored.labels, pool.labels)
-    restored.add(numbered([7]), torch.tensor([7]))          # and it continues where the original was
-    pool.add(numbered([7]), torch.tensor([7]))
+    assert all(torch.equal(restored.columns[k], pool.columns[k]) for k in ("images", "labels"))
+    restored.add(images=numbered([7]), labels=torch.tensor([7]))  # and it continues where the original was
+    pool.add(images=numbered([7]), labels=torch.tensor([7]))
     assert ids(restored) == ids(pool)
 
-    partial = ImagePool(5, (1, 2, 2), torch.device("cpu"))
-    partial.add(numbered([8, 9]))
-    again = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+    partial = RingBuffer(5, "cpu")
+    partial.add(images=numbered([8, 9]), labels=None)
+    again = RingBuffer(5, "cpu")
     again.load_state_dict(partial.state_dict())
-    assert len(again) == 2 and ids(again) == [8, 9] and again.labels[:2].tolist() == [-1, -1]
+    assert len(again) == 2 and ids(again) == [8, 9] and again.columns["labels"][:2].tolist() == [-1, -1]
 
 
-def test_empty_image_pool_sample_is_a_config_error():
-    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
+def test_empty_image_pool_replay_is_a_config_error():
+    from dfkd.core.config import load_config
+    from dfkd.loop.runtime import Runtime
+    from dfkd.methods.synthesis import create_synthesizer
+
+    cfg = load_config("datafree/cmi-digits")
+    synth = create_synthesizer(cfg.synthesis, dfkd.data.datasets.dataset_info("digits"), Runtime(cfg.runtime))
     with pytest.raises(ConfigError, match="image pool is empty"):
-        pool.sample(4)
+        synth.replay()
 
 
 def test_image_pool_add_batch_larger_than_capacity():
-    pool = ImagePool(5, (1, 2, 2), torch.device("cpu"))
-    pool.add(numbered(range(7)), torch.arange(7))
+    pool = RingBuffer(5, "cpu")
+    pool.add(images=numbered(range(7)), labels=torch.arange(7))
     assert len(pool) == 5 and sorted(ids(pool)) == [2, 3, 4, 5, 6]
-    assert sorted(pool.labels.tolist()) == [2, 3, 4, 5, 6]
+    assert sorted(pool.columns["labels"].tolist()) == [2, 3, 4, 5, 6]
 
 
 # --------------------------------------------------------------------------------------
@@ -524,6 +535,7 @@ def test_image_pool_add_batch_larger_than_capacity():
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["datafree/dfq-digits", "datafree/cmi-digits", "datafree/fast-digits",
                                   "datafree/spaceship-digits"])
+@pytest.mark.slow
 def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, fit_until_killed, untrained_teachers):
     overrides = [*tiny(name, "train.epochs=3", "synthesis.pool_size=24", "runtime.deterministic=true",
                        "output.tensorboard=false", "data.eval=false"),
@@ -562,8 +574,8 @@ def test_datafree_resume_reproduces_an_uninterrupted_run(name, tmp_path, fit_unt
 
 
 def test_synthesis_augmentation_is_differentiable_and_per_image():
-    from dfkd.config import AugmentConfig
-    from dfkd.phases import build_augment
+    from dfkd.core.schema import AugmentConfig
+    from dfkd.data.augment import build_augment
 
     torch.manual_seed(0)
     x = torch.randn(8, 1, 28, 28, requires_grad=True)
@@ -581,8 +593,9 @@ def test_synthesis_augmentation_is_differentiable_and_per_image():
 
 
 def test_phase_mixup_mixes_pairs_of_the_batch_and_drops_labels():
-    from dfkd.config import PhaseConfig
-    from dfkd.phases import Batch, build_batch_transform
+    from dfkd.core.schema import PhaseConfig
+    from dfkd.data.batch import Batch
+    from dfkd.loop.phases import build_batch_transform
 
     assert build_batch_transform(PhaseConfig(), (1, 2, 2)) is None  # nothing asked, no transform
     torch.manual_seed(0)
@@ -604,8 +617,8 @@ def test_generator_batches_for_the_student_fill_the_pool_and_replay_is_augmented
     config = load_config("datafree/dfq-digits", tiny("datafree/dfq-digits", "synthesis.pool_size=256",
                                                      f"teacher.checkpoint={untrained_teachers['digits']}"))
     config.phases[1].steps = 3
-    config.phases.append(dfkd.config.PhaseConfig(player="student", batch="pool", losses={"kd_kl": 1.0},
-                                                 augment=dfkd.config.AugmentConfig(flip=True), name="replay"))
+    config.phases.append(PhaseConfig(player="student", batch="pool", losses={"kd_kl": 1.0},
+                                                 augment=AugmentConfig(flip=True), name="replay"))
     engine = Engine(config, run_dir=tmp_path / "run")
     engine.fit()
     # 2 iterations x 3 student batches of 16 entered the pool; the generator's own batches did not
@@ -618,7 +631,7 @@ def test_dfq_digits_budget_and_the_configs_measured_at_its_earlier_one():
         config = load_config(name)
         return config.train.epochs * config.train.iters_per_epoch, [phase.steps for phase in config.phases]
 
-    # 400 iterations x 10 student steps: what teachers of other architectures need (README)
+    # 400 iterations x 10 student steps: what teachers of other architectures need (docs/results.md)
     assert budget("datafree/dfq-digits") == (400, [1, 10])
     # configs built on it keep the 200 x 5 their numbers were measured at
     for name in ("datafree/mad-digits", "datafree/dfq+pkt-digits", "quant/dfq-digits"):

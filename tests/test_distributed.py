@@ -9,9 +9,9 @@ import torch
 JOB = textwrap.dedent('''
     import sys
     import torch
-    from dfkd.config import load_config
-    from dfkd.engine import Engine
-    from dfkd.runs import rank, world_size
+    from dfkd.core.config import load_config
+    from dfkd.loop.engine import Engine
+    from dfkd.core.runs import rank, world_size
 
     out = sys.argv[1]
     common = [f"output.root={out}", "runtime.num_threads=1", "output.tensorboard=false"]

@@ -4,13 +4,15 @@ import re
 import pytest
 import torch
 
-from dfkd import losses
-from dfkd.checkpoint import load_model, safe_load
-from dfkd.config import SchedConfig, load_config
-from dfkd.engine import DivergenceError, Engine
-from dfkd.players import lr_factor
-from dfkd.errors import CheckpointError, ConfigError
-from dfkd.runs import read_metrics
+from dfkd.core.checkpoint import safe_load
+from dfkd.core.config import load_config
+from dfkd.core.optim import lr_factor
+from dfkd.core.runs import read_metrics
+from dfkd.core.schema import SchedConfig
+from dfkd.loop.engine import DivergenceError, Engine
+from dfkd.methods.losses.base import LOSSES, register
+from dfkd.nets.arch import load_model
+from dfkd_base.errors import CheckpointError, ConfigError
 
 
 def teacher_config(tmp_path, *overrides):
@@ -46,6 +48,7 @@ def test_teacher_training_on_digits_end_to_end(tmp_path):
     assert losses_logged[-1] < losses_logged[0] / 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, fit_until_killed, ema):
     cfg = ["train.epochs=3", "train.iters_per_epoch=4", "runtime.deterministic=true",
@@ -86,7 +89,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
-    @losses.register("test_nan_after_3")
+    @register("test_nan_after_3")
     def nan_after(ctx):
         nan_after.calls = getattr(nan_after, "calls", 0) + 1
         value = ctx.student_logits.mean() * 0
@@ -101,7 +104,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         assert "iteration 3" in msg and "test_nan_after_3 is nan" in msg and "last.pt" in msg
         assert safe_load(engine.run_dir / "ckpt" / "last.pt")["step"] == 2  # the epoch-1 state is intact
     finally:
-        losses.LOSSES._items.pop("test_nan_after_3")
+        LOSSES._items.pop("test_nan_after_3")
 
 
 def test_learning_rate_schedules():
@@ -123,7 +126,7 @@ def test_summary_is_written(tmp_path):
 
 
 def test_nan_rollback_returns_to_the_last_checkpoint_and_finishes(tmp_path):
-    @losses.register("test_nan_once")
+    @register("test_nan_once")
     def nan_once(ctx):
         nan_once.calls = getattr(nan_once, "calls", 0) + 1
         return ctx.student_logits.mean() * 0 + (float("nan") if nan_once.calls == 3 else 0.0)
@@ -135,9 +138,10 @@ def test_nan_rollback_returns_to_the_last_checkpoint_and_finishes(tmp_path):
         assert summary["steps"] == 4 and engine.rollbacks == 1
         assert any(m.get("nan/rollbacks") == 1 for m in read_metrics(engine.run_dir))
     finally:
-        losses.LOSSES._items.pop("test_nan_once")
+        LOSSES._items.pop("test_nan_once")
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains(tmp_path):
     # CUDA runs use bf16 autocast by default; the same code path runs on CPU when asked for
     engine = Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=4", "runtime.amp=bf16",

@@ -58,6 +58,7 @@ def test_bad_config_values_are_one_line_errors_before_any_work(override, message
     assert snapshot(output_root) == before
 
 
+@pytest.mark.slow
 def test_in_a_real_process_bad_input_shows_one_line_and_no_traceback(tmp_path):
     (tmp_path / "runs").write_text("not a folder")
     result = dfkd("teacher", "--config", "teacher/lenet5-digits", "--out", str(tmp_path / "runs" / "sub"))
@@ -70,8 +71,8 @@ def test_in_a_real_process_bad_input_shows_one_line_and_no_traceback(tmp_path):
 def model_file(tmp_path):
     import torch
 
-    from dfkd.checkpoint import save_model
-    from dfkd.models import create_model
+    from dfkd.core.checkpoint import save_model
+    from dfkd.nets.models import create_model
 
     path = tmp_path / "m.pt"
     save_model(path, create_model("lenet5", in_channels=1, num_classes=10, image_size=32),
@@ -112,9 +113,11 @@ def test_an_unhashed_model_file_loads_when_asked_and_a_misfit_dataset_is_named(m
     torch.save(content, path)
     assert main(["eval", str(path), "--allow-unhashed"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 450
-    fmnist = pytest.importorskip("dfkd.data").dataset_info("fashion-mnist")
+    from dfkd.data.datasets import dataset_info, load_dataset
+
+    fmnist = dataset_info("fashion-mnist")
     try:
-        pytest.importorskip("dfkd.data").load_dataset("fashion-mnist", "test")
+        load_dataset("fashion-mnist", "test")
     except Exception:
         pytest.skip("Fashion-MNIST is not on this machine (Debian's dataset-fashion-mnist)")
     assert main(["eval", str(path), "--allow-unhashed", "--data", "fashion-mnist"]) == 2
@@ -136,8 +139,9 @@ def test_an_unhashed_model_file_loads_when_asked_and_a_misfit_dataset_is_named(m
      "labels must be classes 0..9 of 'digits' (or -1 for none); found 12"),
 ])
 def test_bad_pairs_files_are_one_line_errors(write, message, tmp_path):
-    from dfkd.data import dataset_info, load_pairs
-    from dfkd.errors import DfkdError
+    from dfkd.data.datasets import dataset_info
+    from dfkd.data.pairs import load_pairs
+    from dfkd_base.errors import DfkdError
 
     path = tmp_path / "pairs.npz"
     write(path)
@@ -147,8 +151,9 @@ def test_bad_pairs_files_are_one_line_errors(write, message, tmp_path):
 
 
 def test_a_damaged_image_in_a_pairs_folder_is_named(tmp_path):
-    from dfkd.data import dataset_info, load_pairs
-    from dfkd.errors import DfkdError
+    from dfkd.data.datasets import dataset_info
+    from dfkd.data.pairs import load_pairs
+    from dfkd_base.errors import DfkdError
 
     for side in ("a", "b"):
         (tmp_path / side).mkdir()
@@ -161,7 +166,6 @@ def test_a_damaged_image_in_a_pairs_folder_is_named(tmp_path):
 # ---------------------------------------------------------------- processes killed or racing
 KILL_IN_SECOND_SAVE = """
 import os, sys, torch
-import dfkd.checkpoint as ck
 from dfkd.cli import main
 saves, original = [], torch.save
 def save(obj, f, *a, **k):
@@ -176,8 +180,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_saving_leaves_the_last_good_state_and_resumes(tmp_path):
-    from dfkd.checkpoint import safe_load
+    from dfkd.core.checkpoint import safe_load
 
     args = ["teacher", "--config", "teacher/lenet5-digits", "--out", str(tmp_path), "train.epochs=3",
             "train.iters_per_epoch=2", "runtime.num_threads=1", "output.tensorboard=false", "data.eval=false"]
@@ -193,9 +198,10 @@ def test_a_process_killed_while_saving_leaves_the_last_good_state_and_resumes(tm
     assert safe_load(run_dir / "ckpt" / "last.pt")["step"] == 6 and not list((run_dir / "ckpt").glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_second_resume_of_a_running_run_is_refused_in_one_line(tmp_path, fit_until_killed):
-    from dfkd.config import load_config
-    from dfkd.engine import Engine
+    from dfkd.core.config import load_config
+    from dfkd.loop.engine import Engine
 
     config = load_config("teacher/lenet5-digits", [f"output.root={tmp_path}", "train.epochs=2",
                                                    "train.iters_per_epoch=2", "runtime.num_threads=1",

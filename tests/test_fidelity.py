@@ -10,18 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.checkpoint import save_model
-from dfkd.config import NetConfig, OptimConfig, RuntimeConfig, SynthesisConfig, load_config
-from dfkd.data import dataset_info
-from dfkd.engine import Engine
-from dfkd.errors import ConfigError
-from dfkd.losses import adv_kl, kd_kl
-from dfkd.models import create_model
-from dfkd.runs import read_metrics
-from dfkd.runtime import Runtime
-from dfkd.synthesis import create_synthesizer
-from dfkd.synthesis.reinit import reset_dcgan
-from dfkd.taps import FeatureTap
+from dfkd.core.checkpoint import save_model
+from dfkd.core.config import load_config
+from dfkd.core.runs import read_metrics
+from dfkd.core.schema import NetConfig, OptimConfig, RuntimeConfig
+from dfkd.data.datasets import dataset_info
+from dfkd.loop.engine import Engine
+from dfkd.loop.runtime import Runtime
+from dfkd.methods.losses.datafree import adv_kl
+from dfkd.methods.losses.response import kd_kl
+from dfkd.methods.synthesis import create_synthesizer
+from dfkd.methods.synthesis.inversion import InversionOptions
+from dfkd.methods.synthesis.meta import MetaOptions
+from dfkd.methods.synthesis.nayer import NayerOptions
+from dfkd.methods.synthesis.reinit import reset_dcgan
+from dfkd.methods.synthesis.spaceship import SpaceshipOptions
+from dfkd.nets.models import create_model
+from dfkd.nets.taps import FeatureTap
+from dfkd_base.errors import ConfigError
 from generators import create_generator
 
 
@@ -114,7 +120,7 @@ def test_dafl_generator_block_batchnorms_use_eps_08():
 
 # ---------------------------------------------------------------- Fast-DFKD
 def toy_meta(meta: str):
-    cfg = SynthesisConfig(kind="meta", meta=meta, net=NetConfig(name="dcgan", kwargs={"nz": 4, "ngf": 2}),
+    cfg = MetaOptions(kind="meta", meta=meta, net=NetConfig(name="dcgan", kwargs={"nz": 4, "ngf": 2}),
                           batch_size=4, inner=OptimConfig(name="adam", lr=0.01, betas=[0.5, 0.999]))
     return create_synthesizer(cfg, dataset_info("digits"), Runtime(RuntimeConfig(device="cpu")))
 
@@ -198,13 +204,13 @@ def test_cmi_contrastive_term_reads_the_teachers_bn_input_means(teacher, tmp_pat
     (term,) = [t.term for t in engine.phases[0].terms if t.name == "contrastive"]
     assert term.head[0].in_features == 6 + 16 + 120  # LeNet-5's BatchNorm2d widths
     engine.fit()
-    assert int(term.bank_filled) == 2 * 8  # one row per kept sample per synthesized batch, two batches
+    assert len(term.bank) == 2 * 8  # one row per kept sample per synthesized batch, two batches
 
 
 # ---------------------------------------------------------------- DeepInversion
 def test_inversion_clamp_keeps_pixels_in_the_range_of_real_images():
     info = dataset_info("digits")
-    cfg = SynthesisConfig(kind="inversion", batch_size=4, clamp=True, pool_size=8,
+    cfg = InversionOptions(kind="inversion", batch_size=4, clamp=True, pool_size=8,
                           inner=OptimConfig(name="adam", lr=1.0, betas=[0.5, 0.9]))
     synth = create_synthesizer(cfg, info, Runtime(RuntimeConfig(device="cpu")))
     torch.manual_seed(0)
@@ -229,6 +235,7 @@ def shrunk(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("method", PAPER)
+@pytest.mark.slow
 def test_paper_recipes_run_and_name_a_teacher_other_than_their_papers(method, teacher, tmp_path, capsys):
     config = f"datafree/{method}-digits-paper"
     engine = engine_for(config, teacher, tmp_path, *shrunk(method))
@@ -243,7 +250,7 @@ def test_paper_recipes_run_and_name_a_teacher_other_than_their_papers(method, te
 
 
 def test_paper_recipes_exist_for_both_datasets():
-    from dfkd.config import named_configs
+    from dfkd.core.config import named_configs
 
     names = set(named_configs())
     for method in PAPER:
@@ -269,7 +276,7 @@ def test_nayer_generator_draws_its_variety_from_the_noisy_layer_not_from_latents
 
 
 def test_nayer_synthesis_keeps_its_generator_across_batches_and_orders_labels_as_nayer():
-    cfg = SynthesisConfig(kind="nayer", batch_size=12, labels="balanced", reset_every=2,
+    cfg = NayerOptions(kind="nayer", batch_size=12, labels="balanced", reset_every=2,
                           net=NetConfig(name="nayer", kwargs={"nz": 8, "ngf": 2, "noise_dim": 16}),
                           inner=OptimConfig(name="adam", lr=0.01, betas=[0.5, 0.999]))
     torch.manual_seed(0)
@@ -334,7 +341,7 @@ def test_dcgan_generators_regenerate_their_images_from_every_feature_level():
 
 
 def test_channel_exchange_takes_half_of_each_samples_channels_from_its_mirror_partner():
-    from dfkd.synthesis.spaceship import exchange_channels
+    from dfkd.methods.synthesis.spaceship import exchange_channels
 
     torch.manual_seed(0)
     n, channels = 6, 8
@@ -349,7 +356,7 @@ def test_channel_exchange_takes_half_of_each_samples_channels_from_its_mirror_pa
 
 
 def _spaceship(**overrides):
-    cfg = SynthesisConfig(kind="spaceship", batch_size=6, labels="balanced", keep="best", pool_size=12,
+    cfg = SpaceshipOptions(kind="spaceship", batch_size=6, labels="balanced", keep="best", pool_size=12,
                           net=NetConfig(name="dcgan", kwargs={"nz": 8, "ngf": 2, "output": "pixels"}),
                           inner=OptimConfig(name="adam", lr=0.01, betas=[0.5, 0.999]), **overrides)
     return create_synthesizer(cfg, dataset_info("digits"), Runtime(RuntimeConfig(device="cpu")))
@@ -363,7 +370,7 @@ def test_spaceship_keeps_the_best_steps_features_and_regenerates_replays_from_th
     losses = iter([3.0, 1.0, 2.0])
     start = [p.detach().clone() for p in synth.generator.parameters()]
     synth.synthesize(lambda batch: batch.images.mean() * 1e-3 + next(losses), steps=3)
-    assert torch.equal(synth.features.features[1][:6], seen[1])  # the best step's, not the last one's
+    assert torch.equal(synth.features.columns["level1"][:6], seen[1])  # the best step's, not the last one's
     assert len(synth.features) == 6 and len(synth.pool) == 6
     assert not torch.equal(start[0], synth.generator.project.weight)  # one generator, trained in place
     assert synth.generator.training
@@ -372,7 +379,7 @@ def test_spaceship_keeps_the_best_steps_features_and_regenerates_replays_from_th
     assert synth.generator.training  # put back after regenerating
     with torch.no_grad():
         synth.generator.eval()
-        every = synth.generator.from_level(synth.features.features[1][:6], 1)
+        every = synth.generator.from_level(synth.features.columns["level1"][:6], 1)
         synth.generator.train()
     for image in batch.images:  # each replayed image is one stored sample through the generator as it is now
         assert min(float((image - e).abs().max()) for e in every) < 1e-6
@@ -386,8 +393,8 @@ def test_spaceship_exchanged_replays_carry_no_labels_and_bad_levels_are_one_line
     assert synth.replay().labels is None  # exchanged samples mix two classes
     with pytest.raises(ConfigError, match=r"synthesis.levels must be .* levels 0..2, got \[0, 3\]"):
         _spaceship(levels=[0, 3])
-    with pytest.raises(ConfigError, match="exchange_p must be a probability"):
-        _spaceship(exchange_p=1.5)
+    with pytest.raises(ConfigError, match="exchange_p must be a probability"):  # checked as the config loads
+        load_config("datafree/spaceship-digits", ["synthesis.exchange_p=1.5"])
 
 
 class _MapNet(nn.Module):
@@ -419,7 +426,7 @@ def _cam_ctx(teacher, student, x):
 
 
 def test_grad_cam_term_is_the_mse_of_hand_computed_grad_cams_with_constant_weights():
-    from dfkd.losses import grad_cam
+    from dfkd.methods.losses.feature import grad_cam
 
     torch.manual_seed(0)
     teacher, student = _MapNet(4), _MapNet(2)
@@ -442,8 +449,8 @@ def test_grad_cam_term_is_the_mse_of_hand_computed_grad_cams_with_constant_weigh
 
 
 def test_class_activation_term_compares_cams_made_with_each_networks_own_classifier():
-    from dfkd.errors import ShapeError
-    from dfkd.losses import class_activation
+    from dfkd.methods.losses.feature import class_activation
+    from dfkd_base.errors import ShapeError
 
     torch.manual_seed(0)
     teacher, student = _MapNet(4), _MapNet(2)

@@ -3,11 +3,12 @@ import re
 import pytest
 import torch
 
-from dfkd.config import NetConfig, load_config
-from dfkd.data import dataset_info
-from dfkd.engine import Engine
-from dfkd.errors import ConfigError, ShapeError, UnknownNameError
-from dfkd.synthesis import build_generator
+from dfkd.core.config import load_config
+from dfkd.core.schema import NetConfig
+from dfkd.data.datasets import dataset_info
+from dfkd.loop.engine import Engine
+from dfkd.methods.synthesis.base import build_generator
+from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 from generators import GENERATORS, ConditionalGenerator, DCGANGenerator, DeepDCGANGenerator, create_generator
 
 SHAPES = [(1, 28, 28), (1, 32, 32), (3, 32, 32)]

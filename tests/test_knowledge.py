@@ -3,12 +3,14 @@ their plumbing (sample indices on real batches), and their bad-input errors."""
 import pytest
 import torch
 
-from dfkd.config import load_config, named_configs
-from dfkd.data import TensorLoader, load_dataset
-from dfkd.engine import Engine
-from dfkd.errors import ConfigError, ShapeError
-from dfkd.models import create_model
-from dfkd.phases import Batch, RealStream, build_batch_transform
+from dfkd.core.config import load_config, named_configs
+from dfkd.data.batch import Batch
+from dfkd.data.datasets import load_dataset
+from dfkd.data.loader import TensorLoader
+from dfkd.loop.engine import Engine
+from dfkd.loop.phases import RealStream, build_batch_transform
+from dfkd.nets.models import create_model
+from dfkd_base.errors import ConfigError, ShapeError
 
 KD_DIGITS = sorted(n for n in named_configs() if n.startswith("kd/") and n.endswith("-digits"))
 THIN = ["players.student.net.name=lenet5", "players.student.net.kwargs={width: 0.125}"]
@@ -28,6 +30,7 @@ def test_every_method_has_a_digits_and_a_fashion_mnist_config():
 
 
 @pytest.mark.parametrize("name", [n for n in KD_DIGITS if n not in ("kd/byot-digits", "kd/cskd-digits")])  # no teacher
+@pytest.mark.slow
 def test_kd_configs_train_a_thin_student_on_digits(name, tmp_path, digits_teacher):
     width = [] if name == "kd/fsp-digits" else THIN
     config = load_config(name, [f"teacher.checkpoint={digits_teacher[0]}", f"output.root={tmp_path}",
@@ -94,7 +97,7 @@ def test_self_distill_term_hand_example():
 
     import torch.nn.functional as F
 
-    from dfkd.losses import self_distill
+    from dfkd.methods.losses.self_distill import self_distill
 
     z1, z2, deep = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 0.0]])
     f1, f2, deep_feature = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0, 5.0]])
@@ -115,9 +118,10 @@ def test_self_distill_term_hand_example():
     assert self_distill(ctx, T=T, alpha=alpha, feature_weight=beta).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_byot_trains_exits_that_are_evaluated_and_exit_early(tmp_path):
-    from dfkd.checkpoint import load_model
-    from dfkd.evaluation import early_exit, evaluate, exit_costs
+    from dfkd.loop.evaluation import early_exit, evaluate, exit_costs
+    from dfkd.nets.arch import load_model
 
     config = load_config("kd/byot-digits", [f"output.root={tmp_path}", "runtime.num_threads=1", "train.epochs=3"])
     engine = Engine(config)
@@ -156,7 +160,8 @@ def test_class_pairs_give_each_sample_another_of_its_class():
 def test_cs_kd_term_is_the_kl_to_the_partners_prediction_without_its_gradient():
     from types import SimpleNamespace
 
-    from dfkd.losses import cs_kd, kd_kl_divergence
+    from dfkd.methods.losses.response import kd_kl_divergence
+    from dfkd.methods.losses.self_distill import cs_kd
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 4)

@@ -5,10 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dfkd.errors import ConfigError, ShapeError
-from dfkd.losses import (Contrastive, activation_norm, adv_kl, adv_l1, attention, bn_stats, build_terms,
-                         class_balance, competition, kd_kl, l2_prior, onehot_ce, tv)
-from dfkd.taps import BN_INPUT_MEANS, BNStats
+from dfkd.methods.losses.base import build_terms
+from dfkd.methods.losses.contrastive import Contrastive
+from dfkd.methods.losses.datafree import (activation_norm, adv_kl, adv_l1, bn_stats, class_balance, competition,
+                                          l2_prior, onehot_ce, tv)
+from dfkd.methods.losses.feature import attention
+from dfkd.methods.losses.response import kd_kl
+from dfkd.nets.taps import BN_INPUT_MEANS, BNStats
+from dfkd_base.errors import ConfigError, ShapeError
 
 LN3 = math.log(3)
 
@@ -141,7 +145,7 @@ def test_bn_stats_zero_at_running_stats_and_float32_from_bf16():
 
 
 def test_bn_stats_momentum_blends_earlier_batches():
-    from dfkd.losses import BNStatistics
+    from dfkd.methods.losses.datafree import BNStatistics
 
     term = BNStatistics(momentum=0.9)
     first = SimpleNamespace(teacher_bn=[bn_layer("bn", [1.0], [1.0], [0.0], [1.0])])
@@ -212,11 +216,11 @@ def test_contrastive_bank_takes_the_kept_steps_raw_features_once_per_batch():
         term(contrastive_ctx(images, glob, local))
         if i == 1:
             term.keep_step()  # synthesis keeps the second step's batch
-        assert term.bank_filled.item() == 0  # nothing enters the bank during the inner loop
+        assert term.bank is None  # nothing enters the bank during the inner loop
     term.end_batch()
     glob, local = steps[1]
-    assert term.bank_filled.item() == 2 and term.bank_ptr.item() == 2
-    assert torch.equal(term.bank[:2], torch.cat([local, glob], dim=1))  # raw features, not projections
+    assert len(term.bank) == 2 and term.bank.cursor == 2
+    assert torch.equal(term.bank.columns["features"][:2], torch.cat([local, glob], dim=1))  # raw, not projections
     # the next batch's steps draw min(negatives, filled) bank rows, re-projected by the current head
     calls = []
     original = term.project
@@ -227,8 +231,13 @@ def test_contrastive_bank_takes_the_kept_steps_raw_features_once_per_batch():
         term(contrastive_ctx(images, glob, local))
         term.keep_step()
         term.end_batch()
-    assert term.bank_filled.item() == 5 and term.bank_ptr.item() == 1
-    assert {"bank", "bank_ptr", "bank_filled", "head.0.weight"} <= set(term.state_dict())
+    assert len(term.bank) == 5 and term.bank.cursor == 1
+    state = term.state_dict()
+    assert "head.0.weight" in state and state["_extra_state"]["bank"]["cursor"] == 1
+    restored = Contrastive(bank_size=5, negatives=3, dim=3)
+    restored.build_head(2)
+    restored.load_state_dict(state)  # the bank comes back whole, and goes on where it was
+    assert torch.equal(restored.bank.columns["features"], term.bank.columns["features"]) and restored.bank.cursor == 1
 
 
 def test_contrastive_gradient_reaches_images_through_the_local_view_only():
@@ -258,7 +267,7 @@ def test_build_terms_instantiates_class_terms():
     assert isinstance(term.term, Contrastive) and term.weight == 0.8
     assert term.term.needs == ("teacher",) and term.term.taps() == {"teacher": [BN_INPUT_MEANS], "student": []}
     term.term.build_head(4)
-    assert term.term.T == 0.1 and term.term.bank.shape == (16, 8) and term.term.head[2].out_features == 256
+    assert term.term.T == 0.1 and term.term.bank_size == 16 and term.term.head[2].out_features == 256
     ctx = contrastive_ctx(torch.zeros(2, 3, 8, 8), torch.rand(2, 4), torch.rand(2, 4))
     assert torch.isfinite(term(ctx))
 
@@ -284,7 +293,7 @@ def test_build_terms_tagged_duplicates():
 
 # ---------------------------------------------------------------- relation-based and decoupled terms
 def relation_ctx(student, teacher):
-    from dfkd.taps import EMBEDDING
+    from dfkd.nets.taps import EMBEDDING
     return SimpleNamespace(student_features={EMBEDDING: student}, teacher_features={EMBEDDING: teacher})
 
 
@@ -293,7 +302,8 @@ def smooth_l1(x):
 
 
 def test_rkd_distance_hand_example():
-    from dfkd.losses import rkd_distance
+    from dfkd.methods.losses.relation import rkd_distance
+
     # teacher: a 3-4-5 triangle, mean distance 4 -> 0.75, 1, 1.25; student: a right isosceles one
     teacher, student = t([0, 0], [3, 0], [0, 4]), t([0, 0], [1, 0], [0, 1])
     m = (2 + math.sqrt(2)) / 3
@@ -304,7 +314,8 @@ def test_rkd_distance_hand_example():
 
 
 def test_rkd_angle_hand_example():
-    from dfkd.losses import rkd_angle
+    from dfkd.methods.losses.relation import rkd_angle
+
     # teacher: right isosceles triangle (cosines 0 at the right angle, 1/√2 at the others);
     # student: equilateral (0.5 everywhere); each vertex contributes its two off-diagonal cosines
     teacher = t([0, 0], [1, 0], [0, 1])
@@ -314,7 +325,7 @@ def test_rkd_angle_hand_example():
 
 
 def test_sp_hand_example():
-    from dfkd.losses import similarity_preserving
+    from dfkd.methods.losses.relation import similarity_preserving
     student, teacher = t([1, 0], [0, 1]), t([1, 0], [1, 0])
     # G_S = I (rows already unit); G_T = [[1, 1], [1, 1]] -> rows (1/√2, 1/√2)
     r = 1 / math.sqrt(2)
@@ -323,7 +334,7 @@ def test_sp_hand_example():
 
 
 def test_pkt_hand_example():
-    from dfkd.losses import pkt
+    from dfkd.methods.losses.relation import pkt
     student, teacher = t([1, 0], [0, 1]), t([1, 0], [1, 0])
     # student cosines [[1, 0], [0, 1]] -> (s+1)/2 = [[1, .5], [.5, 1]] -> rows (2/3, 1/3);
     # teacher cosines all 1 -> rows (1/2, 1/2); KL(teacher ‖ student) per entry, mean over 4 entries
@@ -332,13 +343,13 @@ def test_pkt_hand_example():
 
 
 def test_relation_terms_need_the_same_samples_from_both_networks():
-    from dfkd.losses import rkd_distance
+    from dfkd.methods.losses.relation import rkd_distance
     with pytest.raises(ShapeError, match="holds 3 samples and the teacher's '<embedding>' 2"):
         rkd_distance(relation_ctx(torch.randn(3, 4), torch.randn(2, 4)))
 
 
 def test_fsp_hand_example_and_channel_mismatch():
-    from dfkd.losses import fsp
+    from dfkd.methods.losses.relation import fsp
     a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])            # (1, 1, 2, 2)
     b = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     c = torch.tensor([[[[2.0]]]])                              # (1, 1, 1, 1): a and b pooled to 1x1
@@ -353,7 +364,8 @@ def test_fsp_hand_example_and_channel_mismatch():
 
 
 def test_dkd_rebuilds_classical_kd_from_its_two_parts():
-    from dfkd.losses import dkd
+    from dfkd.methods.losses.response import dkd
+
     # DKD's identity: KD = TCKD + (1 - p_t) NCKD, p_t the teacher's target probability (one sample)
     torch.manual_seed(0)
     s, te, y, T = torch.randn(1, 5), torch.randn(1, 5), torch.tensor([2]), 4.0
@@ -374,8 +386,8 @@ def nce_by_hand(scores, n):
 
 
 def test_crd_scores_each_embedding_against_the_other_networks_memory_and_then_updates_it():
-    from dfkd.losses import ContrastiveRepresentation
-    from dfkd.taps import EMBEDDING
+    from dfkd.methods.losses.contrastive import ContrastiveRepresentation
+    from dfkd.nets.taps import EMBEDDING
 
     crd = ContrastiveRepresentation(dim=2, negatives=3, T=0.5, momentum=0.5)
     crd.build_memory(2, 2, torch.tensor([0, 0, 1, 1]))
@@ -406,7 +418,7 @@ def test_crd_scores_each_embedding_against_the_other_networks_memory_and_then_up
 
 
 def test_crd_on_batches_without_sample_indices_is_a_one_line_error():
-    from dfkd.losses import ContrastiveRepresentation
+    from dfkd.methods.losses.contrastive import ContrastiveRepresentation
 
     crd = ContrastiveRepresentation(dim=2, negatives=1)
     crd.build_memory(2, 2, torch.tensor([0, 1]))
@@ -416,7 +428,8 @@ def test_crd_on_batches_without_sample_indices_is_a_one_line_error():
 
 
 def test_rkd_gives_no_runaway_gradient_to_coinciding_student_embeddings():
-    from dfkd.losses import rkd_angle, rkd_distance
+    from dfkd.methods.losses.relation import rkd_angle, rkd_distance
+
     # a thin student whose ReLUs died for two samples: their embeddings coincide (both zero)
     student = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0], [3.0, 1.0]], requires_grad=True)
     teacher = t([1, 0], [0, 1], [2, 2], [3, 0])

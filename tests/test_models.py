@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dfkd.errors import ConfigError, ShapeError, UnknownNameError
-from dfkd.models import MODELS, count_parameters, create_model, list_models
+from dfkd.nets.models import MODELS, count_parameters, create_model, list_models
+from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 
 # (name, in_channels, image_size) for every registered name plus the parsed families.
 CASES = [(name, 1, 28) if name.startswith("lenet") else (name, 3, 32) for name in MODELS.names()] + [
@@ -129,10 +129,10 @@ class _Scaled(nn.Module):
 
 
 def test_a_registered_wrapper_is_built_trained_saved_and_reloaded_without_engine_changes(tmp_path):
-    from dfkd.checkpoint import load_model
-    from dfkd.config import load_config
-    from dfkd.engine import Engine
-    from dfkd.models import MODEL_WRAPPERS
+    from dfkd.core.config import load_config
+    from dfkd.loop.engine import Engine
+    from dfkd.nets.arch import load_model
+    from dfkd.nets.models import MODEL_WRAPPERS
 
     MODEL_WRAPPERS.register("test_scale")(_Scaled)
     try:

@@ -1,11 +1,12 @@
-"""Sample-quality measures (dfkd.quality) against hand computations."""
+"""Sample-quality measures (dfkd.loop.quality) against hand computations."""
 import numpy as np
 import pytest
 import torch
 from scipy import linalg
 
-from dfkd.models import create_model
-from dfkd.quality import Embedding, SampleQuality, diversity, frechet_distance, prdc
+from dfkd.loop.quality import SampleQuality, diversity, frechet_distance, prdc
+from dfkd.nets.models import create_model
+from dfkd.nets.taps import embed
 
 
 def test_frechet_distance_matches_the_closed_form_on_small_gaussians():
@@ -42,15 +43,16 @@ def test_the_embedding_is_the_input_of_the_last_linear_layer_and_quality_compare
     torch.manual_seed(0)
     teacher = create_model("lenet5", 1, 10, 32).eval()
     x = torch.randn(20, 1, 32, 32)
-    embed = Embedding(teacher)
     by_hand = x
     for name, module in teacher.named_children():
         if name == "fc2":
             break
         by_hand = module(by_hand)
-    assert embed.num_features == 84 and torch.allclose(embed(x), by_hand.detach())
-    quality = SampleQuality(embed, x)
+    features, logits = embed(teacher, x)
+    assert features.shape == (20, 84) and torch.allclose(features, by_hand.detach())
+    assert torch.allclose(logits, teacher(x).detach())
+    quality = SampleQuality(lambda images: embed(teacher, images), x)
     same = quality(x)
     assert same["quality/teacher_fid"] == pytest.approx(0.0, abs=1e-6) and same["quality/precision"] == 1.0
     assert same["quality/diversity"] == pytest.approx(same["quality/diversity_real"])
-    assert SampleQuality(embed, None)(x).keys() == {"quality/diversity"}  # no real data: diversity alone
+    assert SampleQuality(lambda images: embed(teacher, images), None)(x).keys() == {"quality/diversity"}  # no real data: diversity alone

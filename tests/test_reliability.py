@@ -3,9 +3,9 @@ losses stay finite, an evaluation that turns NaN, divergence before anything goo
 import pytest
 import torch
 
-from dfkd.checkpoint import safe_load
-from dfkd.config import load_config
-from dfkd.engine import DivergenceError, Engine
+from dfkd.core.checkpoint import safe_load
+from dfkd.core.config import load_config
+from dfkd.loop.engine import DivergenceError, Engine
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +85,7 @@ def test_divergence_before_any_good_state_says_so(tmp_path, monkeypatch):
 def test_a_state_copied_out_of_its_run_never_makes_a_run_write_where_it_lies(tmp_path, fit_until_killed):
     import shutil
 
-    from dfkd.errors import CheckpointError
+    from dfkd_base.errors import CheckpointError
 
     engine = run(tmp_path / "runs", "train.epochs=2")
     fit_until_killed(engine, 1)
@@ -105,7 +105,7 @@ def test_a_state_copied_out_of_its_run_never_makes_a_run_write_where_it_lies(tmp
 
 
 def test_experiment_is_a_name_not_a_path(tmp_path):
-    from dfkd.errors import ConfigError
+    from dfkd_base.errors import ConfigError
 
     for bad in ("../outside", "/tmp/abs", "a/b", ".."):
         with pytest.raises(ConfigError, match="experiment must be a name"):
@@ -113,8 +113,8 @@ def test_experiment_is_a_name_not_a_path(tmp_path):
 
 
 def test_a_second_process_is_kept_off_a_running_run_and_a_resume_trims_the_log(tmp_path, fit_until_killed):
-    from dfkd.errors import RunInUseError
-    from dfkd.runs import RunLock, read_metrics
+    from dfkd.core.runs import RunLock, read_metrics
+    from dfkd_base.errors import RunInUseError
 
     engine = run(tmp_path, "train.epochs=2", "train.log_every=1")
     fit_until_killed(engine, 1)
@@ -138,8 +138,9 @@ def test_a_second_process_is_kept_off_a_running_run_and_a_resume_trims_the_log(t
 def test_a_teacher_replaced_at_the_same_path_stops_the_resume(tmp_path, digits_teacher, fit_until_killed):
     import shutil
 
-    from dfkd.checkpoint import load_model, save_model
-    from dfkd.errors import CheckpointError
+    from dfkd.core.checkpoint import save_model
+    from dfkd.nets.arch import load_model
+    from dfkd_base.errors import CheckpointError
 
     teacher = tmp_path / "teacher.pt"
     shutil.copy(digits_teacher[0], teacher)
@@ -156,8 +157,8 @@ def test_a_teacher_replaced_at_the_same_path_stops_the_resume(tmp_path, digits_t
 
 
 def test_a_teacher_trained_on_another_dataset_is_named_in_a_warning(tmp_path, capsys):
-    from dfkd.checkpoint import save_model
-    from dfkd.models import create_model
+    from dfkd.core.checkpoint import save_model
+    from dfkd.nets.models import create_model
 
     path = tmp_path / "t.pt"
     save_model(path, create_model("lenet5", in_channels=1, num_classes=10, image_size=32),
@@ -167,7 +168,7 @@ def test_a_teacher_trained_on_another_dataset_is_named_in_a_warning(tmp_path, ca
 
 
 def test_a_state_with_a_negative_step_is_refused_in_one_line(tmp_path):
-    from dfkd.errors import CheckpointError
+    from dfkd_base.errors import CheckpointError
 
     engine = run(tmp_path, "train.epochs=1")
     engine.fit()
@@ -181,8 +182,8 @@ def test_a_state_with_a_negative_step_is_refused_in_one_line(tmp_path):
 
 
 def test_an_explicit_data_root_is_read_and_never_replaced_by_the_system_copy(tmp_path):
-    from dfkd.data import load_dataset
-    from dfkd.errors import DatasetNotFoundError
+    from dfkd.data.datasets import load_dataset
+    from dfkd_base.errors import DatasetNotFoundError
 
     empty = tmp_path / "empty"
     empty.mkdir()

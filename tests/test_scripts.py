@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from dfkd.config import load_config
-from dfkd.engine import Engine
+from dfkd.core.config import load_config
+from dfkd.loop.engine import Engine
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -132,6 +132,7 @@ def test_sweep_without_teacher_fails_in_one_line(tmp_path, capsys):
     assert "\n" not in err and "--teacher" in err
 
 
+@pytest.mark.slow
 def test_benchmark_runs_both_variants(tmp_path, teacher, capsys):
     out = tmp_path / "bench.json"
     assert benchmark.main(["--teacher", teacher, "--iters", "4", "--eval-every", "2", "--warmup", "1",
@@ -147,6 +148,7 @@ def test_benchmark_runs_both_variants(tmp_path, teacher, capsys):
     assert "| engine |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_compares_a_method_with_the_inline_loop(tmp_path, teacher, capsys):
     out = tmp_path / "bench.json"
     assert benchmark.main(["--teacher", teacher, "--iters", "2", "--eval-every", "2", "--warmup", "0",
@@ -168,6 +170,7 @@ def _throughput(tmp_path, batch: int, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_throughput_counts_the_work_of_one_iteration(tmp_path, capsys):
     small, large = _throughput(tmp_path, 8, "--peak-tflops", "2"), _throughput(tmp_path, 16)
     # dfq-digits: one generator step and ten student steps, each on a fresh batch
@@ -197,6 +200,7 @@ def test_throughput_rejects_a_bad_model_name_in_one_line(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ reproduce.py
+@pytest.mark.slow
 def test_reproduce_writes_the_table_with_budgets_teacher_hash_and_published_numbers(tmp_path, teacher, capsys):
     reproduce = load_script("reproduce")
     out = tmp_path / "table"
@@ -220,6 +224,7 @@ def test_reproduce_writes_the_table_with_budgets_teacher_hash_and_published_numb
 
 
 # ------------------------------------------------------------------ fingerprint.py
+@pytest.mark.slow
 def test_fingerprint_reports_identical_runs_and_names_what_differs(tmp_path, capsys):
     fingerprint = load_script("fingerprint")
     first, second = tmp_path / "a.json", tmp_path / "b.json"
@@ -236,6 +241,7 @@ def test_fingerprint_reports_identical_runs_and_names_what_differs(tmp_path, cap
 
 
 # ------------------------------------------------------------------ taxonomy.py
+@pytest.mark.slow
 def test_taxonomy_table_has_the_thin_student_fsp_at_full_width_and_the_published_anchor(tmp_path, teacher, capsys):
     taxonomy = load_script("taxonomy")
     out = tmp_path / "kd"
@@ -277,6 +283,7 @@ def test_quant_table_puts_bits_down_methods_across_and_names_the_best_data_free_
     assert quant_table.main([str(tmp_path / "missing.jsonl")]) == 2
 
 
+@pytest.mark.slow
 def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_path, teacher):
     taxonomy = load_script("taxonomy")
     out = tmp_path / "kd"
@@ -304,6 +311,7 @@ def test_taxonomy_runs_chains_and_data_free_rows_from_the_tables_teacher(tmp_pat
 
 
 # ------------------------------------------------------------------ teachers_table.py
+@pytest.mark.slow
 def test_teachers_table_trains_each_architecture_as_a_user_would_and_marks_the_target(tmp_path, teacher, capsys):
     table = load_script("teachers_table")
     out = tmp_path / "teachers"

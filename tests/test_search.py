@@ -11,11 +11,14 @@ import time
 import pytest
 import torch
 
-from dfkd.config import load_config
-from dfkd.errors import ConfigError
-from dfkd.models import count_parameters, create_model
-from dfkd.search import (BudgetConfig, Search, Space, diswot_score, load_search, over_budget, pareto_rows, spearman,
-                         static_cost)
+from dfkd.core.config import load_config
+from dfkd.nets.models import count_parameters, create_model
+from dfkd.tools.search.config import BudgetConfig, load_search
+from dfkd.tools.search.proxy import diswot_score
+from dfkd.tools.search.report import pareto_rows, spearman
+from dfkd.tools.search.space import Space, over_budget, static_cost
+from dfkd.tools.search.study import Search
+from dfkd_base.errors import ConfigError
 
 pytest.importorskip("optuna")
 
@@ -108,12 +111,13 @@ def test_diswot_is_zero_for_the_teacher_itself_and_lower_for_an_untrained_studen
     assert diswot_score(teacher, teacher, x, 10) == pytest.approx(0.0, abs=1e-5)
     student = create_model("lenet5", 1, 10, 32, channels=[2, 4, 16, 8], batchnorm=False)
     assert diswot_score(teacher, student, x, 10) < -0.1
-    from dfkd.search import _relations  # the teacher's side computed once for many students gives the same score
+    from dfkd.tools.search.proxy import \
+        relations as _relations  # the teacher's side computed once for many students gives the same score
     assert diswot_score(teacher, student, x, 10, _relations(teacher, x, 10)) == diswot_score(teacher, student, x, 10)
 
 
 def test_diswot_relation_term_is_the_row_normalized_embedding_gram():
-    from dfkd.search import _relations
+    from dfkd.tools.search.proxy import relations as _relations
 
     torch.manual_seed(0)
     model = create_model("lenet5", 1, 10, 32, channels=[2, 4, 6, 5], batchnorm=False)
@@ -148,8 +152,9 @@ def test_pareto_rows_mark_the_non_dominated_students():
 
 # ---------------------------------------------------------------- held-out validation
 def test_validation_holds_out_the_same_stratified_part_and_evaluates_on_it(tmp_path, digits_teacher):
-    from dfkd.build import build_run
-    from dfkd.data import hold_out, load_dataset
+    from dfkd.data.datasets import load_dataset
+    from dfkd.data.splits import hold_out
+    from dfkd.loop.build import build_run
 
     train = load_dataset("digits", "train")
     rest, held = hold_out(train, 0.2)
@@ -201,6 +206,7 @@ def test_digits_search_finds_a_student_better_than_the_smallest_member(tmp_path,
     assert "validation: 0.0" in (search.folder / "retrain" / "searched-1-s0" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_space_with_nothing_within_the_budget_is_a_one_line_error(tmp_path, digits_teacher, capsys):
     from dfkd.cli import main
 
@@ -318,7 +324,7 @@ def test_with_no_trials_the_proxy_alone_chooses(tmp_path, digits_teacher):
 
 def test_a_data_free_search_ranks_by_the_proxy_on_noise_and_reads_no_training_image(tmp_path, digits_teacher,
                                                                                     monkeypatch):
-    import dfkd.search
+    import dfkd.tools.search.study
 
     teacher, _ = digits_teacher
     search = _search(tmp_path, teacher, "config=datafree/dfq-digits")
@@ -327,7 +333,7 @@ def test_a_data_free_search_ranks_by_the_proxy_on_noise_and_reads_no_training_im
     def no_reading(*args, **kwargs):
         raise AssertionError("a data-free search read a dataset")
 
-    monkeypatch.setattr(dfkd.search, "load_dataset", no_reading)
+    monkeypatch.setattr(dfkd.tools.search.study, "load_dataset", no_reading)
     batch = search.proxy_batch()
     assert batch.shape == (64, 1, 32, 32) and abs(float(batch.mean())) < 0.05 and abs(float(batch.std()) - 1) < 0.05
     assert search.proxy({"channels": [2, 4, 16, 8], "kernels": [5, 5]}, batch) < 0

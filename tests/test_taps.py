@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dfkd.errors import ConfigError
-from dfkd.models import create_model
-from dfkd.taps import BNStatsTap, FeatureTap, resolve_module
+from dfkd.nets.models import create_model
+from dfkd.nets.taps import BNStatsTap, FeatureTap, resolve_module
+from dfkd_base.errors import ConfigError
 
 
 @pytest.fixture
