@@ -448,11 +448,18 @@ def test_generator_that_cannot_make_the_dataset_shape(output_root, untrained_tea
     assert "(1, 28, 28)" in message
 
 
-def test_teacher_that_does_not_take_the_dataset_shape(tmp_path, untrained_teachers):
-    cfg = load_config("datafree/dfad-fmnist", [f"output.root={tmp_path}", "data.eval=false",
-                                               f"teacher.checkpoint={untrained_teachers['digits']}"])
-    with pytest.raises((ShapeError, ConfigError)):
-        Engine(cfg)
+def test_a_dataset_that_the_teachers_card_does_not_take_is_refused_when_read_and_ignored_when_not(
+        tmp_path, untrained_teachers, capsys):
+    overrides = [f"output.root={tmp_path}", f"teacher.checkpoint={untrained_teachers['digits']}",
+                 "train.epochs=1", "train.iters_per_epoch=1", "phases.0.steps=1"]
+    with pytest.raises(ShapeError) as error:  # Fashion-MNIST's 28x28 for evaluation: the card takes 32x32
+        Engine(load_config("datafree/dfad-fmnist", overrides))
+    assert "dataset 'fashion-mnist' gives 1x28x28 images of 10 classes; the input card of teacher" in str(error.value)
+    assert "takes 1x32x32 images of 10 classes" in str(error.value)
+    # never read (data.eval=false): the run follows the teacher's card, and says so
+    engine = Engine(load_config("datafree/dfad-fmnist", [*overrides, "data.eval=false"]))
+    assert engine.info.shape == (1, 32, 32) and engine.student.module(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    assert "dataset 'fashion-mnist' is not what teacher" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Two kinds of file:
 
 * a **model file** (``format: dfkd.model/1``): one network's weights plus what is needed to
-  rebuild and trust it: architecture, dataset, accuracy, the resolved config, and a SHA-256 of
-  the weights. Teachers are model files; ``dfkd eval`` reads them.
+  rebuild and trust it: architecture, the input card (what it takes: shape, normalization,
+  classes), dataset, accuracy, the resolved config or the imported file's provenance, and a
+  SHA-256 of the weights. Teachers are model files; ``dfkd eval`` reads them, ``dfkd import``
+  writes them from weights trained anywhere.
 * a **training state** (``format: dfkd.state/1``): everything a run needs to continue exactly:
   every player's weights, optimizers, schedulers, the AMP scaler, the image pool, RNG states
   and the step. ``--resume`` reads it.
@@ -67,9 +69,15 @@ def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, arch: dict, **meta: Any) -> Path:
-    """Write a model file. ``arch`` holds the ``create_model`` arguments (name, in_channels,
-    num_classes, image_size, kwargs); ``meta`` anything plain (dataset, accuracy, config ...)."""
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    """Write a model file of ``model``'s weights. ``arch`` holds the ``create_model`` arguments
+    (name, in_channels, num_classes, image_size, kwargs); ``meta`` anything plain (card, dataset,
+    accuracy, config ...)."""
+    return save_weights(path, unwrap(model).state_dict(), arch, **meta)
+
+
+def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], arch: dict, **meta: Any) -> Path:
+    """Write a model file of the weights ``state`` (see :func:`save_model`)."""
+    state = {k: v.detach().cpu() for k, v in state.items()}
     return atomic_save({"format": MODEL_FORMAT, "arch": arch, "state_dict": state,
                         "sha256": state_hash(state), **meta}, path)
 
@@ -95,6 +103,8 @@ def read_model_file(path: str | os.PathLike, allow_unhashed: bool = False) -> di
         raise CheckpointError(f"{path}: arch.quant must be a mapping of quantization settings")
     if not isinstance(arch.get("kwargs", {}), dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: arch.kwargs must be a mapping and state_dict hold tensors")
+    if not isinstance(ckpt.get("card") or {}, dict) or not isinstance(ckpt.get("provenance") or {}, dict):
+        raise CheckpointError(f"{path}: card and provenance must be mappings")
     if (arch.get("kwargs") or {}).get("weights") is not None:
         raise CheckpointError(f"{path}: records weights={arch['kwargs']['weights']!r}; rebuilding a model file "
                               f"never downloads anything, and its own weights are all it needs")

@@ -83,6 +83,9 @@ class TeacherConfig:
     ensemble: Literal["mean", "random", "confidence", "drop_one"] = "mean" # how an ensemble's outputs combine (above)
     # the teacher a paper's recipe was written for (name and kwargs); another gets a one-line warning
     expected: Optional[NetConfig] = None
+    # model files that name a user's class (dfkd import --arch module:Name) import it, running its code:
+    # only with this consent (--allow-code on the command line)
+    allow_code: bool = False
 
     @property
     def checkpoints(self) -> list[str]:

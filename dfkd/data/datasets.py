@@ -10,7 +10,7 @@ The registered datasets are read by :mod:`dfkd.data.readers`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -95,11 +95,11 @@ Reader = Callable[[DatasetInfo, str, str | None, bool], ImageTensorDataset]
 
 @dataclass(frozen=True)
 class _DatasetEntry:
-    info: DatasetInfo
+    info: DatasetInfo | None  # None: the user's own images, shaped and classed by a teacher's input card
     read: Reader  # (info, split, root, download) -> dataset
 
 
-DATASETS: Registry[_DatasetEntry] = Registry("dataset", locations=("dfkd.data.readers",))
+DATASETS: Registry[_DatasetEntry] = Registry("dataset", locations=("dfkd.data.readers", "dfkd.data.user"))
 
 
 def register_dataset(info: DatasetInfo, *aliases: str) -> Callable[[Reader], Reader]:
@@ -111,18 +111,57 @@ def register_dataset(info: DatasetInfo, *aliases: str) -> Callable[[Reader], Rea
     return decorator
 
 
+def register_user_dataset(name: str) -> Callable[[Reader], Reader]:
+    """Register the reader of a user's own images: ``read(card_info, split, root, download)``
+    converts them to the shape, classes and statistics of a teacher's input card."""
+    def decorator(read: Reader) -> Reader:
+        DATASETS.register(name)(_DatasetEntry(None, read))
+        return read
+
+    return decorator
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """Shape, classes and statistics of a registered dataset, without reading its files."""
-    return DATASETS.get(name).info
+    info = DATASETS.get(name).info
+    if info is None:
+        raise ConfigError(f"dataset '{name}' is your own images: their shape, classes and statistics are the "
+                          f"input card of a teacher's model file, which this needs")
+    return info
 
 
-def load_dataset(name: str, split: str, root: str | None = None, download: bool = False) -> ImageTensorDataset:
+def load_dataset(name: str, split: str, root: str | None = None, download: bool = False,
+                 card: DatasetInfo | None = None) -> ImageTensorDataset:
     """Read one split of a registered dataset into memory.
 
     ``root`` is where its files are (torchvision's layout, or bare IDX files for the
-    MNIST family); ``download`` lets torchvision fetch missing files into it.
+    MNIST family); ``download`` lets torchvision fetch missing files into it. ``card``: a teacher's
+    input card (as a :class:`DatasetInfo`): the split is read as the card says, normalized with
+    its statistics; the user's own images (``folder``, ``arrays``) are converted to it.
     """
     entry = DATASETS.get(name)
     if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}' for dataset '{entry.info.name}' (expected 'train' or 'test')")
-    return entry.read(entry.info, split, root, download)
+        raise ConfigError(f"unknown split '{split}' for dataset '{name}' (expected 'train' or 'test')")
+    if entry.info is None:
+        if card is None:
+            dataset_info(name)  # the one-line error: a user's images need a card
+        return entry.read(replace(card, name=name), split, root, download)
+    info = agreeing(entry.info, card, "the teacher") if card is not None else None  # before reading any file
+    dataset = entry.read(entry.info, split, root, download)
+    if info is None:
+        return dataset
+    return ImageTensorDataset(dataset.images, dataset.labels, info, split, paired=dataset.paired)
+
+
+def describe(info: DatasetInfo) -> str:
+    return f"{'x'.join(map(str, info.shape))} images of {info.num_classes} classes"
+
+
+def agreeing(dataset: DatasetInfo, card: DatasetInfo, source: str) -> DatasetInfo:
+    """What a run reads real images as: ``dataset``'s images (name, augmentation), normalized and
+    classed as the ``card`` (from ``source``) says; a ShapeError naming both when they disagree."""
+    if tuple(dataset.shape) != tuple(card.shape) or dataset.num_classes != card.num_classes:
+        raise ShapeError(f"dataset '{dataset.name}' gives {describe(dataset)}; the input card of {source} takes "
+                         f"{describe(card)}: evaluate on images it takes (your own: folder or arrays) or, in a "
+                         f"run, on none (data.eval=false)")
+    return replace(card, name=dataset.name, augment=dataset.augment)

@@ -18,22 +18,26 @@ from dfkd.core import checkpoint as ckpt_io
 from dfkd.core.runs import is_main_process, rank, world_size
 from dfkd.core.schema import SYNTHESIZER, Config, PhaseConfig, PlayerConfig
 from dfkd.data.batch import Batch
-from dfkd.data.datasets import DatasetInfo, ImageTensorDataset, dataset_info, load_dataset
+from dfkd.data.card import run_info
+from dfkd.data.datasets import DatasetInfo, ImageTensorDataset, describe, load_dataset
 from dfkd.data.loader import TensorLoader
 from dfkd.data.modalities import get_modality
 from dfkd.data.pairs import load_pairs
 from dfkd.data.splits import hold_out, labeled_subset, plant_canaries
+from dfkd.loop.needs import check_teacher_gives
 from dfkd.loop.phases import Phase, RealStream, build_phases
 from dfkd.loop.players import Player, Players
 from dfkd.loop.runtime import Runtime, seed_everything
-from dfkd.loop.teachers import Teachers, expected_arch_warning, load_teacher
+from dfkd.loop.teachers import Teachers, check_teachers, ensemble_card, load_teachers
 from dfkd.methods.losses.base import Feature, PlayerUse
 from dfkd.methods.synthesis import create_synthesizer
 from dfkd.methods.synthesis.base import Synthesizer, build_generator
-from dfkd.nets.arch import load_model
+from dfkd.nets.arch import is_black_box, load_model
 from dfkd.nets.models import create_model
 from dfkd.nets.taps import FeatureTap, probe
 from dfkd_base.errors import ConfigError, ShapeError
+
+HELD_OUT_SAMPLES = 512  # synthetic samples a run with no labeled image measures its student on
 
 
 @dataclasses.dataclass
@@ -92,15 +96,26 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
     dataset (an in-memory one: an audit's shadow models train on parts of the test split)."""
     runtime = Runtime(config.runtime, synthesis=config.synthesis.kind != "none")
     seed_everything(config.seed + rank())  # per-rank seeds: ranks must not draw identical batches
-    info = dataset_info(config.data.name)
+    teacher_modules, metas = load_teachers(config, runtime)
+    # the teacher's input card describes what the run's images are; the dataset, if read, must agree
+    card = ensemble_card(config, metas)
+    uses_real = any(p.batch in ("real", "labeled") and p.player != SYNTHESIZER for p in config.phases)
+    reads_data = config.data.eval or uses_real or bool(config.data.validation) or bool(config.data.pairs)
+    info = run_info(config.data.name, card, f"teacher {config.teacher.checkpoints[0]}" if card else "",
+                    reads_data and not config.data.pairs_test)
+    like = info if card is not None else None  # how real images are read: as the card says
+    if info.name == "card" and is_main_process():  # the dataset the config names disagrees, and is never read
+        print(f"dfkd: warning: dataset '{config.data.name}' is not what teacher {config.teacher.checkpoints[0]} takes "
+              f"({describe(info)}); the run reads no real data and follows the teacher's input card", file=sys.stderr)
+    check_teachers(config, teacher_modules, metas, info, runtime)
     # cross-modal: students see a modality of the images; a synthetic batch needs gradients through it
     modality = get_modality(config.data.modality, differentiable=config.synthesis.kind != "none") \
         if config.data.modality else None
     student_shape = tuple(info.shape) if modality is None else tuple(
         modality(torch.zeros((1, *info.shape)), info).shape[1:])
     pairs_test = load_pairs(config.data.pairs_test, info, "test") if config.data.pairs_test else None
-    teacher_modules, teacher_hashes = _load_teachers(config, info, runtime)
-    teachers = Teachers(teacher_modules, config.teacher.ensemble if config.teacher else "mean", runtime, teacher_hashes)
+    teachers = Teachers(teacher_modules, config.teacher.ensemble if config.teacher else "mean", runtime,
+                        [m.get("sha256") for m in metas])
     eval_name = eval_player_name(config)
 
     def student_of(phase: PhaseConfig) -> str:
@@ -111,6 +126,9 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
 
     phases = build_phases(config.phases, info.shape, student_of)
     _check_needs(config, phases)
+    for teacher, path in zip(teacher_modules, config.teacher.checkpoints if teacher_modules else []):
+        check_teacher_gives(config.experiment, [t for p in phases for t in p.terms], teacher, is_black_box(teacher),
+                            path)
 
     # real data, only as far as some phase trains on it
     uses = {p.batch for p in phases if p.player != SYNTHESIZER}
@@ -118,7 +136,7 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
         train_split = load_pairs(config.data.pairs, info, "train")
         student_shape = tuple(train_split.paired.shape[1:])
     elif train_split is None:
-        train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download) \
+        train_split = load_dataset(config.data.name, "train", config.data.root, config.data.download, like) \
             if uses & {"real", "labeled"} or config.data.validation else None
     held_out = None
     if config.data.validation:  # evaluation reads the held-out part; training (if it reads any) the rest
@@ -138,7 +156,7 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
     labeled = stream(labeled_subset(train_split, config.data.labeled_fraction, config.seed)) \
         if "labeled" in uses else None
     test_loader = TensorLoader(
-        pairs_test or held_out or load_dataset(config.data.name, "test", config.data.root, config.data.download),
+        pairs_test or held_out or load_dataset(config.data.name, "test", config.data.root, config.data.download, like),
         config.data.eval_batch_size, device=runtime.device) if config.data.eval else None
 
     tc = config.train
@@ -167,33 +185,13 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
     _calibrate(config, players, real or labeled)
     _wrap_for_ddp(players, runtime.device)
     synth = create_synthesizer(config.synthesis, info, runtime)
+    if synth is not None and not config.data.eval and len(teachers):  # no labeled image: measure on held-out samples
+        synth.hold_out(HELD_OUT_SAMPLES)
     _build_terms(config, phases, sizes, runtime.device)
     if eval_name not in players or players[eval_name].kind != "model":
         raise ConfigError(f"train.eval_player '{eval_name}' is not a model player")
     return Run(config, runtime, info, modality, student_shape, teachers, phases, real, labeled, test_loader,
                iters_per_epoch, total_iters, players, model_taps, synth, players[eval_name], canaries)
-
-
-def _load_teachers(config: Config, info: DatasetInfo, runtime: Runtime) -> tuple[list[nn.Module], list[str]]:
-    """The teachers, and their weights' SHA-256; a one-line warning for a teacher other than the
-    recipe's, or trained on another dataset than the run's."""
-    tc = config.teacher
-    if tc is None:
-        return [], []
-    if not tc.checkpoints:
-        raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher`)")
-    teachers, hashes = [], []
-    for path in tc.checkpoints:
-        teacher, meta = load_teacher(path, info, runtime)
-        warnings = [expected_arch_warning(meta["arch"], tc.expected, path, config.experiment)]
-        if meta.get("dataset") not in (None, info.name):
-            warnings.append(f"teacher {path} was trained on '{meta['dataset']}'; this run's data is '{info.name}'")
-        for warning in filter(None, warnings):
-            if is_main_process():
-                print(f"dfkd: warning: {warning}", file=sys.stderr)
-        teachers.append(teacher)
-        hashes.append(meta.get("sha256"))
-    return teachers, hashes
 
 
 def _create_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality, student_shape) -> nn.Module:
@@ -209,7 +207,7 @@ def _create_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality,
                           f"fine-tune it as it is, or start from a float model file")
     if pc.quant.init == "teacher":
         path = config.teacher.checkpoints[0]
-        model, meta = load_model(path)
+        model, meta = load_model(path, allow_code=config.teacher.allow_code)
         if pc.net.name not in (None, meta["arch"]["name"]):
             raise ConfigError(f"quant.init 'teacher' copies the teacher ({meta['arch']['name']}, {path}); "
                               f"net.name '{pc.net.name}' differs (set net.name to it, or null)")
@@ -237,7 +235,8 @@ def _calibrate(config: Config, players: Players, stream: RealStream | None) -> N
 def _float_model(pc: PlayerConfig, config: Config, info: DatasetInfo, modality, student_shape) -> nn.Module:
     C, H, _ = student_shape
     if pc.net.checkpoint:
-        model, meta = load_model(pc.net.checkpoint)
+        consent = config.teacher is not None and config.teacher.allow_code
+        model, meta = load_model(pc.net.checkpoint, allow_code=consent)
         arch = meta["arch"]
         if arch["in_channels"] != C or arch.get("image_size", H) != H:
             view = f"modality '{config.data.modality}' of {info.name}" if modality else f"dataset {info.name}"

@@ -29,7 +29,7 @@ from dfkd.data.batch import Batch
 from dfkd.loop.build import build_run
 from dfkd.loop.callbacks import Callback
 from dfkd.loop.context import Services, StepContext
-from dfkd.loop.evaluation import evaluate
+from dfkd.loop.evaluation import evaluate, held_out_agreement
 from dfkd.loop.phases import Phase
 from dfkd.loop.reporting import Reporter
 from dfkd.loop.runtime import broadcast_from_rank0, seed_everything
@@ -272,6 +272,9 @@ class Engine:
                                      progress.teacher_acc, scalars)
             for callback in self.callbacks:
                 callback.on_evaluation(self, epoch, result)
+        elif self.synth is not None and self.synth.heldout is not None and (epoch % tc.eval_every == 0 or last_epoch):
+            record["agreement"] = held_out_agreement(self.run)  # no labeled image: agreement on held-out samples
+            self.reporter.agreement(self.step, epoch, record["agreement"])
         norms = weight_norms(self.run)  # nothing is kept of a state that fails its health check
         problem = health_problem(norms, progress, result["loss"] if result else None, tc.max_weight_growth)
         if problem:

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.data.datasets import DatasetInfo
+from dfkd.data.batch import Batch
+from dfkd.data.card import card_of, check_card, info_from_card
+from dfkd.data.datasets import DatasetInfo, load_dataset
 from dfkd.nets.taps import resolve_module
+from dfkd_base.errors import ConfigError
 
 
 @torch.no_grad()
@@ -45,6 +48,46 @@ def evaluate(model: nn.Module, loader: Iterable, forward: Callable[[nn.Module, t
         result["exits"] = [100.0 * c / n for c in exit_correct[:-1]]
         result["exit_ensemble"] = 100.0 * exit_correct[-1] / n
     return result
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, teacher: nn.Module, images: torch.Tensor, forward: Callable,
+              student_images: torch.Tensor | None = None, batch: int = 256) -> float:
+    """The share (%) of ``images`` on which ``student`` (seeing ``student_images``, another modality
+    of them, when given) predicts the class ``teacher`` predicts: a run's progress when it has no
+    labeled image. Both in eval mode (their modes are restored)."""
+    modes = student.training, teacher.training
+    student.eval(), teacher.eval()
+    same = 0
+    views = student_images if student_images is not None else images
+    for x, v in zip(images.split(batch), views.split(batch)):
+        same += int((forward(student, v).argmax(1) == forward(teacher, x).argmax(1)).sum())
+    student.train(modes[0]), teacher.train(modes[1])
+    return 100.0 * same / len(images)
+
+
+def evaluation_split(meta: dict, path: str, data: str | None, split: str, root: str | None):
+    """The labeled split a model file is evaluated on: ``data`` (a registered dataset, or the user's
+    own images, ``folder`` or ``arrays`` at ``root``), else the dataset it was trained on; read as
+    the model's input card says (normalized with its statistics, converted to its shape)."""
+    name = data or meta.get("dataset")
+    if name is None:
+        raise ConfigError(f"{path} names no dataset it was trained on (an imported teacher): give --data (a dataset, "
+                          f"or folder / arrays with --root)")
+    card = card_of(meta)
+    return load_dataset(name, split, root, card=info_from_card(check_card(card, path), name) if card else None)
+
+
+def held_out_agreement(run) -> float | None:
+    """A run's student against its teacher on the synthetic samples it holds out (see
+    :meth:`~dfkd.methods.synthesis.base.Synthesizer.hold_out`); None before any was made."""
+    generator_name = getattr(run.config.synthesis, "generator", None)
+    generator = run.players.module(generator_name) if generator_name in run.players else None
+    images = run.synth.held_out(generator)
+    if images is None:
+        return None
+    views = run.student_view(Batch(images)).images if run.modality is not None else None
+    return agreement(run.student.eval_module, run.teachers.evaluation_model(), images, run.runtime.forward, views)
 
 
 def exits_of(model: nn.Module) -> nn.Module | None:

@@ -101,6 +101,12 @@ class Reporter:
         self.logger.scalars(step, {"eval/acc": result["acc"], "eval/loss": result["loss"], "epoch": epoch,
                                    "eval/best_acc": best, **teacher, **extra, **exit_scalars(result)})
 
+    def agreement(self, step: int, epoch: int, value: float | None) -> None:
+        """A run without labeled images: the student's agreement with the teacher on held-out
+        synthetic samples, its progress measure."""
+        if value is not None:
+            self.logger.scalars(step, {"eval/teacher_agreement": value, "epoch": epoch})
+
     def epoch_images(self, step: int, synthetic: torch.Tensor | None) -> None:
         """The epoch's grids: synthetic samples (all, and by the class the teacher predicts), an
         evaluation batch by label (unless ``output.show_real`` is off), paired modalities."""

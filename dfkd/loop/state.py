@@ -21,6 +21,8 @@ from dfkd.core import checkpoint as ckpt_io
 from dfkd.core.config import config_to_dict, flatten
 from dfkd.core.io import atomic_save
 from dfkd.core.schema import Config
+from dfkd.data.card import card_from_info
+from dfkd.data.datasets import DATASETS
 from dfkd.loop.runtime import rng_state, set_rng_state
 from dfkd.nets.quant import model_bytes, quant_summary
 from dfkd_base.errors import CheckpointError
@@ -48,6 +50,7 @@ class Progress:
         """Final and best accuracy, and the time (training, evaluation excluded) to the first
         evaluation at >= 99% of the teacher; ``wall`` is the run's own wall time."""
         final = next((h for h in reversed(self.history) if "acc" in h), {})
+        agreements = [h["agreement"] for h in self.history if h.get("agreement") is not None]
         teacher_acc = self.teacher_acc
         reached = next((h for h in self.history if teacher_acc and h.get("acc", -1) >= 0.99 * teacher_acc), {})
         return {"steps": self.step, "final_acc": final.get("acc"),
@@ -56,6 +59,7 @@ class Progress:
                    if "exits" in final else {}),
                 "best_acc": self.best_acc if self.best_acc >= 0 else None,
                 "teacher_acc": teacher_acc, "time_to_99pct_teacher_s": reached.get("time_train_s"),
+                **({"final_agreement": agreements[-1], "best_agreement": max(agreements)} if agreements else {}),
                 "time_total_s": round(wall, 2), "time_train_s": round(self.timers["train"], 2),
                 "time_synthesis_s": round(self.timers["synthesis"], 2), "time_eval_s": round(self.timers["eval"], 2)}
 
@@ -196,8 +200,11 @@ def resume_run_dir(path: Path, state: dict, given: str | Path | None) -> Path:
 def save_student(run: "Run", run_dir: Path, filename: str, accuracy: float | None, epoch: int, step: int) -> Path:
     """The evaluated student (its EMA when it has one) as a model file in ``ckpt/``."""
     extra = {"canaries": run.canaries} if run.canaries is not None else {}
+    if run.modality is None and not run.config.data.pairs:  # a student of another modality takes other input
+        extra["card"] = card_from_info(run.info)
+    dataset = run.info.name if run.info.name in DATASETS and DATASETS.get(run.info.name).info is not None else None
     return ckpt_io.save_model(run_dir / "ckpt" / filename, run.student.eval_module, run.student_arch(),
-                              dataset=run.info.name, accuracy=accuracy, epoch=epoch, step=step,
+                              dataset=dataset, accuracy=accuracy, epoch=epoch, step=step,
                               experiment=run.config.experiment, config=config_to_dict(run.config), **extra)
 
 

@@ -7,12 +7,16 @@ of :mod:`dfkd.nets.taps`, installed only when some loss term asks for them.
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd.core.runs import is_main_process
+from dfkd.core.schema import Config
+from dfkd.data.card import card_of, check_card
 from dfkd.data.datasets import DatasetInfo
 from dfkd.loop.runtime import Runtime
 from dfkd.nets.arch import load_model
@@ -36,14 +40,22 @@ def expected_arch_warning(arch: dict, expected, path: str, experiment: str) -> s
             f"{path} is a {describe_arch(arch['name'], kwargs)}; running it anyway")
 
 
-def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> tuple[nn.Module, dict]:
-    """A teacher model file, checked against the dataset, frozen, on the run's device; and the
-    file's metadata (``arch``, ``dataset``, ``sha256`` ...)."""
-    teacher, meta = load_model(path, runtime.device)
+def load_teacher(path: str, runtime: Runtime, allow_code: bool = False) -> tuple[nn.Module, dict]:
+    """A teacher model file, frozen, on the run's device, in eval mode; and the file's metadata
+    (``arch``, ``card``, ``dataset``, ``sha256`` ...). A file that names a user's class needs
+    ``allow_code``."""
+    teacher, meta = load_model(path, runtime.device, allow_code=allow_code)
     arch = meta["arch"]
     if arch.get("quant"):
         raise ConfigError(f"teacher {path} is a quantized model ({quant_summary(arch['quant'])}); a teacher must be "
                           f"full precision")
+    teacher.requires_grad_(False)
+    return runtime.prepare(teacher).eval(), meta
+
+
+def check_teacher(teacher: nn.Module, meta: dict, path: str, info: DatasetInfo, runtime: Runtime) -> None:
+    """The teacher takes the run's input (``info``: its card, or the dataset's) and predicts its classes."""
+    arch = meta["arch"]
     try:
         probe(teacher, torch.zeros((2, *info.shape), device=runtime.device))
     except RuntimeError:
@@ -54,8 +66,50 @@ def load_teacher(path: str, info: DatasetInfo, runtime: Runtime) -> tuple[nn.Mod
         raise ConfigError(f"teacher {path} takes {arch['in_channels']} channels and predicts "
                           f"{arch['num_classes']} classes; dataset '{info.name}' has "
                           f"{info.shape[0]} and {info.num_classes}")
-    teacher.requires_grad_(False)
-    return runtime.prepare(teacher).eval(), meta
+
+
+def teacher_card(meta: dict, path: str) -> dict | None:
+    """The input card a teacher's model file records (or its dataset's), checked."""
+    card = card_of(meta)
+    return None if card is None else check_card(card, f"teacher {path}")
+
+
+def load_teachers(config: Config, runtime: Runtime) -> tuple[list[nn.Module], list[dict]]:
+    """The teachers and their model files' metadata."""
+    tc = config.teacher
+    if tc is None:
+        return [], []
+    if not tc.checkpoints:
+        raise ConfigError("teacher.checkpoint is not set: pass --teacher PATH (a model file from `dfkd teacher` or "
+                          "`dfkd import`)")
+    loaded = [load_teacher(path, runtime, tc.allow_code) for path in tc.checkpoints]
+    return [t for t, _ in loaded], [m for _, m in loaded]
+
+
+def ensemble_card(config: Config, metas: list[dict]) -> dict | None:
+    """The first teacher's input card; an ensemble's teachers must take the same input."""
+    cards = [teacher_card(meta, path) for meta, path in zip(metas, config.teacher.checkpoints if metas else [])]
+    for path, other in zip(config.teacher.checkpoints[1:] if metas else [], cards[1:]):
+        if other is not None and cards[0] is not None and \
+                {k: other[k] for k in ("shape", "mean", "std", "classes")} != \
+                {k: cards[0][k] for k in ("shape", "mean", "std", "classes")}:
+            raise ConfigError(f"the ensemble's teachers take different inputs: {path} is not normalized or shaped as "
+                              f"{config.teacher.checkpoints[0]} (their input cards differ)")
+    return cards[0] if cards else None
+
+
+def check_teachers(config: Config, teachers: list[nn.Module], metas: list[dict], info: DatasetInfo,
+                    runtime: Runtime) -> None:
+    """Each teacher takes the run's input; a one-line warning for a teacher other than the recipe's,
+    or trained on another dataset than the run's."""
+    for teacher, meta, path in zip(teachers, metas, config.teacher.checkpoints if teachers else []):
+        check_teacher(teacher, meta, path, info, runtime)
+        warnings = [expected_arch_warning(meta["arch"], config.teacher.expected, path, config.experiment)]
+        if meta.get("dataset") not in (None, info.name) and info.name != "card":
+            warnings.append(f"teacher {path} was trained on '{meta['dataset']}'; this run's data is '{info.name}'")
+        for warning in filter(None, warnings):
+            if is_main_process():
+                print(f"dfkd: warning: {warning}", file=sys.stderr)
 
 
 def combine_logits(logits: list[torch.Tensor], ensemble: str) -> torch.Tensor:

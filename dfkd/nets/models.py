@@ -1,12 +1,18 @@
 """``create_model(name, ...)``: any network a run trains or distils, by name. Names are those
-registered in :data:`MODELS` (the zoo, :mod:`dfkd.nets.zoo`), ``wrn<depth>_<width>``, or
-``tv:<torchvision name>``; options named after a registered wrapper (:data:`MODEL_WRAPPERS`, such
-as ``exits``) wrap the built network.
+registered in :data:`MODELS` (the zoo, :mod:`dfkd.nets.zoo`), ``wrn<depth>_<width>``,
+``tv:<torchvision name>``, ``timm:<timm name>``, or a user's own class or factory,
+``package.module:Name`` (or ``path/to/file.py:Name``), which is imported only with consent
+(``allow_code``); options named after a registered wrapper (:data:`MODEL_WRAPPERS`, such as
+``exits``) wrap the built network.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import os
 import re
+import sys
 from functools import partial
 from typing import Any, Callable
 
@@ -25,6 +31,7 @@ MODEL_WRAPPERS: Registry[Callable[[nn.Module, Any], nn.Module]] = Registry("mode
                                                                           locations=("dfkd.nets.exits",))
 
 TORCHVISION_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
 WRN_PATTERN = re.compile(r"wrn[_-]?(\d+)[_-](\d+)")  # wrn16_2, wrn_16_2, wrn-16-2
 
 
@@ -66,21 +73,94 @@ def _torchvision_model(name: str, in_channels: int = 3, num_classes: int = 10, i
     return model
 
 
+def _timm_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **options) -> nn.Module:
+    """A timm model, never with downloaded weights: ``timm.create_model(name, pretrained=False,
+    num_classes, in_chans)``; its weights come from a model file or an import."""
+    import timm
+
+    if name not in timm.list_models():
+        raise UnknownNameError(unknown_name_message("timm model", name, timm.list_models()))
+    if options.pop("pretrained", False):
+        raise ConfigError(f"timm:{name}: pretrained weights are never downloaded here; import your weights instead")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **options)
+    except TypeError as error:
+        raise ConfigError(f"timm:{name}: {error}") from None
+
+
+def is_code(name: str) -> bool:
+    """Whether ``name`` names a user's class or factory (``module:Name``) rather than a known model."""
+    return ":" in name and not name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX))
+
+
+def code_object(spec: str, allow_code: bool):
+    """The class or factory ``spec`` names: ``package.module:Name`` (importable, the current folder
+    included) or ``path/to/file.py:Name``. Importing it runs the user's code, so it needs consent."""
+    if not allow_code:
+        raise ConfigError(f"'{spec}' names code to import, which runs it; importing a user's module is an explicit "
+                          f"act: give --allow-code (teacher.allow_code: true in a config) if you trust it")
+    where, _, attribute = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise ModuleNotFoundError(f"no file {where}")
+            module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would find it
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(where)
+        obj = module
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, SyntaxError) as error:
+        raise ConfigError(f"'{spec}' does not resolve: {type(error).__name__}: {error}") from None
+    if not callable(obj):
+        raise ConfigError(f"'{spec}' is a {type(obj).__name__}, not a class or factory")
+    return obj
+
+
+def _code_model(spec: str, in_channels: int, num_classes: int, image_size: int, allow_code: bool,
+                **options) -> nn.Module:
+    """A user's network: ``Name(**options)``, given the input's channels, classes and size too under
+    whichever of the names ``in_channels``, ``in_chans``, ``num_classes`` and ``image_size`` it takes."""
+    factory = code_object(spec, allow_code)
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    given = {"in_channels": in_channels, "in_chans": in_channels, "num_classes": num_classes, "image_size": image_size}
+    kwargs = {k: v for k, v in given.items() if k in accepted and k not in options}
+    try:
+        model = factory(**kwargs, **options)
+    except TypeError as error:
+        raise ConfigError(f"'{spec}': {error}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"'{spec}' made a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def list_models() -> list[str]:
-    """Registered names plus the two parsed families."""
-    return MODELS.names() + ["wrn<depth>_<width>", f"{TORCHVISION_PREFIX}<torchvision name>"]
+    """Registered names plus the parsed families."""
+    return MODELS.names() + ["wrn<depth>_<width>", f"{TORCHVISION_PREFIX}<torchvision name>",
+                             f"{TIMM_PREFIX}<timm name>", "<package.module>:<Name> (with --allow-code)"]
 
 
 def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
-                 **kwargs) -> nn.Module:
-    """Build a model by name: a registered name, ``wrn<depth>_<width>`` or ``tv:<torchvision name>``.
+                 allow_code: bool = False, **kwargs) -> nn.Module:
+    """Build a model by name: a registered name, ``wrn<depth>_<width>``, ``tv:<torchvision name>``,
+    ``timm:<timm name>`` or a user's ``module:Name`` (imported only when ``allow_code``).
 
     ``kwargs`` are model options (``width_mult``, ``dropout``, ``weights`` ...); an option the
     model does not take is a ConfigError. Options named after a registered wrapper
     (``MODEL_WRAPPERS``) wrap the built network, in the order given.
     """
     wrappers = {key: kwargs.pop(key) for key in list(kwargs) if key in MODEL_WRAPPERS}
-    model = _create_network(name, in_channels, num_classes, image_size, **kwargs)
+    if is_code(name):
+        model = _code_model(name, in_channels, num_classes, image_size, allow_code, **kwargs)
+    else:
+        model = _create_network(name, in_channels, num_classes, image_size, **kwargs)
     for key, option in wrappers.items():
         wrapper = MODEL_WRAPPERS.get(key)
         # a wrapper that sizes layers by probing the network says so by taking the input's shape
@@ -93,6 +173,8 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, image_s
 def _create_network(name: str, in_channels: int, num_classes: int, image_size: int, **kwargs) -> nn.Module:
     if name.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(name[len(TORCHVISION_PREFIX):], in_channels, num_classes, image_size, **kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name[len(TIMM_PREFIX):], in_channels, num_classes, image_size, **kwargs)
     wrn = WRN_PATTERN.fullmatch(name)
     if wrn:
         factory = partial(MODELS.get("wrn"), int(wrn[1]), int(wrn[2]))

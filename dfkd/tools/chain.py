@@ -23,10 +23,10 @@ from dfkd.core.io import atomic_write_text
 from dfkd.core.runs import new_run_dir
 from dfkd.core.schema import Config
 from dfkd.core.validate import dataclass_from_dict
-from dfkd.data.datasets import dataset_info, load_dataset
+from dfkd.data.datasets import dataset_info
 from dfkd.data.loader import TensorLoader
 from dfkd.loop.engine import Engine
-from dfkd.loop.evaluation import evaluate
+from dfkd.loop.evaluation import evaluate, evaluation_split
 from dfkd.loop.runtime import resolve_device
 from dfkd.loop.teachers import Ensemble, describe_arch
 from dfkd.nets.arch import load_model
@@ -55,6 +55,7 @@ class ChainConfig:
     set: list[str] = field(default_factory=list)   # overrides for every stage (data, threads, budget)
     stages: list[StageConfig] = field(default_factory=list)
     ensemble: list[str] = field(default_factory=list)  # stages whose models are evaluated together at the end
+    allow_code: bool = False             # model files naming a user's class may import it (--allow-code)
 
 
 def load_chain(name: str, overrides: list[str] = ()) -> ChainConfig:
@@ -93,6 +94,8 @@ def stage_config(chain: ChainConfig, stage: StageConfig, index: int = 0, teacher
     if config.task == "distill" and teachers:
         teacher = teachers[0] if len(teachers) == 1 else teachers
         config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, checkpoint=teacher))
+    if config.teacher is not None and chain.allow_code:
+        config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, allow_code=True))
     return config
 
 
@@ -138,14 +141,15 @@ class Chain:
             self._save()
         if self.config.ensemble and "ensemble" not in self.state:
             models = [self.state["stages"][n]["model"] for n in self.config.ensemble]
-            self.state["ensemble"] = {"stages": self.config.ensemble, **evaluate_ensemble(models)}
+            self.state["ensemble"] = {"stages": self.config.ensemble,
+                                      **evaluate_ensemble(models, allow_code=self.config.allow_code)}
             self._save()
         atomic_write_text(self.folder / "chain.md", render(self.state))
         return self.state
 
     def _given(self, stage: StageConfig) -> dict:
         meta = read_model_file(self.config.teacher)
-        acc = evaluate_ensemble([self.config.teacher])["acc"]
+        acc = evaluate_ensemble([self.config.teacher], allow_code=self.config.allow_code)["acc"]
         return {"config": "given", "set": [], "teachers": [], "model": self.config.teacher,
                 "arch": describe_arch(meta["arch"]["name"], meta["arch"].get("kwargs") or {}),
                 "summary": {"final_acc": acc, "best_acc": acc, "time_total_s": 0.0}}
@@ -154,11 +158,11 @@ class Chain:
         atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
 
 
-def evaluate_ensemble(models: list[str], split: str = "test") -> dict:
+def evaluate_ensemble(models: list[str], split: str = "test", allow_code: bool = False) -> dict:
     """Test accuracy of model files together: the mean of their softmax outputs."""
     device = resolve_device("auto")
-    loaded = [load_model(m, device) for m in models]
-    dataset = load_dataset(loaded[0][1]["dataset"], split)
+    loaded = [load_model(m, device, allow_code=allow_code) for m in models]
+    dataset = evaluation_split(loaded[0][1], models[0], None, split, None)
     ensemble = Ensemble([m.eval() for m, _ in loaded], "mean")
     scores = evaluate(ensemble, TensorLoader(dataset, 1000, device=device), student=False)
     return {"acc": scores["acc"], "n": scores["n"]}

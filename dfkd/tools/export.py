@@ -40,10 +40,10 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor) -> None:
         model.train(was_training)
 
 
-def float_copy(model: nn.Module, arch: dict) -> nn.Module:
+def float_copy(model: nn.Module, arch: dict, allow_code: bool = False) -> nn.Module:
     """The float32 network with a quantized model's (latent) float weights: the fp32 reference
     its integer export is timed against."""
-    copy = model_from_arch(arch, quantized=False)
+    copy = model_from_arch(arch, quantized=False, allow_code=allow_code)
     if model.quant.get("fold_bn"):
         fold_batchnorm(copy)
     copy.load_state_dict({k: v for k, v in model.state_dict().items() if k in copy.state_dict()})

@@ -36,6 +36,9 @@ class PerBatchOptions(SynthesisConfig):
     keep: Literal["last", "best"] = "last"   # which batch of the inner loop enters the pool
 
 
+HELD_OUT_SHARE = 16  # one sample in this many of each kept batch is held out, when a run holds any out
+
+
 def default_generator() -> NetConfig:
     return NetConfig(name="dcgan", kwargs={"nz": 256})
 
@@ -78,6 +81,7 @@ class Synthesizer:
         self.cfg, self.runtime = cfg, runtime
         self.shape, self.num_classes, self.device = info.shape, info.num_classes, runtime.device
         self.pool = RingBuffer(cfg.pool_size, self.device) if cfg.pool_size else None
+        self.heldout: RingBuffer | None = None  # synthetic samples no student trains on (hold_out)
         self.augment = build_augment(cfg.augment, self.shape)
         self.last: Batch | None = None
 
@@ -100,11 +104,26 @@ class Synthesizer:
         return torch.randn(n, generator.nz, device=self.device)
 
     def keep(self, batch: Batch) -> None:
-        """Put ``batch`` in the pool for replay (nothing without a pool)."""
-        if self.pool is not None:
-            labels = batch.labels
-            self.pool.add(images=batch.images,
-                          labels=labels.argmax(1) if labels is not None and labels.dim() == 2 else labels)
+        """Put ``batch`` in the pool for replay (nothing without a pool); with a held-out store, its
+        first sixteenth goes there instead, never to be replayed."""
+        if self.pool is None:
+            return
+        images, labels = batch.images, batch.labels
+        labels = labels.argmax(1) if labels is not None and labels.dim() == 2 else labels
+        if self.heldout is not None:
+            k = max(1, len(images) // HELD_OUT_SHARE)
+            self.heldout.add(images=images[:k])
+            images, labels = images[k:], labels[k:] if labels is not None else None
+        self.pool.add(images=images, labels=labels)
+
+    def hold_out(self, capacity: int) -> None:
+        """Keep up to ``capacity`` synthetic samples aside that no phase trains on: what a run with no
+        labeled image measures the student's agreement with the teacher on."""
+        self.heldout = RingBuffer(capacity, self.device)
+
+    def held_out(self, generator: nn.Module | None = None) -> torch.Tensor | None:
+        """The held-out synthetic samples (None before any was made)."""
+        return self.heldout.columns["images"][: len(self.heldout)] if self.heldout and len(self.heldout) else None
 
     def replay(self) -> Batch:
         if not len(self.pool):
@@ -118,11 +137,14 @@ class Synthesizer:
                           f"'{source}' batches need synthesis.kind generator")
 
     def state_dict(self) -> dict:
-        return {"pool": self.pool.state_dict()} if self.pool is not None else {}
+        state = {"pool": self.pool.state_dict()} if self.pool is not None else {}
+        return {**state, "heldout": self.heldout.state_dict()} if self.heldout is not None else state
 
     def load_state_dict(self, state: dict) -> None:
         if self.pool is not None:
             self.pool.load_state_dict(state["pool"])
+        if self.heldout is not None and "heldout" in state:
+            self.heldout.load_state_dict(state["heldout"])
 
 
 class PerBatchSynthesizer(Synthesizer):

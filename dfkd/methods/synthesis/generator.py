@@ -14,6 +14,8 @@ from dfkd.data.batch import Batch
 from dfkd.methods.synthesis.base import Synthesizer
 from dfkd_base.errors import ConfigError
 
+HELD_OUT_SEED = 1 << 31  # the seed of held-out samples, which no training draw takes
+
 
 @dataclass
 class GeneratorOptions(SynthesisConfig):
@@ -71,6 +73,27 @@ class GeneratorSynthesizer(Synthesizer):
             images = generator(z, labels).float()
         self.last = Batch(images.detach(), labels, "synthetic")
         return Batch(self.augment(images), labels, "synthetic") if train_generator else self.last
+
+    @torch.no_grad()
+    def held_out(self, generator: nn.Module | None = None) -> torch.Tensor | None:
+        """Samples of ``generator`` as it is now, from latents (and classes) drawn anew from a fixed
+        seed that training never draws from, so no student trained on them; the run's random state
+        and the generator's BatchNorm statistics are left as they were."""
+        if generator is None or self.heldout is None:
+            return super().held_out(generator)
+        net = unwrap(generator)
+        buffers = {k: v.clone() for k, v in net.state_dict().items() if not v.is_floating_point() or "running" in k}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(HELD_OUT_SEED)
+            n = self.heldout.capacity
+            labels = self.sample_labels(n)
+            if getattr(net, "conditional", False) and labels is None:
+                labels = torch.randint(self.num_classes, (n,), device=self.device)
+            with self.runtime.autocast():
+                images = generator(self.latents(net, n), labels).float()
+        net.load_state_dict(buffers, strict=False)
+        return images
 
     @torch.no_grad()
     def fresh_with_average(self, generator: nn.Module, average: nn.Module) -> Batch:

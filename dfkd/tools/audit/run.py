@@ -9,7 +9,9 @@ import torch
 
 from dfkd.core.checkpoint import safe_load
 from dfkd.core.config import load_config
-from dfkd.data.datasets import dataset_info, denormalize, load_dataset
+from dfkd.data.card import info_from_card
+from dfkd.data.datasets import denormalize, load_dataset
+from dfkd.loop.teachers import teacher_card
 from dfkd.methods.synthesis.base import build_generator
 from dfkd.nets.arch import load_model
 from dfkd.nets.taps import embed
@@ -40,22 +42,28 @@ def _synthetic_samples(run_dir: Path, config, state: dict, info, n: int) -> tupl
     return images, f"generator '{name}'"
 
 
-def _checked_teacher(config, state: dict, run_dir: Path):
+def _checked_teacher(config, state: dict, run_dir: Path, allow_code: bool):
     if config.teacher is None or not config.teacher.checkpoints:
         raise ConfigError(f"{run_dir}: the run has no teacher to audit against")
     path = config.teacher.checkpoints[0]
     if not Path(path).is_file():
         raise CheckpointError(f"{run_dir}: its teacher {path} is missing")
     recorded = (state.get("teacher_sha256") or [None])[0]
-    teacher, meta = load_model(path)
+    teacher, meta = load_model(path, allow_code=allow_code)
     if recorded is not None and meta.get("sha256") != recorded:
         raise CheckpointError(f"{run_dir}: its teacher {path} changed since the run (SHA-256 {str(meta.get('sha256'))[:12]}, "
                               f"the run recorded {recorded[:12]})")
     return teacher, path, meta
 
 
-def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: int = 8, margin: float = 0.1,
-          root: str | None = None, shadows: int = 4, lira: str = "offline") -> dict:
+def audit(run_dir: str | Path, samples: int = 500, references: int | None = None, k: int = 8, margin: float = 0.1,
+          root: str | None = None, shadows: int = 4, lira: str = "offline", data: str | None = None,
+          allow_code: bool = False) -> dict:
+    """The audit of the run in ``run_dir`` against the teacher's training split and its test split:
+    those of ``data`` at ``root`` when given (a user's own images: ``folder`` or ``arrays`` with
+    ``train`` and ``test`` inside), else of the run's dataset. ``references`` members and as many
+    non-members are compared; by default 2000, or half of the test split when that is smaller (the
+    other half trains offline LiRA's shadows and is the memorization measures' null)."""
     run_dir = Path(run_dir)
     files = {"config": run_dir / "config.yaml", "state": run_dir / "ckpt" / "last.pt",
              "student": run_dir / "ckpt" / "final.pt"}
@@ -64,13 +72,15 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
             raise ConfigError(f"{run_dir}: not a finished run folder ({path.name} of the {what} is missing)")
     config = load_config(str(files["config"]))
     state = safe_load(files["state"])
-    teacher, teacher_path, teacher_meta = _checked_teacher(config, state, run_dir)
-    student, _ = load_model(files["student"])
-    info = dataset_info(config.data.name)
+    teacher, teacher_path, teacher_meta = _checked_teacher(config, state, run_dir, allow_code)
+    student, _ = load_model(files["student"], allow_code=allow_code)
+    name, root = data or config.data.name, root or config.data.root
+    card = teacher_card(teacher_meta, teacher_path)
+    like = info_from_card(card, name) if card is not None else None
     if config.data.modality or config.data.pairs:
         raise ConfigError(f"{run_dir}: a cross-modal student sees another modality; the audit compares images "
                           f"of the teacher's dataset")
-    print(f"dfkd audit: reads the training split of '{info.name}' (the teacher's training data) to measure "
+    print(f"dfkd audit: reads the training split of '{name}' (the teacher's training data) to measure "
           f"what the run reveals of it", file=sys.stderr)
     if lira not in ("offline", "online"):
         raise ConfigError(f"--lira must be 'offline' or 'online', got '{lira}'")
@@ -82,9 +92,15 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
         raise ConfigError(f"{teacher_path} records no teacher-training config to train shadow models with; "
                           f"use --shadows 0")
     # members: what the teacher trained on (all of the split, or the labeled part it drew)
-    full_train = load_dataset(info.name, "train", root or config.data.root)
+    full_train = load_dataset(name, "train", root, card=like)
     train = teacher_members(full_train, recipe)
-    test = load_dataset(info.name, "test", root or config.data.root)
+    test = load_dataset(name, "test", root, card=like)
+    info = test.info
+    if references is None:  # the other half of the test split: the shadows' data, and the null's
+        references = min(2000, len(test) // 2)
+    if references < 1 or samples < 1 or k < 0:
+        raise ConfigError(f"--references and --samples must be >= 1 and --pairs >= 0, got {references}, {samples} "
+                          f"and {k}")
     g = torch.Generator().manual_seed(0)
     m = min(references, len(train), len(test))
     train_index, test_index = torch.randperm(len(train), generator=g)[:m], torch.randperm(len(test), generator=g)[:m]
@@ -131,13 +147,13 @@ def audit(run_dir: str | Path, samples: int = 500, references: int = 2000, k: in
         held_out = torch.randperm(len(test), generator=g)
         held_out = held_out[~torch.isin(held_out, test_index)][:len(synthetic)]
         unseen = test.normalize(test.images[held_out])
-        null = {"pixel": memorization(unseen, members[0], non_members[0], margin),
-                "feature": memorization(features(teacher, unseen), *reference_features, margin)}
         plain = lambda d: {k_: v for k_, v in d.items() if not k_.startswith("_")}  # noqa: E731
         report["synthetic"] = {"source": source, "samples": len(synthetic),
-                               "pixel": plain(pixel), "feature": plain(feature),
-                               "unseen_test_images": {"samples": len(unseen), "pixel": plain(null["pixel"]),
-                                                      "feature": plain(null["feature"])}}
+                               "pixel": plain(pixel), "feature": plain(feature), "unseen_test_images": None}
+        if len(unseen):  # none when the references took every test image (then the report has no null row)
+            report["synthetic"]["unseen_test_images"] = {
+                "samples": len(unseen), "pixel": plain(memorization(unseen, members[0], non_members[0], margin)),
+                "feature": plain(memorization(features(teacher, unseen), *reference_features, margin))}
         ratios = {"pixel": pixel["_ratio"], "feature": feature["_ratio"]}
     else:
         ratios = {}

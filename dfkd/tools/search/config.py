@@ -61,6 +61,7 @@ class SearchConfig:
     root: str = "runs"
     config: str = ""                     # the run config of every trial and retraining (the method)
     teacher: Optional[str] = None        # the teacher's model file
+    allow_code: bool = False             # the teacher's file may import the user's class it names (--allow-code)
     family: str = ""                     # the searched model (a registered name)
     fixed: dict[str, Any] = field(default_factory=dict)   # family options held fixed
     # option -> choices: [a, b, c] (categorical), {low, high[, step][, log]} (a range), or a list

@@ -33,15 +33,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dfkd.core.checkpoint import read_model_file
 from dfkd.core.config import load_config
 from dfkd.core.io import atomic_path, atomic_write_text
 from dfkd.core.runs import RunLock, new_run_dir
 from dfkd.core.schema import Config
+from dfkd.data.card import info_from_card
 from dfkd.data.datasets import dataset_info, load_dataset
 from dfkd.data.splits import hold_out
 from dfkd.loop.build import eval_player_name
 from dfkd.loop.callbacks import Callback
 from dfkd.loop.engine import Engine
+from dfkd.loop.teachers import teacher_card
 from dfkd.nets.arch import load_model
 from dfkd.nets.models import create_model
 from dfkd.tools.folders import read_folder_state
@@ -83,7 +86,10 @@ class Search:
         self.lock = RunLock(self.folder)
         self.space = Space(config.family, config.space, config.fixed)
         probe = self.run_config(self.config.trial.set, self.space.decode(self.space.sample(random.Random(0))), 0)
-        self.info, self.data_root = dataset_info(probe.data.name), probe.data.root
+        card = teacher_card(read_model_file(config.teacher), config.teacher) if config.teacher else None
+        # what a candidate takes: the teacher's input card, or the dataset's images
+        self.info = info_from_card(card, probe.data.name) if card else dataset_info(probe.data.name)
+        self.card, self.data_root = card, probe.data.root
         self.data_free = not {p.batch for p in probe.phases} & {"real", "labeled"}
         self._teacher: nn.Module | None = None
         self._teacher_relations: tuple | None = None   # (the proxy batch, the teacher's DisWOT matrices on it)
@@ -99,6 +105,7 @@ class Search:
                    validation: float = 0.0) -> Config:
         c = self.config
         teacher = [f"teacher.checkpoint={c.teacher}"] if c.teacher else []
+        teacher += ["teacher.allow_code=true"] if c.allow_code else []
         probe = load_config(c.config, [*c.set, *teacher])
         player = eval_player_name(probe)
         net = json.dumps({"name": name or c.family, "kwargs": options})
@@ -117,7 +124,7 @@ class Search:
         if self._teacher is None:
             if not self.config.teacher:
                 raise ConfigError("the proxy needs the teacher: give the search's teacher (--teacher CKPT)")
-            self._teacher = load_model(self.config.teacher, "cpu")[0]
+            self._teacher = load_model(self.config.teacher, "cpu", allow_code=self.config.allow_code)[0]
         return self._teacher
 
     def proxy_batch(self) -> torch.Tensor:
@@ -126,7 +133,8 @@ class Search:
         pc, generator = self.config.proxy, torch.Generator().manual_seed(self.config.seed)
         if pc.batch == "noise" or (pc.batch == "auto" and self.data_free):
             return torch.randn(pc.batch_size, *self.info.shape, generator=generator)
-        train, _ = hold_out(load_dataset(self.info.name, "train", self.data_root), self.config.trial.validation or 0.1)
+        train = load_dataset(self.info.name, "train", self.data_root, card=self.info if self.card else None)
+        train, _ = hold_out(train, self.config.trial.validation or 0.1)
         index = torch.randperm(len(train), generator=generator)[: pc.batch_size]
         return train.normalize(train.images[index].float())
 
