@@ -28,6 +28,10 @@ class ShapeError(DfkdError, ValueError):
     """Two parts of an experiment disagree on tensor shapes (generator vs teacher input, ...)."""
 
 
+class DivergenceError(DfkdError):
+    """A loss became NaN or infinite, or a state failed its health check."""
+
+
 class RunInUseError(DfkdError):
     """Another process is training in the run folder."""
 

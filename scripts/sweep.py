@@ -138,27 +138,25 @@ def run_sweep(args: argparse.Namespace, results: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.from_jsonl:
-        results = Path(args.from_jsonl)
-        if not results.exists():
-            print(f"sweep: error: {results} not found", file=sys.stderr)
-            return 2
-    else:
-        results = Path(args.out or f"runs/sweeps/{time.strftime('%Y%m%d-%H%M%S')}") / "results.jsonl"
-        from dfkd_base.errors import DfkdError
+    from dfkd.core.io import atomic_write_text
+    from dfkd_base.errors import DfkdError
 
-        try:
+    args = parse_args(argv)
+    results = Path(args.from_jsonl) if args.from_jsonl else \
+        Path(args.out or f"runs/sweeps/{time.strftime('%Y%m%d-%H%M%S')}") / "results.jsonl"
+    try:
+        if not args.from_jsonl:
             run_sweep(args, results)
-        except DfkdError as exc:
-            print(f"sweep: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(f"sweep: interrupted; finished runs are in {results} (rerun with --skip-done)", file=sys.stderr)
-            return 130
-    table = render_table(read_jsonl(results))
-    table_path = Path(args.table) if args.table else results.with_name("results.md")
-    table_path.write_text(table)
+        elif not results.exists():
+            raise DfkdError(f"{results} not found")
+        table = render_table(read_jsonl(results))
+        atomic_write_text(Path(args.table) if args.table else results.with_name("results.md"), table)
+    except DfkdError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sweep: interrupted; finished runs are in {results} (rerun with --skip-done)", file=sys.stderr)
+        return 130
     print(table, end="")
     return 0
 

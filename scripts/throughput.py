@@ -64,7 +64,10 @@ def make_config(args: argparse.Namespace, teacher: str, iters_per_epoch: int, ep
         f"players.student.net.name={args.student_net}", f"players.generator.net.name={args.generator}",
         f"players.generator.net.kwargs={{nz: 256, ngf: {args.ngf}}}", f"synthesis.batch_size={args.batch}",
         f"train.epochs={epochs}", f"train.iters_per_epoch={iters_per_epoch}", f"seed={args.seed}",
+        # evaluation (here: agreement on held-out synthetic samples) only after the last iteration: it is
+        # not training work, and it is neither timed nor counted (two runs' FLOPs differ by one iteration)
         "output.tensorboard=false", "runtime.progress=false", f"output.image_every={10 ** 9}",
+        f"train.eval_every={10 ** 9}",
         f"runtime.device={args.device}", f"runtime.amp={args.amp}", *args.set])
 
 

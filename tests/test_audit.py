@@ -218,3 +218,13 @@ def test_an_online_audit_of_the_digits_run(datafree_run, capsys):
     assert "online LiRA, 2 shadow models on random halves of a pool of 900" in capsys.readouterr().out
     assert main(["audit", run_dir, "--shadows", "3", "--lira", "online"]) == 2
     assert "even for online LiRA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_audits_defaults_fit_the_digits_test_split(datafree_run):
+    from dfkd.tools.audit.run import audit
+
+    run_dir, _ = datafree_run
+    report = audit(run_dir, samples=16, shadows=2)  # the default references: half of the 450 test images
+    assert report["references"] == 225 and report["lira"]["shadow_images"] == 112  # the other half, halved
+    assert report["synthetic"]["unseen_test_images"]["samples"] == 16

@@ -1,6 +1,7 @@
 """Chains of distillations (TAKD, DGKD, born-again): stage order and teachers, resume after a kill,
 the ensemble evaluation, and the chain config's one-line errors."""
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -31,9 +32,9 @@ def test_takd_chain_teaches_each_stage_with_the_model_before_it(tmp_path, digits
     teacher, assistant, student = (state["stages"][n] for n in ("teacher", "assistant", "student"))
     assert teacher["model"] == str(digits_teacher[0]) and teacher["config"] == "given"  # in place of stage 0
     assert assistant["teachers"] == [str(digits_teacher[0])]
-    assert student["teachers"] == [assistant["model"]]
-    assert read_model_file(assistant["model"])["arch"]["name"] == "lenet5_half"
-    assert read_model_file(student["model"])["arch"]["kwargs"] == {"width": 0.125}
+    assert student["teachers"] == [assistant["model"]] == ["1-assistant/ckpt/final.pt"]  # inside the folder
+    assert read_model_file(chain.model_of("assistant"))["arch"]["name"] == "lenet5_half"
+    assert read_model_file(chain.model_of("student"))["arch"]["kwargs"] == {"width": 0.125}
     table = (chain.folder / "chain.md").read_text()
     assert "| student |" in table and "| assistant |" in table.split("| student |")[1]  # taught by the assistant
 
@@ -43,7 +44,8 @@ def test_a_killed_chain_resumes_at_its_stage_and_step_and_ends_as_an_unkilled_on
                                                                                 monkeypatch):
     overrides = [f"teacher={digits_teacher[0]}", 'set=["train.epochs=2", "runtime.num_threads=1", '
                  '"runtime.deterministic=true", "output.tensorboard=false"]']
-    whole = Chain(load_chain("chain/takd-digits", [f"root={tmp_path / 'a'}", *overrides])).run()
+    first = Chain(load_chain("chain/takd-digits", [f"root={tmp_path / 'a'}", *overrides]))
+    whole = first.run()
     from dfkd.loop.engine import Engine
 
     original, calls = Engine.end_of_epoch, []
@@ -60,18 +62,21 @@ def test_a_killed_chain_resumes_at_its_stage_and_step_and_ends_as_an_unkilled_on
         chain.run()
     monkeypatch.setattr(Engine, "end_of_epoch", original)
     assert list(json.loads((chain.folder / "chain.json").read_text())["stages"]) == ["teacher", "assistant"]
-    resumed = Chain.resume(chain.folder).run()
+    # moved elsewhere before it resumes: it reads its own assistant, the original folder is gone
+    moved = shutil.move(chain.folder, tmp_path / "moved")
+    again = Chain.resume(moved)
+    resumed = again.run()
     assert resumed["stages"]["student"]["summary"]["steps"] == whole["stages"]["student"]["summary"]["steps"]
-    a = load_model(whole["stages"]["student"]["model"])[0].state_dict()
-    b = load_model(resumed["stages"]["student"]["model"])[0].state_dict()
+    a = load_model(first.model_of("student"))[0].state_dict()
+    b = load_model(again.model_of("student"))[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_born_again_ensemble_is_the_mean_of_the_generations_softmax(tmp_path, digits_teacher):
-    state = Chain(load_chain("chain/born-again-digits", [f"root={tmp_path}", f"teacher={digits_teacher[0]}",
-                                                          TINY])).run()
-    models = [state["stages"][g]["model"] for g in ("gen1", "gen2")]
+    chain = Chain(load_chain("chain/born-again-digits", [f"root={tmp_path}", f"teacher={digits_teacher[0]}", TINY]))
+    state = chain.run()
+    models = [chain.model_of(g) for g in ("gen1", "gen2")]
     assert read_model_file(models[0])["arch"]["name"] == "lenet5"  # the teacher's architecture
     test = load_dataset("digits", "test")
     nets = [load_model(m)[0].eval() for m in models]

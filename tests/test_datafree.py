@@ -179,10 +179,10 @@ def test_tensorboard_events_of_a_datafree_run(tb_run):
     acc = accumulate(tb_run)
     tags = acc.Tags()
     scalars = set(tags["scalars"])
-    counts = [f"synthetic/count/{k}_{k}" for k in range(10)]  # digits' class names are the digits
     assert {"loss/student/l1_logits", "loss/generator/adv_l1", "eval/acc", "eval/best_acc", "eval/teacher_acc",
-            "time/synthesis_s", *counts} <= scalars, sorted(scalars)
-    assert "synthetic/classes_present" not in scalars  # a constant card, gone
+            "eval/gap_to_teacher", "eval/agreement", "time/synthesis_s", "time/total_s",
+            "synthetic/class_balance"} <= scalars, sorted(scalars)
+    assert not any(t.startswith("synthetic/count/") for t in scalars)  # ten lines of one colour: now one chart
     assert "epoch" not in scalars and all("epoch" in m for m in read_metrics(tb_run) if "eval/acc" in m)
     assert any(t.startswith("bn_distance/") for t in scalars), sorted(scalars)
     # the global step is the iteration: evaluation after each 5-iteration epoch; the teacher's before
@@ -191,28 +191,64 @@ def test_tensorboard_events_of_a_datafree_run(tb_run):
     assert [e.step for e in acc.Scalars("eval/teacher_acc")] == [0, 5, 10]
     assert [e.step for e in acc.Scalars("loss/student/l1_logits")] == [5, 10]
     assert all(math.isfinite(e.value) for e in acc.Scalars("loss/generator/adv_l1"))
-    per_step = {}  # the per-class counts of a logged batch add up to the batch
-    for tag in counts:
-        for e in acc.Scalars(tag):
-            per_step[e.step] = per_step.get(e.step, 0) + e.value
-    assert per_step and all(total == 32 for total in per_step.values()), per_step
+    for e, gap in zip(acc.Scalars("eval/acc"), acc.Scalars("eval/gap_to_teacher")):
+        assert gap.value == pytest.approx(acc.Scalars("eval/teacher_acc")[-1].value - e.value, abs=1e-3)
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("synthetic/class_balance"))
     # scalars in TensorBoard are the ones in metrics.jsonl
     jsonl = {m["step"]: m["eval/acc"] for m in read_metrics(tb_run) if "eval/acc" in m}
     assert {e.step: pytest.approx(e.value, abs=1e-4) for e in acc.Scalars("eval/acc")} == jsonl
+    # the chart says what its x axis is
+    assert "against iterations" in acc.SummaryMetadata("eval/acc").summary_description
 
-    assert {"synthetic/samples", "synthetic/by_teacher_class", "real/by_class"} <= set(tags["images"])
-    for tag in ("synthetic/samples", "synthetic/by_teacher_class", "real/by_class"):
-        assert [e.step for e in acc.Images(tag)] == [5, 10], tag      # one grid per epoch
+    pictures = {"synthetic/samples", "synthetic/by_teacher_class", "synthetic/what_the_teacher_sees",
+                "synthetic/class_counts", "real/by_class", "eval/per_class", "eval/confusion_matrix"}
+    assert pictures <= set(tags["images"]), sorted(tags["images"])
+    for tag in pictures - {"synthetic/class_counts"}:
+        assert [e.step for e in acc.Images(tag)] == [5, 10], tag      # one per epoch (and evaluation)
         assert all(e.width > 0 and e.height > 0 and e.encoded_image_string for e in acc.Images(tag))
-    # one labeled row of up to 8 samples per class: a 240 px margin for the label, cells of 96 + 2 px
-    by_class = acc.Images("synthetic/by_teacher_class")[0]
-    assert (by_class.width, by_class.height) == (240 + 8 * 98, 10 * 98)
-    samples = acc.Images("synthetic/samples")[0]
-    assert samples.width >= 8 * 96  # upscaled to a legible size
+        assert (tb_run / "figures" / f"{tag.replace('/', '.')}.png").is_file()  # the latest, beside the run
+    assert [e.step for e in acc.Images("synthetic/class_counts")] == [5, 10]  # one per logged step
+    # captions are logged once, not at each of the picture's steps
+    assert [e.step for e in acc.Tensors("synthetic/samples/about/text_summary")] == [0]
 
     assert {"synthetic/teacher_confidence"} <= set(tags["histograms"])
     confidence = acc.Histograms("synthetic/teacher_confidence")[-1].histogram_value
     assert 0.1 - 1e-6 <= confidence.min <= confidence.max <= 1.0 + 1e-6
+
+
+def test_beside_the_run_the_teacher_is_a_reference_line_and_samples_seen_an_axis(tb_run):
+    # the same tag in a run beside it: TensorBoard draws the teacher on the student's accuracy chart
+    reference = accumulate(tb_run / "teacher-reference")
+    teacher = accumulate(tb_run).Scalars("eval/teacher_acc")[-1].value
+    assert [(e.step, e.value) for e in reference.Scalars("eval/acc")] == [
+        (0, pytest.approx(teacher)), (5, pytest.approx(teacher)), (10, pytest.approx(teacher))]
+    # DFAD's student takes 5 steps on batches of 32 an iteration: 160 samples per iteration
+    seen = accumulate(tb_run / "samples-seen").Scalars("eval/acc_vs_samples_seen")
+    assert [e.step for e in seen] == [5 * 160, 10 * 160]
+    assert [e.value for e in seen] == pytest.approx([e.value for e in accumulate(tb_run).Scalars("eval/acc")])
+    assert [e.step for e in reference.Scalars("eval/acc_vs_samples_seen")] == [0, 800, 1600]
+
+
+def test_per_class_agreement_and_the_confusion_matrix_are_those_of_the_evaluation(tb_run):
+    from dfkd.loop.views import Views
+
+    drawn = {}
+
+    class Recorder(Views):
+        def __init__(self):
+            self.names = self.label = [str(k) for k in range(3)]
+            self.info = type("Info", (), {"num_classes": 3})()
+
+        def log(self, step, tag, figure, caption=None):
+            drawn[tag] = figure
+
+    labels, student, teacher = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 0, 2]), \
+        torch.tensor([0, 1, 1, 0, 2, 2])
+    assert Recorder().evaluation(5, labels, student, teacher) == pytest.approx(100 * 4 / 6)
+    bars = drawn["eval/per_class"].axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx([50, 100, 50, 100, 50, 50])  # accuracy, then agreement
+    matrix = drawn["eval/confusion_matrix"].axes[0].images[0].get_array()
+    assert matrix.tolist() == [[50, 50, 0], [0, 100, 0], [50, 0, 50]]
 
 
 def test_sample_quality_curves_and_the_projector_are_in_tensorboard(tb_run):
@@ -259,29 +295,64 @@ def test_histograms_are_logged_once_per_step(tb_run):
     assert steps == sorted(set(steps))
 
 
-def test_the_class_grid_is_labeled_and_empty_cells_are_dark():
-    from dfkd.loop.reporting import labeled_class_grid
+def test_a_short_class_row_is_drawn_dark_and_a_map_as_a_heat_map():
+    from dfkd.loop import figures
 
-    rows = [torch.ones(2, 1, 8, 8), torch.zeros(0, 1, 8, 8)]  # two white samples of class 0, none of class 1
-    grid = labeled_class_grid(rows, ["zero", "one"], [2, 0], per_row=3, cell=16)
-    assert grid.shape == (3, 2 * 18, 240 + 3 * 18)
-    assert torch.all(grid[:, :16, 240:256] == 1.0)                       # a sample, upscaled
-    assert torch.allclose(grid[:, 18:34, 240:256], torch.full((3, 16, 16), 64 / 255))  # empty: dark gray
-    assert grid[:, :16, :240].min() < 0.5                               # text drawn in the margin
+    assert figures._rgb(figures.EMPTY).max() == pytest.approx(0.25)
+    grey = figures._rgb(torch.full((1, 2, 2), 0.5))
+    assert grey.shape == (2, 2, 3) and (grey == 0.5).all()
+    heat = figures._rgb(torch.tensor([[0.0, 1.0]]))
+    assert heat.shape == (1, 2, 3) and heat[0, 1].sum() > heat[0, 0].sum()  # inferno: bright for 1
+    figure = figures.class_rows([torch.ones(2, 1, 8, 8), torch.zeros(0, 1, 8, 8)], ["zero", "one"], "rows", columns=3)
+    assert len(figure.axes[0].images) == 6  # 2 samples and 1 dark cell, then 3 dark cells
+    assert [t.get_text() for t in figure.axes[0].texts] == ["rows", "zero", "one"]
 
 
-def test_tensorboard_hparams_table_has_the_config_and_final_numbers(tb_run):
-    acc = accumulate(tb_run)
-    plugins = acc.PluginTagToContent("hparams")
-    assert plugins, "no HParams summary"
-    from tensorboard.plugins.hparams import plugin_data_pb2
+def test_hparams_session_of_the_run_and_the_experiment_of_its_folder(tb_run):
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    infos = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in plugins.values()]
+    infos = [plugin_data_pb2.HParamsPluginData.FromString(v)
+             for v in accumulate(tb_run).PluginTagToContent("hparams").values()]
     session = next(i.session_start_info for i in infos if i.HasField("session_start_info"))
     assert session.hparams["experiment"].string_value == "dfad-digits"
     assert session.hparams["phases.0.steps"].number_value >= 1
-    experiment = next(i.experiment for i in infos if i.HasField("experiment"))
-    assert {m.name.tag for m in experiment.metric_infos} == {"hparam/final_acc", "hparam/best_acc"}
+    assert session.hparams["data.augment"].WhichOneof("kind") == "bool_value"  # a boolean as itself, not 0.0
+    assert session.hparams["Student"].string_value == "lenet5_half"
+    assert session.hparams["Losses"].string_value == "l1_logits"
+    end = next(i.session_end_info for i in infos if i.HasField("session_end_info"))
+    assert end.status == api_pb2.STATUS_SUCCESS
+    # the experiment lives beside the runs of the folder, one for all of them
+    experiment = next(plugin_data_pb2.HParamsPluginData.FromString(v).experiment
+                      for v in accumulate(tb_run.parent.parent / ".hparams").PluginTagToContent("hparams").values())
+    names = [m.name.tag for m in experiment.metric_infos]
+    assert names[:5] == ["eval/acc", "eval/best_acc", "eval/teacher_acc", "eval/gap_to_teacher", "eval/agreement"]
+    assert {"quality/teacher_fid", "quality/precision", "quality/recall", "time/total_s"} <= set(names)
+    assert {h.name for h in experiment.hparam_infos} >= {"Method", "Student", "players.generator.optim.lr"}
+
+
+def test_hparams_columns_differ_where_runs_differ_or_lack_a_key():
+    from tensorboard.plugins.hparams import api_pb2
+
+    from dfkd.loop.hparams import experiment_infos
+
+    infos = {i.name: i for i in experiment_infos([{"lr": 0.1, "T": 4.0, "amp": True, "net": "a"},
+                                                  {"lr": 0.1, "amp": True, "net": "b"}])}
+    assert not infos["lr"].differs and infos["T"].differs and not infos["amp"].differs and infos["net"].differs
+    assert infos["amp"].type == api_pb2.DATA_TYPE_BOOL and infos["lr"].type == api_pb2.DATA_TYPE_FLOAT64
+    assert [v.string_value for v in infos["net"].domain_discrete.values] == ["a", "b"]
+
+
+def test_at_a_glance_columns_name_the_method_student_teacher_losses_and_generator():
+    from dfkd.core.config import config_to_dict
+    from dfkd.loop.hparams import at_a_glance
+
+    columns = at_a_glance(config_to_dict(load_config("datafree/dfq-digits", [
+        "teacher.checkpoint=runs/teacher-lenet5-digits/20261203-101500_s0/ckpt/final.pt"])))
+    assert columns == {"Method": "data-free (generator): dfq-digits", "Student": "lenet5_half",
+                       "Teacher": "teacher-lenet5-digits/20261203-101500_s0", "Losses": "kd_kl(T=4.0)",
+                       "Generator": "dcgan(nz=100, ngf=8, native_size=data)"}
+    assert at_a_glance(config_to_dict(load_config("teacher/lenet5-digits")))["Method"] == \
+        "teacher training: teacher-lenet5-digits"
 
 
 # --------------------------------------------------------------------------------------
@@ -333,7 +404,7 @@ def test_tensorboard_server_serves_the_run(tb_run, tmp_path):
         log.seek(0)
         output = log.read()[-1000:]
         assert answered, f"tensorboard did not answer on {base} within 40 s: {output}"
-        assert runs == [run], (runs, output)
+        assert set(runs) == {run, f"{run}/teacher-reference", f"{run}/samples-seen"}, (runs, output)
         assert {"eval/acc", "eval/teacher_acc", "loss/student/l1_logits"} <= set(scalar_tags[run]), scalar_tags
         assert {"synthetic/samples", "synthetic/by_teacher_class"} <= set(image_tags[run]), image_tags
 

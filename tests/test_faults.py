@@ -87,6 +87,10 @@ def model_file(tmp_path):
     (lambda c: c["arch"].update(kwargs=[1]), "arch.kwargs must be a mapping"),
     (lambda c: c.pop("sha256"), "records no SHA-256 of its weights"),
     (lambda c: c["arch"]["kwargs"].update(weights="IMAGENET1K_V1"), "never downloads anything"),
+    # an edit that keeps the fields well-formed: the weights' hash alone would pass it
+    (lambda c: c["arch"].update(name="lenet5_half"), "architecture, input card or dataset do not match"),
+    (lambda c: c.update(card={"shape": [1, 32, 32], "mean": [0.2], "std": [0.5], "classes": 10}),
+     "architecture, input card or dataset do not match"),
 ])
 def test_damaged_or_unsafe_model_files_are_one_line_errors(edit, message, model_file, capsys):
     import torch

@@ -13,6 +13,7 @@ import sys
 
 from dfkd.cli import commands
 from dfkd.cli.parser import build_parser
+from dfkd.core.io import describe_os_error
 from dfkd_base.errors import DfkdError
 
 # the commands that take no config overrides
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands.COMMANDS[args.command](args, extra)
     except DfkdError as exc:
         print(f"dfkd: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk met mid-run: what was written before is whole (atomic writes)
+        print(f"dfkd: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfkd: interrupted; the last checkpoint is in the run folder's ckpt/", file=sys.stderr)

@@ -130,6 +130,7 @@ def _export(args, extra: list[str]) -> int:
 
     import torch
 
+    from dfkd.core.io import check_output_folder, check_replaceable
     from dfkd.data.loader import TensorLoader
     from dfkd.loop.evaluation import evaluation_split
     from dfkd.nets.arch import load_model
@@ -139,10 +140,17 @@ def _export(args, extra: list[str]) -> int:
     model, meta = load_model(args.checkpoint, "cpu", allow_unhashed=args.allow_unhashed, allow_code=args.allow_code)
     arch = meta["arch"]
     out = Path(args.out or Path(args.checkpoint).with_suffix(".onnx"))
+    reference = out.with_name(out.stem + ".fp32.onnx")
     if out.resolve() == Path(args.checkpoint).resolve():
         raise DfkdError(f"--out {out} would replace the model file itself")
     if not out.parent.is_dir():
         raise DfkdError(f"--out {out}: folder {out.parent} does not exist")
+    # room for the graph and its float reference: about twice the float weights
+    check_output_folder(out.parent, need_bytes=8 * sum(p.numel() for p in model.parameters()))
+    for path in (out, reference) if is_quantized(model) and not args.no_check else (out,):
+        check_replaceable(path)  # never a link, a folder or a device, even with --force
+        if path.exists() and not args.force:
+            raise DfkdError(f"{path} exists; give --force to replace it")
     example = torch.zeros(1, arch["in_channels"], arch["image_size"], arch["image_size"])
     export_onnx(model, out, example)
     result = {"checkpoint": args.checkpoint, "onnx": str(out), "precision": quant_summary(arch.get("quant"))}
@@ -156,7 +164,6 @@ def _export(args, extra: list[str]) -> int:
                   f"{result['agreement']:.1f}%): its uint8 x int8 products saturate on x86-64 without VNNI",
                   file=sys.stderr)
         if is_quantized(model):  # the same network in float32, exported and timed the same way
-            reference = out.with_name(out.stem + ".fp32.onnx")
             export_onnx(float_copy(model, arch, args.allow_code), reference, example)
             result["latency_ms_fp32"] = onnx_check(reference, float_copy(model, arch, args.allow_code),
                                                    loader)["latency_ms"]

@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset root folder")
     p.add_argument("--batch-size", type=int, default=256, help="batch of the check and of the latency timing")
     p.add_argument("--no-check", action="store_true", help="export only")
+    p.add_argument("--force", action="store_true", help="replace --out (and its .fp32.onnx reference) if they exist")
     p.add_argument("--allow-unhashed", action="store_true", help="load a model file that records no SHA-256")
     p.add_argument("--allow-code", action="store_true", help=CONSENT)
 

@@ -4,9 +4,10 @@ Two kinds of file:
 
 * a **model file** (``format: dfkd.model/1``): one network's weights plus what is needed to
   rebuild and trust it: architecture, the input card (what it takes: shape, normalization,
-  classes), dataset, accuracy, the resolved config or the imported file's provenance, and a
-  SHA-256 of the weights. Teachers are model files; ``dfkd eval`` reads them, ``dfkd import``
-  writes them from weights trained anywhere.
+  classes), dataset, accuracy, the resolved config or the imported file's provenance, a
+  SHA-256 of the weights (``sha256``, the weights' identity) and one over the architecture,
+  card, dataset and weights together (``description_sha256``). Teachers are model files;
+  ``dfkd eval`` reads them, ``dfkd import`` writes them from weights trained anywhere.
 * a **training state** (``format: dfkd.state/1``): everything a run needs to continue exactly:
   every player's weights, optimizers, schedulers, the AMP scaler, the image pool, RNG states
   and the step. ``--resume`` reads it.
@@ -18,6 +19,7 @@ Rebuilding a network from a model file is the networks layer's (:func:`dfkd.nets
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -68,6 +70,14 @@ def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def description_hash(ckpt: dict) -> str:
+    """SHA-256 over what a model file says its network is and takes (architecture, input card,
+    dataset) and its weights' hash: an edited ``arch`` or card fails the check as edited weights do."""
+    described = {"arch": ckpt.get("arch"), "card": ckpt.get("card"), "dataset": ckpt.get("dataset"),
+                 "sha256": ckpt.get("sha256")}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=repr).encode()).hexdigest()
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, arch: dict, **meta: Any) -> Path:
     """Write a model file of ``model``'s weights. ``arch`` holds the ``create_model`` arguments
     (name, in_channels, num_classes, image_size, kwargs); ``meta`` anything plain (card, dataset,
@@ -78,8 +88,8 @@ def save_model(path: str | os.PathLike, model: nn.Module, arch: dict, **meta: An
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], arch: dict, **meta: Any) -> Path:
     """Write a model file of the weights ``state`` (see :func:`save_model`)."""
     state = {k: v.detach().cpu() for k, v in state.items()}
-    return atomic_save({"format": MODEL_FORMAT, "arch": arch, "state_dict": state,
-                        "sha256": state_hash(state), **meta}, path)
+    ckpt = {"format": MODEL_FORMAT, "arch": arch, "state_dict": state, "sha256": state_hash(state), **meta}
+    return atomic_save({**ckpt, "description_sha256": description_hash(ckpt)}, path)
 
 
 _ARCH_FIELDS = {"name": str, "in_channels": int, "num_classes": int, "image_size": int}
@@ -114,6 +124,10 @@ def read_model_file(path: str | os.PathLike, allow_unhashed: bool = False) -> di
                               f"load it only if you trust it (--allow-unhashed)")
     if expected is not None and state_hash(state) != expected:
         raise CheckpointError(f"{path}: weights do not match the recorded SHA-256 (file corrupt or edited)")
+    described = ckpt.get("description_sha256")  # absent from files written before it was recorded
+    if described is not None and expected is not None and description_hash(ckpt) != described:
+        raise CheckpointError(f"{path}: its architecture, input card or dataset do not match the recorded SHA-256 "
+                              f"(file edited); rebuild it with dfkd import")
     return ckpt
 
 

@@ -59,13 +59,50 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+# A config is a few hundred values; YAML aliases share one value between places, and what is built
+# from a config (merges, overrides, dataclasses) expands every place: more than this many, counted
+# with aliases expanded, is refused (a "billion laughs" config would otherwise exhaust memory).
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def bounded(data: Any, where: str) -> Any:
+    """``data`` as YAML read it, checked to hold at most :data:`MAX_CONFIG_VALUES` values with its
+    aliases expanded, and no alias that refers to a value holding it."""
+    count, inside = 0, set()
+
+    def walk(x: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_VALUES:,} values once its YAML aliases are expanded")
+        if isinstance(x, (dict, list)):
+            if id(x) in inside:
+                raise ConfigError(f"{where}: a YAML alias refers to a value that holds it (a cycle)")
+            inside.add(id(x))
+            for v in x.values() if isinstance(x, dict) else x:
+                walk(v)
+            inside.discard(id(x))
+
+    try:
+        walk(data)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    return data
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{_display(path)}: {path.stat().st_size:,} bytes is not a config (at most "
+                              f"{MAX_CONFIG_BYTES:,})")
+        data = bounded(yaml.safe_load(path.read_text()), _display(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{_display(path)}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ConfigError(f"{_display(path)}: not a readable YAML text file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -102,6 +139,8 @@ def _load_file(path: Path, origin: dict[str, str], chain: tuple[Path, ...] = ())
     data = _read_yaml(path)
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{_display(path)}: _base_ must name configs (a name or a list of names), got {bases!r}")
     merged: dict = {}
     for base in bases:
         merged = _merge(merged, _load_file(resolve_config_path(base, path.parent), origin, (*chain, path)))
@@ -116,7 +155,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = bounded(yaml.safe_load(raw), f"override '{key.strip()}'") if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # a plain string that YAML can't read, e.g. "a: b"
     return key.strip().split("."), value

@@ -20,19 +20,32 @@ from typing import Any
 
 import torch
 
-from dfkd_base.errors import RunInUseError
+from dfkd.core.io import atomic_write_text, open_append
+from dfkd_base.errors import DfkdError, RunInUseError
+
+
+def _environment_int(name: str, default: int, low: int) -> int:
+    """An integer torchrun sets in the environment, checked: a malformed one is a one-line error."""
+    text = os.environ.get(name)
+    try:
+        value = default if text is None else int(text)
+    except ValueError:
+        raise DfkdError(f"{name}={text!r} in the environment is not an integer (torchrun sets it)") from None
+    if value < low:
+        raise DfkdError(f"{name}={value} in the environment must be >= {low}")
+    return value
 
 
 def rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
+    return _environment_int("RANK", 0, 0)
 
 
 def world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return _environment_int("WORLD_SIZE", 1, 1)
 
 
 def is_main_process() -> bool:
@@ -53,6 +66,20 @@ def new_run_dir(root: str | os.PathLike, experiment: str, seed: int) -> Path:
     raise RuntimeError(f"could not create a run folder under {base}")
 
 
+# what dfkd writes in a run folder: none of it may be a link planted there (a folder received from
+# someone else must not make dfkd write outside it)
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", ".lock", "ckpt", "audit", "audit.json", "audit.md",
+             "audit_pairs.png", "figures", "teacher-reference", "samples-seen")
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """A one-line error when something dfkd writes in ``run_dir`` is a symbolic link there."""
+    for name in RUN_FILES:
+        if (run_dir / name).is_symlink():
+            raise DfkdError(f"{run_dir / name} is a symbolic link; dfkd does not write through links in a run "
+                            f"folder (remove it)")
+
+
 class RunLock:
     """A process's exclusive claim on a run folder while it trains there: ``flock`` on its ``.lock``
     file (the OS drops it when the process dies, so a killed run never leaves the folder locked).
@@ -64,7 +91,7 @@ class RunLock:
             return
         import fcntl
 
-        self.file = open(run_dir / ".lock", "a+")
+        self.file = open_append(run_dir / ".lock", "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,11 +127,15 @@ class MetricLogger:
         self.enabled = run_dir is not None and is_main_process()
         self.writer = None
         self._jsonl = None
+        self.purge_step = purge_step  # a resumed run's: what was logged from this step on is dropped
+        self.descriptions: dict[str, str] = {}  # a chart's description, written with its first point
+        self._described: set[str] = set()
+        self._captioned: set[str] = set()
         if not self.enabled:
             return
         if purge_step is not None:  # a resumed run: drop what the killed run logged after its checkpoint
             _truncate_metrics(run_dir / "metrics.jsonl", purge_step)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open_append(run_dir / "metrics.jsonl")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -118,8 +149,21 @@ class MetricLogger:
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         if self.writer is not None:
             for tag, value in values.items():
-                if tag not in JSONL_ONLY:
+                if tag in JSONL_ONLY:
+                    continue
+                if tag in self.descriptions and tag not in self._described:
+                    self._described.add(tag)
+                    self.writer._get_file_writer().add_summary(
+                        _described_scalar(tag, float(value), self.descriptions[tag]), step)
+                else:
                     self.writer.add_scalar(tag, float(value), step)
+
+    def scalars_to(self, writer, step: int, values: dict[str, float]) -> None:
+        """Scalars to another TensorBoard writer (a reference run beside this one), with the
+        descriptions of their tags."""
+        for tag, value in values.items():
+            writer._get_file_writer().add_summary(_described_scalar(tag, float(value), self.descriptions.get(tag, "")),
+                                                  step)
 
     def image_grid(self, step: int, tag: str, images: torch.Tensor, nrow: int = 8) -> None:
         """``images`` in [0, 1], (N, C, H, W)."""
@@ -138,6 +182,12 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
+    def caption(self, tag: str, text: str) -> None:
+        """A text that explains a chart: logged once per run (at step 0), not at each of its steps."""
+        if self.writer is not None and tag not in self._captioned:
+            self._captioned.add(tag)
+            self.writer.add_text(tag, text, 0)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
@@ -151,6 +201,14 @@ class MetricLogger:
             self._jsonl = None
 
 
+def _described_scalar(tag: str, value: float, description: str):
+    """A scalar summary that carries its chart's description (TensorBoard shows it on the card)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+
+    return Summary(value=[Summary.Value(tag=tag, simple_value=value,
+                                        metadata=SummaryMetadata(summary_description=description))])
+
+
 def _truncate_metrics(path: Path, purge_step: int) -> None:
     """Keep the rows logged before ``purge_step`` (and no half-written last line)."""
     if not path.exists():
@@ -162,8 +220,6 @@ def _truncate_metrics(path: Path, purge_step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError):
             continue
-    from dfkd.core.io import atomic_write_text
-
     atomic_write_text(path, "".join(kept))
 
 

@@ -114,19 +114,32 @@ class QuantConfig:
 QUANTIZERS = ("lsq", "pact", "minmax")
 
 
-def check_quant(quant: dict[str, Any], where: str) -> None:
-    """One-line errors for a quant mapping's values (its fields' types are checked by
-    :class:`QuantConfig`); a model file's recorded settings are checked with it too."""
+def quant_problems(quant: dict[str, Any]) -> list[tuple[str, str]]:
+    """What is wrong with a quant mapping's values, as (key, message) pairs (its fields' types are
+    checked by :class:`QuantConfig`); a model file's recorded settings are checked with it too."""
+    problems = []
     for key in ("weights", "acts") + (("keep_first_last",) if quant.get("keep_first_last") is not None else ()):
         bits = quant[key]
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
-            raise ConfigError(f"{where}.{key}: bit widths must be integers in 1-16, got {bits!r}")
+            problems.append((key, f"bit widths must be integers in 1-16, got {bits!r}"))
     if quant["quantizer"] not in QUANTIZERS:
-        raise ConfigError(f"{where}.quantizer must be one of {', '.join(QUANTIZERS)}, got {quant['quantizer']!r}")
-    if quant["quantizer"] == "minmax" and min(quant["weights"], quant["acts"]) < 2:
-        raise ConfigError(f"{where}: minmax quantization needs at least 2 bits (an asymmetric range with a zero point)")
-    if quant["stats_steps"] < 1 or quant["clip_init"] <= 0:
-        raise ConfigError(f"{where}: stats_steps must be >= 1 and clip_init > 0")
+        problems.append(("quantizer", f"must be one of {', '.join(QUANTIZERS)}, got {quant['quantizer']!r}"))
+    elif quant["quantizer"] == "minmax" and not problems and min(quant["weights"], quant["acts"]) < 2:
+        key = "weights" if quant["weights"] < 2 else "acts"
+        problems.append((key, "minmax quantization needs at least 2 bits (an asymmetric range with a zero point)"))
+    if quant["stats_steps"] < 1:
+        problems.append(("stats_steps", f"must be >= 1, got {quant['stats_steps']}"))
+    if not quant["clip_init"] > 0:
+        problems.append(("clip_init", f"must be > 0, got {quant['clip_init']}"))
+    if quant.get("calibrate", 0) < 0:
+        problems.append(("calibrate", f"must be >= 0 (batches of calibration), got {quant['calibrate']}"))
+    return problems
+
+
+def check_quant(quant: dict[str, Any], where: str) -> None:
+    """A one-line error for the first problem of a quant mapping (see :func:`quant_problems`)."""
+    for key, message in quant_problems(quant)[:1]:
+        raise ConfigError(f"{where}.{key}: {message}")
 
 
 @dataclass
@@ -228,6 +241,7 @@ class RuntimeConfig:
     num_threads: Optional[int] = None       # torch intra-op threads on CPU; None: torch's default
     progress: Union[bool, Literal["auto"]] = "auto"        # auto: a bar only on an interactive terminal
     deterministic: bool = False         # torch.use_deterministic_algorithms
+    rendezvous_timeout_s: float = 300.0     # under torchrun: how long to wait for every rank to join
 
 
 @dataclass

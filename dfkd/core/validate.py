@@ -5,16 +5,15 @@ dataclass (see :mod:`dfkd.core.schema`), and so are its own constraints (``check
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, Union
 
+from dfkd.core.io import check_output_folder
 from dfkd.core.registries import SYNTHESIZERS
-from dfkd.core.schema import SYNTHESIZER, Config, OptimConfig, check_quant
-from dfkd_base.errors import ConfigError
+from dfkd.core.schema import SYNTHESIZER, Config, OptimConfig, quant_problems
+from dfkd_base.errors import ConfigError, DfkdError
 from dfkd_base.registry import nearest
 
 # batch sources that a synthesizer draws (its class lists those it can in ``draws``)
@@ -146,7 +145,7 @@ def config_from_dict(data: dict, origin: dict[str, str] | None = None, default_o
 def check_config(config: Config, validator: _Validator | None = None) -> None:
     """Cross-field checks that types alone can't express."""
     v = validator or _Validator({}, "config")
-    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", config.experiment):
+    if not re.fullmatch(r"[\w+-][\w.+-]*", config.experiment) or len(config.experiment) > 200:
         v.fail("experiment", f"experiment must be a name (letters, digits, '.', '_', '+', '-'), not a path: "
                              f"{config.experiment!r}")
     syn = config.synthesis
@@ -226,10 +225,8 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         if player.kind != "model":
             v.fail(f"players.{name}.quant", f"players.{name}.quant: only model players can be quantized "
                                             f"('{name}' is a {player.kind})")
-        try:
-            check_quant(dataclasses.asdict(player.quant), f"players.{name}.quant")
-        except ConfigError as exc:
-            v.fail(f"players.{name}.quant", str(exc))
+        for key, message in quant_problems(dataclasses.asdict(player.quant))[:1]:
+            v.fail(f"players.{name}.quant.{key}", f"players.{name}.quant.{key}: {message}")  # where it was set
         if player.quant.init == "teacher" and config.teacher is None:
             v.fail(f"players.{name}.quant.init", f"players.{name}.quant.init 'teacher' needs a teacher")
     calibration_only = any(p.quant is not None and p.quant.calibrate > 0 for p in config.players.values())
@@ -265,19 +262,26 @@ def _check_values(config: Config, v: _Validator) -> None:
     for key, value in intervals.items():
         if value < 1:
             v.fail(key, f"{key} must be >= 1, got {value}")
-    if config.seed < 0:
-        v.fail("seed", f"seed must be >= 0, got {config.seed}")
-    if config.train.max_rollbacks < 0 or config.train.max_weight_growth < 0:
-        v.fail("train", "train.max_rollbacks and train.max_weight_growth must be >= 0")
+    if not 0 <= config.seed < 2 ** 63:
+        v.fail("seed", f"seed must be >= 0 and below 2**63 (torch's generator takes 64 bits), got {config.seed}")
+    if config.train.max_rollbacks < 0 or not config.train.max_weight_growth >= 0 \
+            or config.train.max_weight_growth == float("inf"):
+        v.fail("train", f"train.max_rollbacks and train.max_weight_growth must be >= 0 (and finite), got "
+                        f"{config.train.max_rollbacks} and {config.train.max_weight_growth}")
+    for key, value in (("data.batch_size", config.data.batch_size), ("synthesis.batch_size", config.synthesis.batch_size)):
+        if value == 1:
+            v.fail(key, f"{key} must be >= 2: BatchNorm normalizes a batch by its own statistics, which one sample "
+                        f"does not have")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", config.runtime.device):
         v.fail("runtime.device", f"runtime.device must be auto, cpu, cuda, cuda:N or mps; got {config.runtime.device!r}")
     if config.runtime.num_threads is not None and config.runtime.num_threads < 1:
         v.fail("runtime.num_threads", f"runtime.num_threads must be >= 1, got {config.runtime.num_threads}")
+    if not 0 < config.runtime.rendezvous_timeout_s < float("inf"):
+        v.fail("runtime.rendezvous_timeout_s", f"runtime.rendezvous_timeout_s must be a positive number of seconds, "
+                                               f"got {config.runtime.rendezvous_timeout_s}")
     if not config.phases:
         v.fail("phases", "a config needs at least one phase (a player, a batch source and loss terms)")
-    root = Path(config.output.root)
-    existing = next((p for p in (root, *root.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        v.fail("output.root", f"output.root {root}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        v.fail("output.root", f"output.root {root}: {existing} is not writable")
+    try:
+        check_output_folder(config.output.root)
+    except DfkdError as error:
+        v.fail("output.root", f"output.root {error}")

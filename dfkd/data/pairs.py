@@ -109,6 +109,8 @@ def load_pairs(paths: list[str], info: DatasetInfo, split: str = "train") -> Ima
         where = f"{paths[0]} and {paths[1]}"
     else:
         raise ConfigError(f"data.pairs takes one file or two folders, got {len(paths)} paths")
+    if len(a) == 0:
+        raise ConfigError(f"pairs {where}: no samples (0 pairs)")
     if a.dim() == 3:  # (N, H, W): one channel
         a = a.unsqueeze(1)
     if b.dim() == 3:
@@ -123,4 +125,7 @@ def load_pairs(paths: list[str], info: DatasetInfo, split: str = "train") -> Ima
     if len(bad):
         raise ConfigError(f"pairs {where}: labels must be classes 0..{info.num_classes - 1} of '{info.name}' "
                           f"(or -1 for none); found {bad[0].item()}")
+    if split == "test" and (labels < 0).any():  # accuracy is measured on labels
+        raise ConfigError(f"pairs {where}: {int((labels < 0).sum())} of {len(labels)} test pairs have no label; "
+                          f"data.pairs_test needs labeled pairs (an array 'y' of classes)")
     return ImageTensorDataset(a, labels, info, f"pairs:{split}", paired=b)

@@ -23,7 +23,8 @@ from torch import nn
 from dfkd.core.checkpoint import safe_load
 from dfkd.core.config import dump_config
 from dfkd.core.io import atomic_write_text
-from dfkd.core.runs import MetricLogger, RunLock, is_main_process, new_run_dir, rank, world_size
+from dfkd.core.runs import (MetricLogger, RunLock, check_run_folder, is_main_process, new_run_dir, rank,
+                            world_size)
 from dfkd.core.schema import SYNTHESIZER, Config
 from dfkd.data.batch import Batch
 from dfkd.loop.build import build_run
@@ -33,13 +34,9 @@ from dfkd.loop.evaluation import evaluate, held_out_agreement
 from dfkd.loop.phases import Phase
 from dfkd.loop.reporting import Reporter
 from dfkd.loop.runtime import broadcast_from_rank0, seed_everything
-from dfkd.loop.state import (Progress, health_problem, last_good_state, read_resume, restore, resume_run_dir,
-                             run_summary, save_state, save_student, weight_norms)
-from dfkd_base.errors import ConfigError, DfkdError
-
-
-class DivergenceError(DfkdError):
-    """A loss became NaN or infinite."""
+from dfkd.loop.state import (Progress, health_problem, last_good_state, restore, resume_from, run_summary,
+                             save_state, save_student, weight_norms)
+from dfkd_base.errors import ConfigError, DivergenceError
 
 
 class Engine:
@@ -64,11 +61,13 @@ class Engine:
         self.last_batch: Batch | None = None  # what a 'same' phase reuses
 
         resume_state = None
-        if resume is not None:
-            resume_state = read_resume(Path(resume), config, self.total_iters, run.teachers.hashes)
-            run_dir = resume_run_dir(Path(resume), resume_state, run_dir)
+        if resume is not None:  # the state is read and restored before anything of the folder is written
+            resume_state, run_dir = resume_from(Path(resume), run, self.progress, self.scaler, run_dir)
+        else:  # the first epoch's state is checked against the starting weights
+            self.progress.good_norms = weight_norms(run)
         if write and is_main_process():
             self.run_dir = Path(run_dir) if run_dir else new_run_dir(config.output.root, config.experiment, config.seed)
+            check_run_folder(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.run_dir)  # before anything in the folder is written
             atomic_write_text(self.run_dir / "config.yaml", dump_config(config))
@@ -77,8 +76,6 @@ class Engine:
         # every rank learns rank 0's run folder (to read ckpt/last.pt on a rollback); only rank 0 writes
         shared = broadcast_from_rank0(str(self.run_dir) if self.run_dir else None)
         self.shared_run_dir = Path(shared) if shared else None
-        if resume_state is not None:
-            restore(run, self.progress, self.scaler, resume_state)
         self.logger = MetricLogger(self.run_dir, config.output.tensorboard,
                                    purge_step=self.step + 1 if resume_state else None)
         self.reporter = Reporter(run, self.logger)
@@ -98,7 +95,8 @@ class Engine:
 
     def evaluate(self, model: nn.Module, loader=None, student: bool = False) -> dict:
         """Accuracy and loss on the test split (a student: on its modality of it)."""
-        return evaluate(model, loader or self.test_loader, self.runtime.forward, self.modality, self.info, student)
+        return evaluate(model, loader or self.test_loader, self.runtime.forward, self.modality, self.info, student,
+                        predictions=student)  # a student's classes make the per-class pictures
 
     def context(self, phase: Phase, batch: Batch) -> StepContext:
         return StepContext(phase, self.run.student_view(batch), self.services, self.step,
@@ -192,7 +190,7 @@ class Engine:
         if self.teachers.first is not None and self.test_loader is not None and self.progress.teacher_acc is None:
             self.progress.teacher_acc = self.evaluate(self.teachers.evaluation_model())["acc"]
             self.logger.scalars(0, {"eval/teacher_acc": self.progress.teacher_acc})
-        t_start = time.perf_counter()
+        self.progress.set_wall(self.progress.wall_before)  # the clock runs from here: building the run is not timed
         try:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
@@ -222,7 +220,7 @@ class Engine:
             bar.close()
             self.logger.flush()
             self.lock.release()
-        summary = run_summary(self.run, self.progress, time.perf_counter() - t_start, self.run_dir)
+        summary = run_summary(self.run, self.progress, self.run_dir)
         if self.run_dir is not None:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.reporter.finish(summary)
@@ -241,7 +239,9 @@ class Engine:
         if tc.on_nan != "rollback" or not (last and last.exists()) or self.rollbacks >= tc.max_rollbacks:
             raise exc
         self.progress.rollbacks += 1
+        wall = self.progress.wall()  # the time since that checkpoint was spent all the same
         restore(self.run, self.progress, self.scaler, safe_load(last, map_location=self.runtime.device))
+        self.progress.set_wall(wall)
         seed_everything(self.config.seed + rank() + 1000 * self.rollbacks)  # the same draws would diverge again
         self.reporter.pending.clear()
         self.logger.scalars(self.step, {"nan/rollbacks": self.rollbacks})

@@ -16,18 +16,21 @@ from dfkd_base.errors import ConfigError
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-             modality: Callable | None = None, info: DatasetInfo | None = None, student: bool = True) -> dict:
+             modality: Callable | None = None, info: DatasetInfo | None = None, student: bool = True,
+             predictions: bool = False) -> dict:
     """Top-1 accuracy (%), mean cross-entropy and count over ``loader``'s (images, labels[, paired])
     batches, in eval mode (the model's mode is restored). A ``student`` of another modality is
     evaluated on it: the stored ``paired`` images of a user's pairs, or ``modality(images, info)``
-    of the built-in ones; a teacher (``student=False``) sees the images themselves. ``forward(model, images)`` runs the model (the run's AMP and memory
-    format); by default it is called directly."""
+    of the built-in ones; a teacher (``student=False``) sees the images themselves.
+    ``forward(model, images)`` runs the model (the run's AMP and memory format); by default it is
+    called directly. ``predictions``: also return every sample's ``predicted`` class and ``labels``."""
     forward = forward or (lambda m, x: m(x))
     was_training = model.training
     model.eval()
     exits = exits_of(model)
     correct, loss_sum, n = 0, 0.0, 0
     exit_correct: list[int] = []
+    predicted, seen = [], []
     for images, labels, *paired in loader:
         if student and paired:  # a user's pairs: the student's modality is stored
             images = paired[0]
@@ -37,6 +40,9 @@ def evaluate(model: nn.Module, loader: Iterable, forward: Callable[[nn.Module, t
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(1) == labels).sum())
         n += labels.numel()
+        if predictions:
+            predicted.append(logits.argmax(1).cpu())
+            seen.append(labels.cpu())
         if exits is not None:  # each exit, then BYOT's ensemble: the mean of every classifier's logits
             outputs = [z.float() for z in exits.exit_logits]
             outputs.append(sum(outputs + [logits]) / (len(outputs) + 1))
@@ -44,6 +50,8 @@ def evaluate(model: nn.Module, loader: Iterable, forward: Callable[[nn.Module, t
             exit_correct = [a + b for a, b in zip(exit_correct, hits)] if exit_correct else hits
     model.train(was_training)
     result = {"acc": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
+    if predictions:
+        result["predicted"], result["labels"] = torch.cat(predicted), torch.cat(seen)
     if exit_correct:
         result["exits"] = [100.0 * c / n for c in exit_correct[:-1]]
         result["exit_ensemble"] = 100.0 * exit_correct[-1] / n

@@ -1,78 +1,50 @@
 """What a run shows a researcher: losses and diagnostics averaged between logging steps,
-learning rates and timers, what the teacher makes of synthetic batches, and image grids.
+learning rates and timers, what the teacher makes of synthetic batches, the evaluation with the
+teacher's accuracy as a reference line, the pictures of :mod:`dfkd.loop.views`, and the run's
+HParams session (:mod:`dfkd.loop.hparams`).
 
 Everything goes through :class:`~dfkd.core.runs.MetricLogger` (``metrics.jsonl`` and TensorBoard)
-against the global step, the iteration count.
+against the global step, the iteration count. Two runs beside the run's own hold what another
+axis needs: ``teacher-reference/`` the teacher's accuracy (the same tags, so that its line is on
+the student's charts) and ``samples-seen/`` the evaluation against the samples the evaluated
+model has trained on (iterations of different runs are not comparable; samples are).
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfkd.core.config import config_to_dict, flatten
-from dfkd.core.runs import MetricLogger, is_main_process
+from dfkd.core.config import config_to_dict
+from dfkd.core.runs import MetricLogger, is_main_process, world_size
+from dfkd.core.schema import SYNTHESIZER
 from dfkd.data.datasets import denormalize
-from dfkd.loop.evaluation import exit_scalars
+from dfkd.loop import hparams
+from dfkd.loop.evaluation import evaluate, exit_scalars
 from dfkd.loop.quality import SampleQuality
+from dfkd.loop.views import Views
 from dfkd.methods.losses.datafree import bn_layer_distances
 from dfkd.nets.quant import is_quantized, quant_inspection
 from dfkd.nets.taps import BNStatsTap, embed
 from dfkd_base.errors import ConfigError
 
-GRID_CELL = 96   # pixels a grid cell is shown at (nearest-neighbour upscaling): legible in TensorBoard's cards
-
-
-LABEL_MARGIN = 240  # pixels of a labeled grid's left margin, for a row's title and note
-
-
-def _font(size: int):
-    """Pillow's built-in scalable font at ``size`` px (its bitmap font where FreeType is missing):
-    labels stay readable when TensorBoard scales a grid down into its card."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def labeled_class_grid(rows: list[torch.Tensor], names: list[str], counts: list[int], per_row: int = 8,
-                       cell: int = GRID_CELL) -> torch.Tensor:
-    """One row per class: up to ``per_row`` images (C, H, W in [0, 1]) upscaled to ``cell`` px,
-    the class's index, name and count written in a 240 px margin on the left in a scalable font, empty cells dark gray (so a
-    short row reads as empty, not as white images). Returns (3, H, W) in [0, 1]."""
-    return labeled_grid(rows, [f"{k}: {name}" for k, name in enumerate(names)],
-                        [f"{count} in the batch" for count in counts], per_row, cell)
-
-
-def labeled_grid(rows: list[torch.Tensor], titles: list[str], notes: list[str], per_row: int = 8,
-                 cell: int = GRID_CELL) -> torch.Tensor:
-    """Rows of up to ``per_row`` images upscaled to ``cell`` px, each row's title and a note in a
-    margin on the left, empty cells dark gray. Returns (3, H, W) in [0, 1]."""
-    from PIL import Image, ImageDraw
-
-    margin, pad = LABEL_MARGIN, 2
-    width, height = margin + per_row * (cell + pad), len(rows) * (cell + pad)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    title_font, note_font = _font(max(10, cell // 4)), _font(max(8, cell // 6))
-    for k, (images, title, note) in enumerate(zip(rows, titles, notes)):
-        top = k * (cell + pad)
-        draw.text((4, top + cell // 2 - cell // 4 - 2), title, fill=(0, 0, 0), font=title_font)
-        draw.text((4, top + cell // 2 + 4), note, fill=(90, 90, 90), font=note_font)
-        for j in range(per_row):
-            left = margin + j * (cell + pad)
-            if j < len(images):
-                x = F.interpolate(images[j:j + 1].float().clamp(0, 1), size=(cell, cell), mode="nearest")[0]
-                x = (x.expand(3, -1, -1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-                canvas.paste(Image.fromarray(x), (left, top))
-            else:
-                draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=(64, 64, 64))
-    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
-
+ACC_ABOUT = ("Top-1 accuracy (%) of the evaluated model on the evaluation split, against iterations (an "
+             "iteration runs every phase once, so iterations of different methods are not comparable: "
+             "eval/acc_vs_samples_seen is the same curve against samples trained on). The teacher-reference "
+             "run draws the teacher's accuracy.")
+DESCRIPTIONS = {
+    "eval/acc": ACC_ABOUT,
+    "eval/acc_vs_samples_seen": "Top-1 accuracy (%) of the evaluated model on the evaluation split, against the "
+                                "number of samples it has trained on (its phases' steps times their batch sizes, "
+                                "over all ranks). The teacher-reference run draws the teacher's accuracy.",
+    "eval/gap_to_teacher": "The teacher's accuracy minus the evaluated model's, in points.",
+    "eval/agreement": "How often (%) the evaluated model predicts the class the teacher predicts, on the "
+                      "evaluation split.",
+    "synthetic/class_balance": "The entropy of the teacher's classes over the newest synthetic batch, over "
+                               "log(classes): 1 when every class is equally present, 0 when one class is.",
+}
 
 class Reporter:
     def __init__(self, run, logger: MetricLogger):
@@ -80,26 +52,99 @@ class Reporter:
             logger, run.info, run.runtime, run.teachers, run.modality
         self.config, self.test_loader, self.student = run.config, run.test_loader, run.student
         self.iters_per_epoch, self.total_iters = run.iters_per_epoch, run.total_iters
+        self.phases, self.real = run.phases, run.real
         self.recent: torch.Tensor | None = None   # the newest synthetic samples, for the quality measures
         self._seen: torch.Tensor | None = None
         self._quality = None
         self._real: tuple[torch.Tensor, torch.Tensor] | None = None  # evaluation samples the measures compare with
+        self._teacher_predicted: torch.Tensor | None = None  # the teacher's classes on the evaluation split
+        self.agreement_now: float | None = None
         # kept as device tensors until a flush: converting each would synchronize a GPU once per term and step
         self.pending: dict[str, list[torch.Tensor]] = {}
-        if logger.writer is not None:  # the student's accuracy with the teacher's as a line beside it
-            counts = [f"synthetic/count/{k}_{name}" for k, name in enumerate(self.info.class_names)]
-            logger.writer.add_custom_scalars({
-                "accuracy": {"student and teacher": ["Multiline", ["eval/acc", "eval/teacher_acc"]]},
-                "synthetic": {"samples per class the teacher predicts": ["Multiline", counts],
-                              "diversity, synthetic and real": ["Multiline", ["quality/diversity",
-                                                                              "quality/diversity_real"]]}})
+        self.views = Views(run, logger) if logger.writer is not None else None
+        self._beside: dict[str, object] = {}  # the writers of the runs beside this one, by folder name
+        logger.descriptions.update(DESCRIPTIONS)
+        if logger.writer is None:
+            return
+        logger.writer.add_custom_scalars({  # the student's accuracy with the teacher's as a line beside it
+            "accuracy": {"student and teacher": ["Multiline", ["eval/acc", "eval/teacher_acc"]]},
+            "synthetic": {"diversity, synthetic and real": ["Multiline", ["quality/diversity",
+                                                                          "quality/diversity_real"]]}})
+        self.log_root = self._log_root()
+        hparams.session_start(logger.writer, hparams.run_hparams(config_to_dict(self.config)),
+                              group=str(logger.run_dir.resolve().relative_to(self.log_root)))
+        hparams.write_experiment(self.log_root)
 
+    def _log_root(self) -> Path:
+        """The folder whose runs share one HParams experiment: ``output.root`` when the run is
+        inside it, else the folder that holds the run's experiment folder."""
+        root, run_dir = Path(self.config.output.root).resolve(), self.logger.run_dir.resolve()
+        return root if run_dir.is_relative_to(root) else run_dir.parent.parent
+
+    def _writer_beside(self, name: str, purge_step: int | None = None):
+        if name not in self._beside:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._beside[name] = SummaryWriter(str(self.logger.run_dir / name), purge_step=purge_step)
+        return self._beside[name]
+
+    # ---------------------------------------------------------------- the samples-seen axis
+    def samples_per_iteration(self, epoch: int) -> int:
+        """Samples the evaluated model trains on in one iteration of ``epoch``: its phases' steps
+        times the batch size of their sources, over all ranks."""
+        warming = epoch < self.config.synthesis.warmup_epochs
+        real = self.real.loader.batch_size if self.real is not None else self.config.data.batch_size
+        total, last = 0, 0
+        for phase in self.phases:
+            if not phase.runs_in(epoch) or (warming and phase.player != SYNTHESIZER):
+                continue
+            size = last if phase.batch == "same" else real if phase.batch in ("real", "labeled") \
+                else self.config.synthesis.batch_size
+            last = size
+            if phase.player == self.student.name:
+                total += phase.steps * size
+        return total * world_size()
+
+    def samples_seen(self, step: int) -> int:
+        epochs, rest = divmod(step, self.iters_per_epoch)
+        return sum(self.iters_per_epoch * self.samples_per_iteration(e) for e in range(epochs)) + \
+            rest * self.samples_per_iteration(epochs)
+
+    # ---------------------------------------------------------------- evaluation
     def evaluation(self, step: int, epoch: int, result: dict, best: float, teacher_acc: float | None,
                    extra: dict[str, float]) -> None:
-        """An evaluation's scalars; the teacher's accuracy again, so its line spans the chart."""
+        """An evaluation's scalars (against iterations, and against samples seen beside), the
+        teacher's accuracy in the reference run, and the per-class pictures."""
         teacher = {"eval/teacher_acc": teacher_acc} if teacher_acc is not None else {}
+        gap = {"eval/gap_to_teacher": teacher_acc - result["acc"]} if teacher_acc is not None else {}
+        self.agreement_now = self._per_class(step, result)
+        agreement = {"eval/agreement": self.agreement_now} if self.agreement_now is not None else {}
         self.logger.scalars(step, {"eval/acc": result["acc"], "eval/loss": result["loss"], "epoch": epoch,
-                                   "eval/best_acc": best, **teacher, **extra, **exit_scalars(result)})
+                                   "eval/best_acc": best, **teacher, **gap, **agreement, **extra,
+                                   **exit_scalars(result)})
+        if self.logger.writer is None:
+            return
+        seen = self.samples_seen(step)
+        purge = self.logger.purge_step
+        writer = self._writer_beside("samples-seen", self.samples_seen(purge - 1) + 1 if purge else None)
+        self.logger.scalars_to(writer, seen, {"eval/acc_vs_samples_seen": result["acc"]})
+        if teacher_acc is not None:  # from the first step on, so that the line spans the chart
+            new = "teacher-reference" not in self._beside
+            reference = self._writer_beside("teacher-reference")
+            for at, samples in ([(0, 0)] if new else []) + [(step, seen)]:
+                self.logger.scalars_to(reference, at, {"eval/acc": teacher_acc})
+                self.logger.scalars_to(reference, samples, {"eval/acc_vs_samples_seen": teacher_acc})
+
+    def _per_class(self, step: int, result: dict) -> float | None:
+        """The per-class pictures of an evaluation; returns the student's agreement with the teacher."""
+        if self.views is None or "predicted" not in result:
+            return None
+        teacher = self.teachers.first
+        if teacher is not None and self._teacher_predicted is None:
+            self._teacher_predicted = evaluate(self.teachers.evaluation_model(), self.test_loader,
+                                               self.runtime.forward, self.modality, self.info, student=False,
+                                               predictions=True)["predicted"]
+        return self.views.evaluation(step, result["labels"], result["predicted"], self._teacher_predicted)
 
     def agreement(self, step: int, epoch: int, value: float | None) -> None:
         """A run without labeled images: the student's agreement with the teacher on held-out
@@ -107,25 +152,34 @@ class Reporter:
         if value is not None:
             self.logger.scalars(step, {"eval/teacher_agreement": value, "epoch": epoch})
 
+    # ---------------------------------------------------------------- pictures of an epoch
     def epoch_images(self, step: int, synthetic: torch.Tensor | None) -> None:
-        """The epoch's grids: synthetic samples (all, and by the class the teacher predicts), an
-        evaluation batch by label (unless ``output.show_real`` is off), paired modalities."""
+        """The epoch's pictures: synthetic samples (captioned, by the class the teacher predicts,
+        and what the teacher responds to in them), an evaluation batch by label (unless
+        ``output.show_real`` is off), paired modalities."""
         self.sample_quality(step, synthetic)
-        if self.logger.writer is None:  # no TensorBoard here (turned off, or not rank 0)
+        if self.views is None:  # no TensorBoard here (turned off, or not rank 0)
             return
         self.quantization(step, synthetic)
-        if synthetic is not None and self.teachers.first is not None:
-            self.sample_grids(step, synthetic)
+        show_real = self.config.output.show_real and self.test_loader is not None and self.modality is None \
+            and not self.config.data.pairs
+        real = next(iter(self.test_loader))[:2] if show_real else None
+        teacher = self.teachers.first
+        if synthetic is not None and teacher is not None:
+            self.views.synthetic(step, teacher, synthetic)
+            self.views.evidence(step, teacher, synthetic, real)
             if self.modality is not None:
-                self.pair_grid(step, "crossmodal/synthetic_pairs", synthetic)
+                self.views.pairs(step, "crossmodal/synthetic_pairs", synthetic, self.modality(synthetic, self.info),
+                                 self.config.data.modality)
         if self.test_loader is None:
             return
         if self.modality is not None or self.config.data.pairs:
-            self.pair_grid(step, "crossmodal/real_pairs", *next(iter(self.test_loader))[::2])
-        elif self.config.output.show_real and synthetic is not None:
-            images, labels = next(iter(self.test_loader))[:2]
-            self.class_grid(step, "real/by_class", images, labels,
-                            "a batch of the evaluation split, one row per true class")
+            images, _, *paired = next(iter(self.test_loader))
+            students = paired[0] if paired else self.modality(images, self.info)
+            self.views.pairs(step, "crossmodal/real_pairs", images, students,
+                             self.config.data.modality or "paired modality B")
+        elif real is not None and synthetic is not None:
+            self.views.by_class(step, "real/by_class", *real, "a batch of the evaluation split, one row per true class")
 
     def remember(self, synthetic: torch.Tensor | None) -> None:
         """Keep the newest ``output.quality_samples`` synthetic samples (each batch once)."""
@@ -205,12 +259,14 @@ class Reporter:
             self.logger.histogram(step, tag, values)
 
     def finish(self, summary: dict) -> None:
-        """The run's resolved config and final numbers in TensorBoard's HParams table; then close."""
+        """The run's time as a metric of its HParams session, the session's end and the
+        experiment's columns with this run's; then close."""
         if self.logger.writer is not None:
-            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                       for k, v in flatten(config_to_dict(self.config)).items()}
-            metrics = {f"hparam/{k}": float(summary[k]) for k in ("final_acc", "best_acc") if summary.get(k) is not None}
-            self.logger.writer.add_hparams(hparams, metrics, run_name=".")
+            self.logger.scalars(summary["steps"], {"time/total_s": summary["time_total_s"]})
+            hparams.session_end(self.logger.writer, ok=True)
+            hparams.write_experiment(self.log_root)
+        for writer in self._beside.values():
+            writer.close()
         self.logger.close()
 
     def add(self, tag: str, value: torch.Tensor) -> None:
@@ -246,9 +302,10 @@ class Reporter:
 
     @torch.no_grad()
     def inspect_synthetic(self, step: int, images: torch.Tensor) -> dict[str, float]:
-        """What the teacher makes of a synthetic batch: class and confidence histograms (to
-        TensorBoard) and the per-layer BN-statistics distance (returned as scalars)."""
-        if self.logger.writer is None:
+        """What the teacher makes of a synthetic batch: its confidence histogram and class counts
+        (to TensorBoard), the class balance and the per-layer BN-statistics distance (returned as
+        scalars)."""
+        if self.views is None:
             return {}
         teacher, bn_taps = self.teachers.first, self.teachers.bn_taps
         try:
@@ -264,49 +321,6 @@ class Reporter:
         pred = probs.argmax(1)
         self.logger.histogram(step, "synthetic/teacher_confidence", probs.max(1).values)
         scalars = {f"bn_distance/{s.name}": float(d) for s, d in zip(stats, bn_layer_distances(stats))}
-        counts = torch.bincount(pred, minlength=self.info.num_classes).tolist()
-        scalars.update({f"synthetic/count/{k}_{name}": float(c)
-                        for k, (name, c) in enumerate(zip(self.info.class_names, counts))})
+        scalars["synthetic/class_balance"] = self.views.class_counts(step, pred)
         scalars["synthetic/teacher_confidence_mean"] = float(probs.max(1).values.mean())
         return scalars
-
-    @torch.no_grad()
-    def sample_grids(self, step: int, images: torch.Tensor) -> None:
-        """Synthetic samples, all together and one row per class the teacher predicts."""
-        if self.logger.writer is None:
-            return
-        pred = self.runtime.forward(self.teachers.first, images).argmax(1)
-        shown = denormalize(images[:64].float(), self.info)
-        scale = max(1, GRID_CELL // shown.shape[-1])  # nearest-neighbour, to a legible size
-        self.logger.image_grid(step, "synthetic/samples", F.interpolate(shown, scale_factor=scale), nrow=8)
-        self.class_grid(step, "synthetic/by_teacher_class", images, pred,
-                        "synthetic samples, one row per class the teacher predicts for them")
-
-    def class_grid(self, step: int, tag: str, images: torch.Tensor, classes: torch.Tensor, what: str) -> None:
-        """Up to 8 of ``images`` per class, labeled with the dataset's class names and counts."""
-        rows = [denormalize(images[classes == k][:8].float(), self.info) for k in range(self.info.num_classes)]
-        counts = torch.bincount(classes, minlength=self.info.num_classes).tolist()
-        self.logger.writer.add_image(tag, labeled_class_grid(rows, list(self.info.class_names), counts), step)
-        self.logger.text(step, f"{tag}/about", what)
-
-    @torch.no_grad()
-    def pair_grid(self, step: int, tag: str, images: torch.Tensor, paired: torch.Tensor | None = None) -> None:
-        """Up to 8 samples, two labeled rows: the teacher's modality on top, the students'
-        (``paired``, or the built-in modality of ``images``; rescaled to [0, 1] per image, to the
-        same size and channel count) below."""
-        if self.logger.writer is None:
-            return
-        images = images[:8].float()
-        a = denormalize(images, self.info)
-        b = self.modality(images, self.info) if paired is None else paired[:8].float()
-        low, high = b.amin(dim=(1, 2, 3), keepdim=True), b.amax(dim=(1, 2, 3), keepdim=True)
-        b = (b - low) / (high - low).clamp_min(1e-6)
-        b = F.interpolate(b, size=a.shape[2:], mode="bilinear", align_corners=False) if b.shape[2:] != a.shape[2:] else b
-        channels = max(a.shape[1], b.shape[1])
-        a, b = a.expand(-1, channels, -1, -1), b.expand(-1, channels, -1, -1)
-        student = self.config.data.modality or "paired modality B"
-        grid = labeled_grid([a, b], ["teacher sees", "students see"],
-                            ["the images" if not self.config.data.pairs else "modality A", student])
-        self.logger.writer.add_image(tag, grid, step)
-        self.logger.text(step, f"{tag}/about", f"the same {len(a)} samples: the teacher's input on top, the "
-                                               f"students' ({student}) below")

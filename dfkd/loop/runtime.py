@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import os
 import random
 
 import torch
 from torch import nn
 
-from dfkd.core.runs import world_size
+from dfkd.core.runs import rank, world_size
 from dfkd.core.schema import RuntimeConfig
-from dfkd_base.errors import ConfigError
+from dfkd_base.errors import ConfigError, DfkdError, first_line
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -24,6 +25,10 @@ def resolve_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device '{spec}' asked for, but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"runtime.device '{spec}': this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"runtime.device '{spec}' asked for, but this torch build or machine has no MPS device")
     return device
 
 
@@ -53,16 +58,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def init_distributed(device: torch.device) -> torch.device:
+def init_distributed(device: torch.device, timeout_s: float = 300.0) -> torch.device:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR/PORT), one GPU per process, gloo on CPU. Returns this process's
-    device (``cuda:LOCAL_RANK`` under torchrun on CUDA)."""
+    device (``cuda:LOCAL_RANK`` under torchrun on CUDA). Peers that have not joined within
+    ``timeout_s`` are a one-line error, not a wait without end."""
     if world_size() == 1 or torch.distributed.is_initialized():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+    except (torch.distributed.DistError, ValueError) as error:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DfkdError(f"rank {rank()} of {world_size()}: the process group at {where} did not form within "
+                        f"{timeout_s:g} s ({first_line(error)[:120]}); start every rank with torchrun") from None
     # one group for the life of the process: a second engine in the same job (teacher, then
     # student) reuses it, since re-creating a group against torchrun's store hangs
     atexit.register(torch.distributed.destroy_process_group)
@@ -84,7 +96,7 @@ class Runtime:
     (measured with oneDNN); plain LeNet training gains nothing from it on CPU."""
 
     def __init__(self, cfg: RuntimeConfig, synthesis: bool = False):
-        self.device = init_distributed(resolve_device(cfg.device))
+        self.device = init_distributed(resolve_device(cfg.device), cfg.rendezvous_timeout_s)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if cfg.deterministic:

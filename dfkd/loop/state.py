@@ -12,20 +12,21 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from dfkd.core import checkpoint as ckpt_io
-from dfkd.core.config import config_to_dict, flatten
+from dfkd.core.config import config_to_dict, flatten, load_config
 from dfkd.core.io import atomic_save
 from dfkd.core.schema import Config
 from dfkd.data.card import card_from_info
 from dfkd.data.datasets import DATASETS
 from dfkd.loop.runtime import rng_state, set_rng_state
 from dfkd.nets.quant import model_bytes, quant_summary
-from dfkd_base.errors import CheckpointError
+from dfkd_base.errors import CheckpointError, DfkdError, first_line
 
 if TYPE_CHECKING:
     from dfkd.loop.build import Run
@@ -45,10 +46,20 @@ class Progress:
     history: list[dict] = dataclasses.field(default_factory=list)
     timers: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"train": 0.0, "synthesis": 0.0, "eval": 0.0})
+    wall_before: float = 0.0              # wall time of the sessions before this one (a resumed run)
+    session_start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def summary(self, wall: float) -> dict:
-        """Final and best accuracy, and the time (training, evaluation excluded) to the first
-        evaluation at >= 99% of the teacher; ``wall`` is the run's own wall time."""
+    def wall(self) -> float:
+        """The run's wall time over all its sessions, up to now."""
+        return self.wall_before + time.perf_counter() - self.session_start
+
+    def set_wall(self, seconds: float) -> None:
+        self.wall_before, self.session_start = seconds, time.perf_counter()
+
+    def summary(self) -> dict:
+        """Final and best accuracy, the wall time over every session of the run, and the time
+        (training, evaluation excluded) to the first evaluation at >= 99% of the teacher."""
+        wall = self.wall()
         final = next((h for h in reversed(self.history) if "acc" in h), {})
         agreements = [h["agreement"] for h in self.history if h.get("agreement") is not None]
         teacher_acc = self.teacher_acc
@@ -86,6 +97,25 @@ def health_problem(norms: dict[str, float], progress: Progress, eval_loss: float
     return None
 
 
+def resume_from(path: Path, run: "Run", progress: Progress, scaler: torch.amp.GradScaler,
+                given: str | Path | None) -> tuple[dict, Path]:
+    """The state at ``path`` read, checked to belong to ``run`` and restored into it, before
+    anything of a run folder is written; and the folder the resumed run writes to."""
+    state = read_resume(path, run.config, run.total_iters, run.teachers.hashes)
+    run_dir = resume_run_dir(path, state, given)
+    restore(run, progress, scaler, state, path)
+    check_resumable(run, path)
+    return state, run_dir
+
+
+def check_resumable(run: "Run", path: Path) -> None:
+    """A state whose weights are not finite is refused: resuming it would only diverge again."""
+    bad = [name for name, norm in weight_norms(run).items() if not math.isfinite(norm)]
+    if bad:
+        raise CheckpointError(f"{path}: the weights of {', '.join(bad)} in this state are not finite; it cannot be "
+                              f"resumed (start the run again, or resume an earlier copy of the state)")
+
+
 def last_good_state(run_dir: Path | None, progress: Progress) -> str:
     """Where a diverged run's last good state is, for its error message."""
     last = run_dir / "ckpt" / "last.pt" if run_dir else None
@@ -119,6 +149,10 @@ def read_resume(path: Path, config: Config, total_iters: int, teacher_sha256: li
     if not isinstance(state.get("step"), int) or state["step"] < 0:
         raise CheckpointError(f"{path}: its iteration {state.get('step')!r} is not a step count")
     mine, theirs = flatten(identity(config)), flatten(state["identity"])
+    if recorded is not None and teacher_sha256 is not None:  # the same teachers' weights, wherever they are now
+        # (a moved or copied chain folder): the paths are not compared
+        mine, theirs = ({k: v for k, v in side.items() if not k.startswith("teacher.checkpoint")}
+                        for side in (mine, theirs))
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if differ:
         shown = ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)" for k in differ[:3])
@@ -143,7 +177,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
             "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
             "good_step": progress.good_step, "good_norms": progress.good_norms, "rollbacks": progress.rollbacks,
             "teacher_sha256": run.teachers.hashes,
-            "history": progress.history, "timers": progress.timers,
+            "history": progress.history, "timers": progress.timers, "wall_s": progress.wall(),
             "players": {n: p.state_dict() for n, p in run.players.items()},
             "scaler": scaler.state_dict(), "rng": rng_state(),
             "real": run.real.state_dict() if run.real else None,
@@ -153,8 +187,19 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
             "term_optimizers": {_term_key(p, t): t.optimizer.state_dict() for p, t in terms if t.optimizer}}
 
 
-def restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state: dict) -> None:
-    """Put ``run`` and ``progress`` back where ``state`` (from :func:`capture`) was."""
+def restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state: dict,
+            path: Path | str = "the state") -> None:
+    """Put ``run`` and ``progress`` back where ``state`` (from :func:`capture`, read from ``path``)
+    was; a state of another shape (damaged, or edited) is a one-line error."""
+    try:
+        _restore(run, progress, scaler, state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        detail = first_line(error)[:160] if not isinstance(error, KeyError) else f"no {error}"
+        raise CheckpointError(f"{path}: not a training state of this run's shape ({type(error).__name__}: "
+                              f"{detail})") from None
+
+
+def _restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state: dict) -> None:
     for name, player in run.players.items():
         player.load_state_dict(state["players"][name])
     scaler.load_state_dict(state["scaler"])
@@ -173,6 +218,7 @@ def restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state:
     progress.step, progress.best_acc, progress.teacher_acc = state["step"], state["best_acc"], state["teacher_acc"]
     progress.good_step, progress.good_norms = state.get("good_step", state["step"]), dict(state.get("good_norms", {}))
     progress.history, progress.timers = list(state["history"]), dict(state["timers"])
+    progress.set_wall(float(state.get("wall_s", sum(progress.timers.values()))))
     # a rollback restores a state saved before it: the count kept is the larger one
     progress.rollbacks = max(progress.rollbacks, state.get("rollbacks", 0))
     set_rng_state(state["rng"])
@@ -188,13 +234,31 @@ def resume_run_dir(path: Path, state: dict, given: str | Path | None) -> Path:
     was saved in, which must be where the state lies (``<run>/ckpt/last.pt``): a state copied
     elsewhere never makes a run write into whatever folder happens to hold it."""
     if given is not None:
-        return Path(given)
+        folder = Path(given)
+        _check_own_folder(folder, state)
+        return folder
     here = path.resolve().parent.parent
     recorded = state.get("run_dir")
     if (recorded and Path(recorded).resolve() == here) or (not recorded and path.resolve().parent.name == "ckpt"):
         return here
     where = f"was saved in {recorded}" if recorded else "is not in a run's ckpt/ folder"
     raise CheckpointError(f"{path} {where}; to continue that run elsewhere, name its folder with --run-dir DIR")
+
+
+def _check_own_folder(folder: Path, state: dict) -> None:
+    """``--run-dir``: a folder that holds another run's files is refused, never written over."""
+    config_file = folder / "config.yaml"
+    if config_file.is_file():
+        try:
+            theirs = identity(load_config(str(config_file)))
+        except DfkdError:
+            theirs = None
+        if theirs != state["identity"]:
+            raise CheckpointError(f"--run-dir {folder} holds another run's config.yaml; continue in the run's own "
+                                  f"folder or an empty one")
+    elif any((folder / name).exists() for name in ("metrics.jsonl", "summary.json")):
+        raise CheckpointError(f"--run-dir {folder} holds another run's files (metrics.jsonl or summary.json without "
+                              f"config.yaml); continue in the run's own folder or an empty one")
 
 
 def save_student(run: "Run", run_dir: Path, filename: str, accuracy: float | None, epoch: int, step: int) -> Path:
@@ -208,11 +272,11 @@ def save_student(run: "Run", run_dir: Path, filename: str, accuracy: float | Non
                               experiment=run.config.experiment, config=config_to_dict(run.config), **extra)
 
 
-def run_summary(run: "Run", progress: Progress, wall: float, run_dir: Path | None) -> dict:
+def run_summary(run: "Run", progress: Progress, run_dir: Path | None) -> dict:
     """What a finished run reports (``summary.json``): its accuracies and times, and the evaluated
     student's precision and size at its bit widths beside its size in float32."""
     model = run.student.eval_module
     size, float_size = model_bytes(model)
-    return {"experiment": run.config.experiment, "seed": run.config.seed, **progress.summary(wall),
+    return {"experiment": run.config.experiment, "seed": run.config.seed, **progress.summary(),
             "precision": quant_summary(getattr(model, "quant", None)), "model_bytes": size, "float_bytes": float_size,
             "run_dir": str(run_dir) if run_dir else None}

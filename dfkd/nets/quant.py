@@ -31,6 +31,7 @@ re-initializes a learned step.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -48,9 +49,17 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Group
 
 
 def _brevitas():
-    with warnings.catch_warnings():  # brevitas warns about optional kernels at import
+    # brevitas warns about optional kernels at import, and through torch's C++-extension module
+    # logs that no CUDA runtime is found: neither concerns a user, so neither reaches their terminal
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import brevitas.nn as qnn
+        extension_log.setLevel(logging.ERROR)
+        try:
+            import brevitas.nn as qnn
+        finally:
+            extension_log.setLevel(level)
         from brevitas import quant as bq
         from brevitas.inject.enum import ScalingImplType
     return qnn, bq, ScalingImplType

@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 from dfkd.core.checkpoint import read_model_file
 from dfkd.core.config import load_config, load_config_dict, resolve_config_path
-from dfkd.core.io import atomic_write_text
+from dfkd.core.io import atomic_write_text, check_output_folder
 from dfkd.core.runs import new_run_dir
 from dfkd.core.schema import Config
 from dfkd.core.validate import dataclass_from_dict
@@ -105,6 +105,10 @@ class Chain:
 
     def __init__(self, config: ChainConfig, folder: str | Path | None = None, state: dict | None = None):
         self.config = config
+        if not folder:  # input errors are found before the chain has a folder
+            if config.teacher:
+                read_model_file(config.teacher)
+            check_output_folder(config.root)
         self.folder = Path(folder) if folder else new_run_dir(config.root, config.experiment, config.seed)
         self.state_path = self.folder / "chain.json"
         self.state = state or {"config": dataclasses.asdict(config), "stages": {}}
@@ -117,8 +121,23 @@ class Chain:
         state, config = read_folder_state(folder, "chain.json", ChainConfig)
         return cls(config, folder, state)
 
+    def model_of(self, name: str) -> str:
+        """Stage ``name``'s model file. Those the chain trained are recorded relative to its folder,
+        so a copied or moved chain folder resumes from its own stages, not the original's."""
+        model = Path(self.state["stages"][name]["model"])
+        return str(model if model.is_absolute() or name == self._given_name else self.folder / model)
+
+    def _recorded(self, model: str) -> str:
+        """A model file as the chain's state records it: relative to the folder when inside it."""
+        path = Path(model)
+        return str(path.relative_to(self.folder)) if path.is_relative_to(self.folder) else model
+
+    @property
+    def _given_name(self) -> str | None:
+        return self.config.stages[0].name if self.given_first else None
+
     def teachers_of(self, index: int) -> list[str]:
-        made = [self.state["stages"][s.name]["model"] for s in self.config.stages[:index]]
+        made = [self.model_of(s.name) for s in self.config.stages[:index]]
         given = [self.config.teacher] if self.config.teacher and not self.given_first else []
         return given + made if self.config.stages[index].teachers == "all" else (given + made)[-1:]
 
@@ -136,11 +155,12 @@ class Chain:
             model = stage_dir / "ckpt" / "final.pt"
             arch = read_model_file(model)["arch"]
             self.state["stages"][stage.name] = {
-                "config": stage.config, "set": stage.set, "teachers": self.teachers_of(index), "model": str(model),
+                "config": stage.config, "set": stage.set, "teachers": [self._recorded(t) for t in self.teachers_of(index)],
+                "model": str(model.relative_to(self.folder)),
                 "arch": describe_arch(arch["name"], arch.get("kwargs") or {}), "summary": summary}
             self._save()
         if self.config.ensemble and "ensemble" not in self.state:
-            models = [self.state["stages"][n]["model"] for n in self.config.ensemble]
+            models = [self.model_of(n) for n in self.config.ensemble]
             self.state["ensemble"] = {"stages": self.config.ensemble,
                                       **evaluate_ensemble(models, allow_code=self.config.allow_code)}
             self._save()

@@ -19,9 +19,11 @@ def export_onnx(model: nn.Module, path, example: torch.Tensor) -> None:
     model as QuantizeLinear/DequantizeLinear graphs (brevitas' QCDQ export), which ONNX Runtime
     runs with integer kernels on a CPU (every bit width must be ≤ 8); a float one as it is."""
     if is_quantized(model):
-        widest = max(model.quant["weights"], model.quant["acts"], model.quant.get("keep_first_last") or 0)
-        if widest > 8:
-            raise ConfigError(f"ONNX integer export needs bit widths <= 8; this model has {widest}-bit layers")
+        bits = [model.quant["weights"], model.quant["acts"]] + [b for b in [model.quant.get("keep_first_last")] if b]
+        if max(bits) > 8:
+            raise ConfigError(f"ONNX integer export needs bit widths <= 8; this model has {max(bits)}-bit layers")
+        if min(bits) < 2:  # brevitas exports no binary quantizer to QDQ
+            raise ConfigError(f"ONNX integer export needs bit widths >= 2; this model has {min(bits)}-bit layers")
     names = dict(input_names=["images"], output_names=["logits"], keep_initializers_as_inputs=False,
                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
     was_training = model.training

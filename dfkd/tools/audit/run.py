@@ -2,6 +2,7 @@
 teacher's training and test splits (see :mod:`dfkd.tools.audit`)."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 
 from dfkd.core.checkpoint import safe_load
 from dfkd.core.config import load_config
+from dfkd.core.io import check_output_folder
+from dfkd.core.runs import check_run_folder
 from dfkd.data.card import info_from_card
 from dfkd.data.datasets import denormalize, load_dataset
 from dfkd.loop.teachers import teacher_card
@@ -56,6 +59,28 @@ def _checked_teacher(config, state: dict, run_dir: Path, allow_code: bool):
     return teacher, path, meta
 
 
+# synthetic samples drawn for the audit at most: each is compared with every reference image
+MAX_SAMPLES = 100_000
+
+
+def _check_counts(samples: int, references: int | None, k: int, margin: float, shadows: int, lira: str) -> None:
+    """The audit's numbers checked before anything is read or written: an out-of-range one is a
+    one-line error, not a report built from it."""
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise ConfigError(f"--samples must be in [1, {MAX_SAMPLES}], got {samples}")
+    if references is not None and references < 1:
+        raise ConfigError(f"--references must be >= 1, got {references}")
+    if not 0 <= k <= samples:
+        raise ConfigError(f"--pairs must be in [0, --samples={samples}], got {k}")
+    if not (math.isfinite(margin) and 0 <= margin < 1):
+        raise ConfigError(f"--margin must be in [0, 1), got {margin}")
+    if lira not in ("offline", "online"):
+        raise ConfigError(f"--lira must be 'offline' or 'online', got '{lira}'")
+    if shadows < 0 or shadows and (shadows < 2 or lira == "online" and shadows % 2):
+        raise ConfigError(f"--shadows must be 0 (no LiRA) or >= 2 (a spread per sample needs two), and even for "
+                          f"online LiRA (each sample in half of them); got {shadows}")
+
+
 def audit(run_dir: str | Path, samples: int = 500, references: int | None = None, k: int = 8, margin: float = 0.1,
           root: str | None = None, shadows: int = 4, lira: str = "offline", data: str | None = None,
           allow_code: bool = False) -> dict:
@@ -65,11 +90,14 @@ def audit(run_dir: str | Path, samples: int = 500, references: int | None = None
     non-members are compared; by default 2000, or half of the test split when that is smaller (the
     other half trains offline LiRA's shadows and is the memorization measures' null)."""
     run_dir = Path(run_dir)
+    _check_counts(samples, references, k, margin, shadows, lira)
     files = {"config": run_dir / "config.yaml", "state": run_dir / "ckpt" / "last.pt",
              "student": run_dir / "ckpt" / "final.pt"}
     for what, path in files.items():
         if not path.is_file():
             raise ConfigError(f"{run_dir}: not a finished run folder ({path.name} of the {what} is missing)")
+    check_run_folder(run_dir)  # the audit writes its report here: never through a planted link
+    check_output_folder(run_dir)
     config = load_config(str(files["config"]))
     state = safe_load(files["state"])
     teacher, teacher_path, teacher_meta = _checked_teacher(config, state, run_dir, allow_code)
@@ -82,11 +110,6 @@ def audit(run_dir: str | Path, samples: int = 500, references: int | None = None
                           f"of the teacher's dataset")
     print(f"dfkd audit: reads the training split of '{name}' (the teacher's training data) to measure "
           f"what the run reveals of it", file=sys.stderr)
-    if lira not in ("offline", "online"):
-        raise ConfigError(f"--lira must be 'offline' or 'online', got '{lira}'")
-    if shadows and (shadows < 2 or lira == "online" and shadows % 2):
-        raise ConfigError(f"--shadows must be 0 (no LiRA) or >= 2 (a spread per sample needs two), and even for "
-                          f"online LiRA (each sample in half of them); got {shadows}")
     recipe = teacher_meta.get("config")
     if shadows and (not recipe or "model" not in recipe.get("players", {})):
         raise ConfigError(f"{teacher_path} records no teacher-training config to train shadow models with; "
@@ -98,9 +121,6 @@ def audit(run_dir: str | Path, samples: int = 500, references: int | None = None
     info = test.info
     if references is None:  # the other half of the test split: the shadows' data, and the null's
         references = min(2000, len(test) // 2)
-    if references < 1 or samples < 1 or k < 0:
-        raise ConfigError(f"--references and --samples must be >= 1 and --pairs >= 0, got {references}, {samples} "
-                          f"and {k}")
     g = torch.Generator().manual_seed(0)
     m = min(references, len(train), len(test))
     train_index, test_index = torch.randperm(len(train), generator=g)[:m], torch.randperm(len(test), generator=g)[:m]

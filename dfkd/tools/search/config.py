@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from dfkd.core.config import load_config_dict, resolve_config_path
+from dfkd.core.config import load_config, load_config_dict, resolve_config_path
 from dfkd.core.validate import dataclass_from_dict
 from dfkd.nets.models import MODELS
 from dfkd.tools.search.space import Space
@@ -89,6 +89,10 @@ def load_search(name: str, overrides: list[str] = ()) -> SearchConfig:
         raise ConfigError(f"{where}: trials and retrain.top_k must be >= 0, and retraining needs seeds")
     if search.trials == 0 and not (search.proxy.name != "none" and search.proxy.candidates > 0):
         raise ConfigError(f"{where}: trials: 0 lets the proxy choose alone; give proxy.candidates > 0")
+    method = load_config(search.config, search.set)
+    if method.task != "distill":
+        raise ConfigError(f"{where}: config '{search.config}' is a {method.task} config (it trains on labels); a "
+                          f"search distils the teacher into each candidate: name a distill config")
     Space(search.family, search.space, search.fixed, where)  # checks the options
     for reference in search.references:
         if reference.name not in MODELS:

@@ -3,7 +3,6 @@ accuracy, and the retrained students' Pareto table and plot."""
 from __future__ import annotations
 
 import json
-import math
 import statistics
 
 from dfkd.tools.search.space import describe
@@ -90,39 +89,8 @@ def render(state: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_plot(rows: list[dict], size: tuple[int, int] = (720, 480)):
+def pareto_plot(rows: list[dict]):
     """Accuracy against parameters (log scale), the Pareto front joined, each point labeled."""
-    from PIL import Image, ImageDraw
+    from dfkd.loop.figures import pareto
 
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    xs = [math.log10(r["params"]) for r in rows]
-    ys = [r["final"] for r in rows]
-    x0, x1 = min(xs) - 0.1, max(xs) + 0.1
-    y0, y1 = min(y - r["std"] for y, r in zip(ys, rows)) - 0.5, max(y + r["std"] for y, r in zip(ys, rows)) + 0.5
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):  # axis ticks
-        y = y0 + (y1 - y0) * i / 4
-        draw.text((5, at(x0, y)[1] - 6), f"{y:.1f}%", fill="black")
-        x = x0 + (x1 - x0) * i / 4
-        draw.text((at(x, y0)[0] - 15, height - bottom + 5), f"{10 ** x:,.0f}", fill="black")
-    draw.text((width // 2 - 60, height - 20), "parameters (log scale)", fill="black")
-    draw.text((left, 8), "final test accuracy, mean ± std over seeds", fill="black")
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["params"])
-    draw.line([at(math.log10(r["params"]), r["final"]) for r in front], fill="green", width=2)
-    for r in rows:
-        px, py = at(math.log10(r["params"]), r["final"])
-        _, lo = at(0, r["final"] - r["std"])
-        _, hi = at(0, r["final"] + r["std"])
-        draw.line([(px, lo), (px, hi)], fill="gray")
-        color = "blue" if r["label"].startswith("searched") else "red"
-        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=color)
-        draw.text((px + 6, py - 12), r["label"], fill=color)
-    return image
+    return pareto(rows, "params", "parameters (log scale)")

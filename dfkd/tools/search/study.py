@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +36,7 @@ from torch import nn
 
 from dfkd.core.checkpoint import read_model_file
 from dfkd.core.config import load_config
-from dfkd.core.io import atomic_path, atomic_write_text
+from dfkd.core.io import atomic_write, atomic_write_text, check_output_folder
 from dfkd.core.runs import RunLock, new_run_dir
 from dfkd.core.schema import Config
 from dfkd.data.card import info_from_card
@@ -44,6 +45,7 @@ from dfkd.data.splits import hold_out
 from dfkd.loop.build import eval_player_name
 from dfkd.loop.callbacks import Callback
 from dfkd.loop.engine import Engine
+from dfkd.loop.figures import figure_to_png
 from dfkd.loop.teachers import teacher_card
 from dfkd.nets.arch import load_model
 from dfkd.nets.models import create_model
@@ -52,7 +54,8 @@ from dfkd.tools.search.config import SearchConfig
 from dfkd.tools.search.proxy import diswot_score, relations
 from dfkd.tools.search.report import pareto_plot, pareto_rows, rank_correlations, render, trial_table
 from dfkd.tools.search.space import Space, cpu_latency_ms, over_budget, static_cost
-from dfkd_base.errors import ConfigError, DfkdError, first_line
+from dfkd.tools.search.storage import open_storage, retry_cut_short
+from dfkd_base.errors import ConfigError, DfkdError
 
 
 class _Pruning(Callback):
@@ -77,13 +80,9 @@ class Search:
     def __init__(self, config: SearchConfig, folder: str | Path | None = None, state: dict | None = None,
                  storage: str | None = None, study_name: str | None = None):
         self.config = config
-        if storage and not folder:  # a storage that can't be opened stops a new search before it has a folder
+        # everything that can be wrong with the input is found before the search has a folder
+        if storage and not folder:
             open_storage(storage)
-        self.folder = Path(folder) if folder else new_run_dir(config.root, config.experiment, config.seed)
-        self.state = state or {"config": dataclasses.asdict(config), "retrain": {}}
-        self.state.setdefault("storage", storage or f"sqlite:///{(self.folder / 'study.db').resolve()}")
-        self.state.setdefault("study_name", study_name or config.experiment)
-        self.lock = RunLock(self.folder)
         self.space = Space(config.family, config.space, config.fixed)
         probe = self.run_config(self.config.trial.set, self.space.decode(self.space.sample(random.Random(0))), 0)
         card = teacher_card(read_model_file(config.teacher), config.teacher) if config.teacher else None
@@ -91,7 +90,15 @@ class Search:
         self.info = info_from_card(card, probe.data.name) if card else dataset_info(probe.data.name)
         self.card, self.data_root = card, probe.data.root
         self.data_free = not {p.batch for p in probe.phases} & {"real", "labeled"}
+        if not folder:
+            check_output_folder(config.root)
+        self.folder = Path(folder) if folder else new_run_dir(config.root, config.experiment, config.seed)
+        self.state = state or {"config": dataclasses.asdict(config), "retrain": {}}
+        self.state.setdefault("storage", storage or f"sqlite:///{(self.folder / 'study.db').resolve()}")
+        self.state.setdefault("study_name", study_name or config.experiment)
+        self.lock = RunLock(self.folder)
         self._teacher: nn.Module | None = None
+        self.sampler_seed: int | None = None  # TPE's, drawn once per worker (see study())
         self._teacher_relations: tuple | None = None   # (the proxy batch, the teacher's DisWOT matrices on it)
         self._save()
 
@@ -99,6 +106,11 @@ class Search:
     def resume(cls, folder: str | Path) -> "Search":
         state, config = read_folder_state(folder, "search.json", SearchConfig)
         return cls(config, folder, state)
+
+    @property
+    def own_storage(self) -> bool:
+        """Whether the study is the folder's own ``study.db`` (not one shared through --storage)."""
+        return self.state["storage"].endswith(str((self.folder / "study.db").resolve()))
 
     # ---------------------------------------------------------------- parts
     def run_config(self, extra: list[str], options: dict, seed: int, name: str | None = None,
@@ -157,8 +169,12 @@ class Search:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=c.pruner.startup_trials,
                                              n_warmup_steps=c.pruner.warmup_epochs + 1) \
             if c.pruner.name == "median" else optuna.pruners.NopPruner()
-        # the budget reaches TPE as constraints (Trial.set_constraint), so it learns where the space is feasible
-        sampler = optuna.samplers.TPESampler(seed=c.seed, n_startup_trials=c.startup_trials)
+        # the budget reaches TPE as constraints (Trial.set_constraint), so it learns where the space is feasible.
+        # Workers sharing a study each draw their own samples: with one seed they would all propose the same
+        # architectures; the folder's own study keeps the config's seed (one worker, reproducible).
+        if self.sampler_seed is None:
+            self.sampler_seed = (c.seed + (0 if self.own_storage else secrets.randbelow(2**32))) % 2**32
+        sampler = optuna.samplers.TPESampler(seed=self.sampler_seed, n_startup_trials=c.startup_trials)
         return optuna.create_study(storage=storage, study_name=self.state["study_name"], direction="maximize",
                                    sampler=sampler, pruner=pruner, load_if_exists=True)
 
@@ -209,6 +225,14 @@ class Search:
         if earlier is not None:
             trial.set_user_attr("duplicate_of", earlier.number)
             return earlier.value
+        # workers sharing the study stop at its trial count: one about to train counts those trained
+        # and those training now (which have a folder)
+        busy = [t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.number != trial.number and "folder" in t.user_attrs]
+        if sum(_trained(t) for t in trial.study.get_trials(deepcopy=False)) + len(busy) >= self.config.trials:
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise optuna.TrialPruned(f"the study has its {self.config.trials} trials")
         if self.config.proxy.name == "diswot" and self.config.teacher:
             trial.set_user_attr("proxy", self.proxy(options, self._proxy_batch()))
         # a retried trial (a copy of one cut short, user attributes included) goes on in that one's folder
@@ -259,8 +283,8 @@ class Search:
         study = self.study()
         if not study.trials:
             self.check_budget()
-        if self.state["storage"].endswith(str((self.folder / "study.db").resolve())):
-            _retry_cut_short(study)  # this folder's lock is ours: any trial still 'running' was killed
+        if self.own_storage:
+            retry_cut_short(study)  # this folder's lock is ours: any trial still 'running' was killed
         self.prefilter(study)
         n = self.config.trials
 
@@ -324,54 +348,23 @@ class Search:
         rows = pareto_rows(self.state)
         atomic_write_text(self.folder / "search.md", render(self.state, rows))
         if rows:
-            image = pareto_plot(rows)
-            with atomic_path(self.folder / "pareto.png") as tmp:
-                image.save(tmp, format="png")
-            try:
-                import numpy as np
-                from torch.utils.tensorboard import SummaryWriter
+            figure = pareto_plot(rows)
+            atomic_write(self.folder / "pareto.png", lambda f: f.write(figure_to_png(figure)))
+            from torch.utils.tensorboard import SummaryWriter
 
-                with SummaryWriter(str(self.folder)) as writer:
-                    writer.add_image("search/pareto", np.asarray(image), dataformats="HWC")
-                    for t in self.state["trials"]:
-                        if t["value"] is not None and t.get("duplicate_of") is None:
-                            writer.add_scalar("search/trial_acc", t["value"], t["number"])
-            except ImportError:
-                pass
+            with SummaryWriter(str(self.folder)) as writer:
+                writer.add_figure("search/pareto", figure, close=False)
+                for t in self.state["trials"]:
+                    if t["value"] is not None and t.get("duplicate_of") is None:
+                        writer.add_scalar("search/trial_acc", t["value"], t["number"])
 
     def _save(self) -> None:
         atomic_write_text(self.folder / "search.json", json.dumps(self.state, indent=1))
 
 
-def open_storage(url: str):
-    """Optuna's database at ``url``, with heartbeats that re-queue a dead worker's trial."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # heartbeats and their retry callback are marked experimental; they are what resumes shared studies
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=60, grace_period=180,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as error:  # sqlalchemy's and the driver's errors have no common base
-        raise DfkdError(f"--storage {url}: cannot open it ({first_line(error)})") from None
-
-
 def _trained(trial) -> bool:
     from optuna.trial import TrialState
 
-    if "duplicate_of" in trial.user_attrs or "over_budget" in trial.user_attrs:
+    if {"duplicate_of", "over_budget", "surplus"} & trial.user_attrs.keys():
         return False
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def _retry_cut_short(study) -> None:
-    """Fail the trials a killed search left 'running' and queue each again, to continue in its folder."""
-    import optuna
-    from optuna.trial import TrialState
-
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
