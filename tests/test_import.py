@@ -167,8 +167,20 @@ def test_a_black_box_serves_output_only_methods_and_the_others_refuse_naming_wha
     assert not (tmp_path / "runs").exists()
     config = load_config("datafree/dfad-digits", [f"teacher.checkpoint={tmp_path / 't.pt'}", "train.epochs=1",
                                                   "train.iters_per_epoch=2", f"output.root={tmp_path}",
-                                                  "output.tensorboard=false"])
-    assert Engine(config).fit()["steps"] == 2
+                                                  "output.quality_samples=64", "runtime.num_threads=1"])
+    engine = Engine(config)
+    assert engine.fit()["steps"] == 2  # with TensorBoard on: its pictures and measures, as far as a black box allows
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(engine.run_dir), size_guidance={"tensors": 0, "images": 0})
+    events.Reload()
+    assert "synthetic/what_the_teacher_sees" in events.Tags()["images"]  # its gradients are all it needs
+    about = events.Tensors("quality/about/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "the teacher has no embedding" in about
+    from dfkd.tools.audit.run import features
+
+    teacher = load_model(tmp_path / "t.pt")[0]
+    assert features(teacher, torch.zeros(3, 1, 32, 32)).shape == (3, 10)  # its logits, for lack of an embedding
 
 
 # ---------------------------------------------------------------- bad input: one line, nothing written

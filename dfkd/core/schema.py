@@ -220,6 +220,14 @@ class SynthesisConfig:
 
 
 @dataclass
+class StopConfig:
+    """Ending a run before its last iteration (:mod:`dfkd.loop.stopping`); both off by default."""
+
+    teacher_share: Optional[float] = None   # end once the evaluated model has this share of the teacher's accuracy
+    patience: Optional[int] = None          # end once this many evaluations in a row improved nothing
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10                    # the run's length: epochs x iters_per_epoch iterations
     iters_per_epoch: Optional[int] = None   # None: one pass over the real training split
@@ -231,6 +239,7 @@ class TrainConfig:
     # an epoch's state is kept as ckpt/last.pt only if its weights and evaluation loss are finite and
     # no player's weight norm grew more than this factor since the last kept state (0: no limit)
     max_weight_growth: float = 100.0
+    stop_at: StopConfig = field(default_factory=StopConfig)  # end early once more iterations buy nothing
 
 
 @dataclass

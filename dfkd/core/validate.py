@@ -268,6 +268,12 @@ def _check_values(config: Config, v: _Validator) -> None:
             or config.train.max_weight_growth == float("inf"):
         v.fail("train", f"train.max_rollbacks and train.max_weight_growth must be >= 0 (and finite), got "
                         f"{config.train.max_rollbacks} and {config.train.max_weight_growth}")
+    stop = config.train.stop_at
+    if stop.teacher_share is not None and not 0 < stop.teacher_share <= 2:
+        v.fail("train.stop_at.teacher_share", f"train.stop_at.teacher_share must be a share of the teacher's "
+                                              f"accuracy in (0, 2], got {stop.teacher_share}")
+    if stop.patience is not None and stop.patience < 1:
+        v.fail("train.stop_at.patience", f"train.stop_at.patience must be >= 1 evaluations, got {stop.patience}")
     for key, value in (("data.batch_size", config.data.batch_size), ("synthesis.batch_size", config.synthesis.batch_size)):
         if value == 1:
             v.fail(key, f"{key} must be >= 2: BatchNorm normalizes a batch by its own statistics, which one sample "

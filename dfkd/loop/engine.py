@@ -21,10 +21,8 @@ import torch
 from torch import nn
 
 from dfkd.core.checkpoint import safe_load
-from dfkd.core.config import dump_config
 from dfkd.core.io import atomic_write_text
-from dfkd.core.runs import (MetricLogger, RunLock, check_run_folder, is_main_process, new_run_dir, rank,
-                            world_size)
+from dfkd.core.runs import MetricLogger, RunLock, is_main_process, rank, world_size
 from dfkd.core.schema import SYNTHESIZER, Config
 from dfkd.data.batch import Batch
 from dfkd.loop.build import build_run
@@ -34,8 +32,9 @@ from dfkd.loop.evaluation import evaluate, held_out_agreement
 from dfkd.loop.phases import Phase
 from dfkd.loop.reporting import Reporter
 from dfkd.loop.runtime import broadcast_from_rank0, seed_everything
-from dfkd.loop.state import (Progress, health_problem, last_good_state, restore, resume_from, run_summary,
-                             save_state, save_student, weight_norms)
+from dfkd.loop.state import (Progress, claim_run_folder, health_problem, last_good_state, restore, resume_from,
+                             run_summary, save_state, save_student, weight_norms)
+from dfkd.loop.stopping import stop_reason
 from dfkd_base.errors import ConfigError, DivergenceError
 
 
@@ -65,14 +64,8 @@ class Engine:
             resume_state, run_dir = resume_from(Path(resume), run, self.progress, self.scaler, run_dir)
         else:  # the first epoch's state is checked against the starting weights
             self.progress.good_norms = weight_norms(run)
-        if write and is_main_process():
-            self.run_dir = Path(run_dir) if run_dir else new_run_dir(config.output.root, config.experiment, config.seed)
-            check_run_folder(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.run_dir)  # before anything in the folder is written
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(config))
-        else:
-            self.run_dir, self.lock = None, RunLock(None)
+        self.run_dir, self.lock = claim_run_folder(config, run_dir) if write and is_main_process() \
+            else (None, RunLock(None))
         # every rank learns rank 0's run folder (to read ckpt/last.pt on a rollback); only rank 0 writes
         shared = broadcast_from_rank0(str(self.run_dir) if self.run_dir else None)
         self.shared_run_dir = Path(shared) if shared else None
@@ -192,7 +185,7 @@ class Engine:
             self.logger.scalars(0, {"eval/teacher_acc": self.progress.teacher_acc})
         self.progress.set_wall(self.progress.wall_before)  # the clock runs from here: building the run is not timed
         try:
-            while self.step < self.total_iters:
+            while self.step < self.total_iters and not self.progress.stopped:
                 t0 = time.perf_counter()
                 warming_up = self.step < self.config.synthesis.warmup_epochs * self.iters_per_epoch
                 self.reporter.picked(self.teachers.draw(), len(self.teachers))
@@ -279,6 +272,9 @@ class Engine:
         problem = health_problem(norms, progress, result["loss"] if result else None, tc.max_weight_growth)
         if problem:
             raise self.diverged(problem)
+        if not last_epoch and (stop := stop_reason(tc.stop_at, [*progress.history, record], progress.teacher_acc)):
+            progress.stopped, last_epoch = stop, True  # this epoch ends the run: saved as its last one
+            self.reporter.note(self.step, "train/stopped", f"{stop}; the run ends at iteration {self.step}")
         if result is not None and result["acc"] > progress.best_acc:
             progress.best_acc = result["acc"]
             if self.run_dir is not None:

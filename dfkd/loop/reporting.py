@@ -27,7 +27,7 @@ from dfkd.loop.quality import SampleQuality
 from dfkd.loop.views import Views
 from dfkd.methods.losses.datafree import bn_layer_distances
 from dfkd.nets.quant import is_quantized, quant_inspection
-from dfkd.nets.taps import BNStatsTap, embed
+from dfkd.nets.taps import BNStatsTap, embed, has_embedding
 from dfkd_base.errors import ConfigError
 
 ACC_ABOUT = ("Top-1 accuracy (%) of the evaluated model on the evaluation split, against iterations (an "
@@ -199,6 +199,12 @@ class Reporter:
         n, teacher = self.config.output.quality_samples, self.teachers.first
         if self.recent is None or len(self.recent) < n or teacher is None:
             return
+        if self._quality is None and not has_embedding(teacher):  # a black box: no space to measure in
+            self.logger.caption("quality/about", "no sample-quality measures: the teacher has no embedding (no "
+                                                 "Linear layer whose input to read; a black-box program)")
+            self._quality = False
+        if self._quality is False:
+            return
         if self._quality is None:
             self._real = self._real_samples(n)
             self._quality = SampleQuality(lambda x: embed(teacher, x, self.runtime.forward),
@@ -293,6 +299,12 @@ class Reporter:
             values.update(self.inspect_synthetic(step, synthetic))
         self.logger.scalars(step, values)
         self.pending.clear()
+
+    def note(self, step: int, tag: str, message: str) -> None:
+        """What the run did on its own (it stopped early): stderr and TensorBoard."""
+        if is_main_process():
+            print(f"dfkd: {message}", file=sys.stderr)
+        self.logger.text(step, tag, message)
 
     def warn(self, step: int, tag: str, message: str) -> None:
         """A problem worth a human's look that does not stop the run: stderr and TensorBoard."""

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from dfkd.core import checkpoint as ckpt_io
-from dfkd.core.config import config_to_dict, flatten, load_config
-from dfkd.core.io import atomic_save
+from dfkd.core.config import config_to_dict, dump_config, flatten, load_config
+from dfkd.core.io import atomic_save, atomic_write_text
+from dfkd.core.runs import RunLock, check_run_folder, new_run_dir
 from dfkd.core.schema import Config
 from dfkd.data.card import card_from_info
 from dfkd.data.datasets import DATASETS
@@ -46,6 +47,7 @@ class Progress:
     history: list[dict] = dataclasses.field(default_factory=list)
     timers: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"train": 0.0, "synthesis": 0.0, "eval": 0.0})
+    stopped: str | None = None            # why train.stop_at ended the run, once it has
     wall_before: float = 0.0              # wall time of the sessions before this one (a resumed run)
     session_start: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -71,6 +73,7 @@ class Progress:
                 "best_acc": self.best_acc if self.best_acc >= 0 else None,
                 "teacher_acc": teacher_acc, "time_to_99pct_teacher_s": reached.get("time_train_s"),
                 **({"final_agreement": agreements[-1], "best_agreement": max(agreements)} if agreements else {}),
+                **({"stopped": self.stopped} if self.stopped else {}),
                 "time_total_s": round(wall, 2), "time_train_s": round(self.timers["train"], 2),
                 "time_synthesis_s": round(self.timers["synthesis"], 2), "time_eval_s": round(self.timers["eval"], 2)}
 
@@ -131,7 +134,7 @@ def identity(config: Config) -> dict:
     for key in ("runtime", "output"):
         d.pop(key)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("epochs", "eval_every", "log_every",
-                                                                    "max_weight_growth")}
+                                                                    "max_weight_growth", "stop_at")}
     return d
 
 
@@ -177,7 +180,7 @@ def capture(run: "Run", progress: Progress, scaler: torch.amp.GradScaler) -> dic
             "step": progress.step, "best_acc": progress.best_acc, "teacher_acc": progress.teacher_acc,
             "good_step": progress.good_step, "good_norms": progress.good_norms, "rollbacks": progress.rollbacks,
             "teacher_sha256": run.teachers.hashes,
-            "history": progress.history, "timers": progress.timers, "wall_s": progress.wall(),
+            "history": progress.history, "timers": progress.timers, "wall_s": progress.wall(), "stopped": progress.stopped,
             "players": {n: p.state_dict() for n, p in run.players.items()},
             "scaler": scaler.state_dict(), "rng": rng_state(),
             "real": run.real.state_dict() if run.real else None,
@@ -219,6 +222,7 @@ def _restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state
     progress.good_step, progress.good_norms = state.get("good_step", state["step"]), dict(state.get("good_norms", {}))
     progress.history, progress.timers = list(state["history"]), dict(state["timers"])
     progress.set_wall(float(state.get("wall_s", sum(progress.timers.values()))))
+    progress.stopped = state.get("stopped")
     # a rollback restores a state saved before it: the count kept is the larger one
     progress.rollbacks = max(progress.rollbacks, state.get("rollbacks", 0))
     set_rng_state(state["rng"])
@@ -227,6 +231,18 @@ def _restore(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, state
 def save_state(run: "Run", progress: Progress, scaler: torch.amp.GradScaler, run_dir: Path) -> Path:
     state = {**capture(run, progress, scaler), "run_dir": str(run_dir.resolve())}
     return atomic_save(state, run_dir / "ckpt" / "last.pt")
+
+
+def claim_run_folder(config: Config, run_dir: str | Path | None) -> tuple[Path, RunLock]:
+    """The run's folder (``run_dir``, else a new one under ``output.root``), checked to hold no
+    planted link, locked for this process before anything in it is written, with the resolved
+    ``config.yaml`` in it."""
+    folder = Path(run_dir) if run_dir else new_run_dir(config.output.root, config.experiment, config.seed)
+    check_run_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder)
+    atomic_write_text(folder / "config.yaml", dump_config(config))
+    return folder, lock
 
 
 def resume_run_dir(path: Path, state: dict, given: str | Path | None) -> Path:

@@ -30,6 +30,12 @@ def embedding_layer(model: nn.Module) -> str:
     return linear[-1]
 
 
+def has_embedding(model: nn.Module) -> bool:
+    """Whether ``model`` has a Linear layer whose input :func:`embed` can read (a black-box
+    program has none)."""
+    return any(isinstance(m, nn.Linear) for m in model.modules())
+
+
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
     """The submodule at ``path``; an unknown path is a ConfigError naming the nearest valid paths."""
     modules = {name: module for name, module in model.named_modules() if name}

@@ -73,9 +73,10 @@ def render(report: dict) -> str:
                   f"| space | median ratio | 1% quantile | mean | closer to train by > {100 * report['margin']:.0f}% |",
                   "|---|---|---|---|---|"]
         null = syn.get("unseen_test_images")
+        names = {"pixel": "pixel", "feature": "teacher logits" if syn.get("feature_space") == "logits" else "feature"}
         for space in ("pixel", "feature"):
             for who, s in [("synthetic", syn[space])] + ([("unseen test images", null[space])] if null else []):
-                lines.append(f"| {space}, {who} | {s['ratio_median']:.3f} | {s['ratio_q01']:.3f} | {s['ratio_mean']:.3f} | "
+                lines.append(f"| {names[space]}, {who} | {s['ratio_median']:.3f} | {s['ratio_q01']:.3f} | {s['ratio_mean']:.3f} | "
                              f"{100 * s['closer_to_train']:.1f}% |")
         lines += ["", "The closest synthetic/training pairs: `audit_pairs.png`."]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from dfkd.data.datasets import denormalize, load_dataset
 from dfkd.loop.teachers import teacher_card
 from dfkd.methods.synthesis.base import build_generator
 from dfkd.nets.arch import load_model
-from dfkd.nets.taps import embed
+from dfkd.nets.taps import embed, has_embedding
 from dfkd.tools.audit.attacks import canary_exposure, lira_offline, lira_online, loss_attack, memorization
 from dfkd.tools.audit.report import write
 from dfkd.tools.audit.shadows import teacher_members, train_shadow
@@ -169,6 +169,7 @@ def audit(run_dir: str | Path, samples: int = 500, references: int | None = None
         unseen = test.normalize(test.images[held_out])
         plain = lambda d: {k_: v for k_, v in d.items() if not k_.startswith("_")}  # noqa: E731
         report["synthetic"] = {"source": source, "samples": len(synthetic),
+                               "feature_space": "embedding" if has_embedding(teacher) else "logits",
                                "pixel": plain(pixel), "feature": plain(feature), "unseen_test_images": None}
         if len(unseen):  # none when the references took every test image (then the report has no null row)
             report["synthetic"]["unseen_test_images"] = {
@@ -201,5 +202,9 @@ def _online(teacher, student, recipe: dict, train, test, shadows: int, m: int, g
 
 
 def features(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The teacher's embedding of ``images`` (the input of its last Linear layer), in eval mode."""
+    """The teacher's embedding of ``images`` (the input of its last Linear layer), in eval mode;
+    its logits when it has no embedding to read (a black-box program)."""
+    if not has_embedding(teacher):
+        with torch.no_grad():
+            return torch.cat([teacher.eval()(x).float() for x in images.split(500)])
     return embed(teacher.eval(), images, batch=500)[0]
