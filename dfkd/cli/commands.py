@@ -39,6 +39,8 @@ def _run(args, extra: list[str], task: str) -> int:
     from dfkd.core.config import load_config
     from dfkd.loop.engine import Engine
 
+    if task == "profile":  # any config: the profiler runs it as it is
+        task, args.profile = load_config(args.config).task, 25 if args.profile is None else args.profile
     player = "model" if task == "teacher" else "student"
     overrides = _player_shortcuts(_overrides(extra), player)
     teachers = getattr(args, "teacher", None)
@@ -55,10 +57,26 @@ def _run(args, extra: list[str], task: str) -> int:
         raise DfkdError(f"config '{args.config}' is a {config.task} config; run it with `dfkd {config.task}`")
     if args.run_dir and not args.resume:
         raise DfkdError("--run-dir names the folder a resumed run continues in; give it with --resume")
+    if args.profile is not None:
+        return _profile(config, args)
     engine = Engine(config, run_dir=args.run_dir, resume=args.resume)
     print(f"run folder: {engine.run_dir}", file=sys.stderr)
     summary = engine.fit()
     print(json.dumps(summary))
+    return 0
+
+
+def _profile(config, args) -> int:
+    from dfkd.tools.profile import ProfiledEngine, profile_run, render
+
+    if args.profile < 1 or args.profile_warmup < 0:
+        raise DfkdError(f"--profile must be >= 1 and --profile-warmup >= 0, got {args.profile} and "
+                        f"{args.profile_warmup}")
+    engine = ProfiledEngine(config, run_dir=args.run_dir, resume=args.resume)
+    if engine.step >= engine.total_iters:
+        raise DfkdError(f"{args.resume}: the run is finished; there is no iteration left to profile")
+    print(f"run folder: {engine.run_dir}", file=sys.stderr)
+    print(render(profile_run(engine, args.profile, args.profile_warmup)))
     return 0
 
 
@@ -269,5 +287,6 @@ def _inspect(args, extra: list[str]) -> int:
 
 COMMANDS = {"teacher": lambda args, extra: _run(args, extra, "teacher"),
             "distill": lambda args, extra: _run(args, extra, "distill"),
+            "profile": lambda args, extra: _run(args, extra, "profile"),
             "import": _import, "inspect": _inspect, "eval": _eval, "list": _list, "chain": _chain,
             "export": _export, "audit": _audit, "search": _search}

@@ -19,13 +19,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "was moved out of its run")
         p.add_argument("--seed", type=int, help="shortcut for seed=N")
         p.add_argument("--out", help="output root (shortcut for output.root=DIR)")
+        p.add_argument("--profile", type=int, metavar="N", help="profile N iterations after --profile-warmup, then "
+                                                                "stop: a trace and a time table in the run folder")
+        p.add_argument("--profile-warmup", type=int, default=5, metavar="W", help="iterations before the profiled "
+                                                                                  "ones (default 5)")
         return p
 
+    def teacher_options(p) -> None:
+        p.add_argument("--teacher", metavar="CKPT", action="append",
+                       help="teacher model file (shortcut for teacher.checkpoint=...); repeat it for an ensemble")
+        p.add_argument("--allow-code", action="store_true", help=CONSENT + " (teacher.allow_code=true)")
+
     training("teacher", "Train a teacher on a real dataset.", "teacher/lenet5-digits")
-    p = training("distill", "Distil a teacher into a student.", "datafree/dfad-digits")
-    p.add_argument("--teacher", metavar="CKPT", action="append",
-                   help="teacher model file (shortcut for teacher.checkpoint=...); repeat it for an ensemble")
-    p.add_argument("--allow-code", action="store_true", help=CONSENT + " (teacher.allow_code=true)")
+    teacher_options(training("distill", "Distil a teacher into a student.", "datafree/dfad-digits"))
+    teacher_options(training("profile", "Where an iteration's time goes: a teacher or distill config run for "
+                                        "--profile-warmup then --profile iterations (default 25) under torch.profiler.",
+                             "datafree/dfq-digits"))
 
     p = sub.add_parser("import", help="Make a dfkd model file of a teacher trained anywhere, with its input card.",
                        description="Weights (a state_dict .pt/.pth, nested or DDP-prefixed, or .safetensors) for "

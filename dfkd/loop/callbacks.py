@@ -8,6 +8,10 @@ class Callback:
     """Override the events you need; each gets the :class:`~dfkd.loop.engine.Engine`. An exception
     raised here stops the run as one raised by the loop would (its last checkpoint stays)."""
 
+    def on_iteration_end(self, engine) -> None:
+        """After each iteration (``engine.step`` iterations done), its epoch's end included; a
+        profiler steps here."""
+
     def on_evaluation(self, engine, epoch: int, result: dict) -> None:
         """After the evaluation at the end of ``epoch`` (0-based count of epochs done, minus one):
         ``result`` holds ``acc``, ``loss`` and ``n`` (and per-exit accuracies for a model with exits)."""

@@ -207,6 +207,8 @@ class Engine:
                         self.end_of_epoch(self.step // self.iters_per_epoch)
                     except DivergenceError as exc:  # the epoch's state failed its health check
                         self._roll_back(exc)
+                for callback in self.callbacks:  # the iteration is done, its epoch's end included
+                    callback.on_iteration_end(self)
             if self.total_iters == 0:  # post-training calibration only: evaluate and save what was built
                 self.end_of_epoch(0)
         finally:
