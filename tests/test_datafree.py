@@ -308,6 +308,16 @@ def test_a_short_class_row_is_drawn_dark_and_a_map_as_a_heat_map():
     assert [t.get_text() for t in figure.axes[0].texts] == ["rows", "zero", "one"]
 
 
+def test_a_thousand_classes_are_drawn_by_index_not_by_name():
+    from dfkd.loop import figures
+
+    names = [f"class {i}" for i in range(1000)]
+    axes = figures.class_counts(list(range(1000)), names, "counts").axes[0]
+    assert "class 7" not in [t.get_text() for t in axes.get_xticklabels()]
+    assert axes.get_xlabel() == "class index (of 1000)"
+    assert len(figures.class_counts([1] * 10, names[:10], "counts").axes[0].get_xticklabels()) == 10
+
+
 def test_hparams_session_of_the_run_and_the_experiment_of_its_folder(tb_run):
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 

@@ -121,6 +121,7 @@ def test_a_config_that_expands_without_bound_or_names_no_base_is_refused(text, m
     ("data.batch_size=1", "data.batch_size must be >= 2"),
     ("runtime.rendezvous_timeout_s=0", "runtime.rendezvous_timeout_s must be a positive number"),
     ("train.max_weight_growth=.nan", "train.max_weight_growth must be >= 0 (and finite)"),
+    ("data.agreement_samples=0", "data.agreement_samples must be >= 1, got 0"),
 ])
 def test_values_that_gave_tracebacks_or_turned_guards_off_are_one_line_errors(override, message, tmp_path, capsys):
     assert main(["teacher", "--config", "teacher/lenet5-digits", "--out", str(tmp_path), override]) == 2

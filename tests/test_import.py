@@ -98,7 +98,7 @@ def test_safetensors_torchvision_and_timm_teachers_import(tmp_path, capsys):
                            "--out", str(tmp_path / "tv.pt"))
     assert code == 0, err
     assert same_outputs(str(tmp_path / "tv.pt"), tv)
-    timm = pytest.importorskip("timm")
+    import timm
     net = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1).eval()
     torch.save(net.state_dict(), tmp_path / "r10t.pth")
     code, _, err = run_cli(capsys, "import", str(tmp_path / "r10t.pth"), "--arch", "timm:resnet10t", *CARD,
@@ -381,11 +381,13 @@ def test_a_run_with_no_labeled_image_reports_agreement_on_held_out_synthetic_sam
     from dfkd.core.runs import read_metrics
 
     path, _ = user_teacher
-    for config, extra in (("datafree/dfq-digits", ["phases.1.steps=2"]),
-                          ("datafree/cmi-digits", ["phases.0.steps=2", "phases.1.steps=2"])):
-        summary = Engine(load_config(config, [f"teacher.checkpoint={path}", f"output.root={tmp_path}",
-                                              "data.eval=false", "train.epochs=2", "train.iters_per_epoch=2",
-                                              *extra])).fit()
+    for config, extra, samples in (("datafree/dfq-digits", ["phases.1.steps=2", "data.agreement_samples=40"], 40),
+                                   ("datafree/cmi-digits", ["phases.0.steps=2", "phases.1.steps=2"], 512)):
+        engine = Engine(load_config(config, [f"teacher.checkpoint={path}", f"output.root={tmp_path}",
+                                             "data.eval=false", "train.epochs=2", "train.iters_per_epoch=2",
+                                             *extra]))
+        summary = engine.fit()
+        assert engine.run.synth.heldout.capacity == samples
         assert summary["final_acc"] is None and 0 <= summary["final_agreement"] <= 100
         rows = [r for r in read_metrics(summary["run_dir"]) if "eval/teacher_agreement" in r]
         assert len(rows) == 2 and rows[-1]["eval/teacher_agreement"] == summary["final_agreement"]
@@ -481,7 +483,8 @@ def test_an_imagenet_shaped_teacher_imports_and_is_inverted_at_224_pixels(tmp_pa
                              "1000", "--out", teacher)
     assert code == 0, err
     common = ["--teacher", teacher, "--out", str(tmp_path / "runs"), "data.eval=false", "train.epochs=1",
-              "runtime.num_threads=2", "output.quality_samples=0", "players.student.net.name=tv:resnet18"]
+              "runtime.num_threads=2", "output.quality_samples=0", "players.student.net.name=tv:resnet18",
+              "data.agreement_samples=16"]
     for config, budget in (("datafree/dfq-digits", ["train.iters_per_epoch=1", "phases.1.steps=1",
                                                     "synthesis.batch_size=4"]),
                            ("datafree/deepinv-digits", ["train.iters_per_epoch=1", "phases.0.steps=2",

@@ -25,6 +25,7 @@ class DataConfig:
     eval_batch_size: int = 1000         # batch of evaluation
     augment: bool = True                # the dataset's standard train augmentation, if it has one
     eval: bool = True                   # evaluate on the test split; False: the run reads no real data at all
+    agreement_samples: int = 512        # eval: false: held-out synthetic samples the student is measured on
     # Cross-modal: the students see this built-in modality of the images (dfkd/data/modalities.py),
     # the teacher the images themselves; evaluation is on the test split's modality.
     modality: Optional[str] = None

@@ -256,7 +256,8 @@ def _check_values(config: Config, v: _Validator) -> None:
                         f"got {sc.warmup_steps}, {sc.min_lr}, {sc.gamma}, {sc.milestones}")
     intervals = {"train.eval_every": config.train.eval_every, "train.log_every": config.train.log_every,
                  "output.save_every": config.output.save_every, "output.image_every": config.output.image_every,
-                 "data.batch_size": config.data.batch_size, "data.eval_batch_size": config.data.eval_batch_size}
+                 "data.batch_size": config.data.batch_size, "data.eval_batch_size": config.data.eval_batch_size,
+                 "data.agreement_samples": config.data.agreement_samples}
     if config.train.iters_per_epoch is not None:
         intervals["train.iters_per_epoch"] = config.train.iters_per_epoch
     for key, value in intervals.items():

@@ -37,7 +37,6 @@ from dfkd.nets.models import create_model
 from dfkd.nets.taps import FeatureTap, probe
 from dfkd_base.errors import ConfigError, ShapeError
 
-HELD_OUT_SAMPLES = 512  # synthetic samples a run with no labeled image measures its student on
 
 
 @dataclasses.dataclass
@@ -186,7 +185,7 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
     _wrap_for_ddp(players, runtime.device)
     synth = create_synthesizer(config.synthesis, info, runtime)
     if synth is not None and not config.data.eval and len(teachers):  # no labeled image: measure on held-out samples
-        synth.hold_out(HELD_OUT_SAMPLES)
+        synth.hold_out(config.data.agreement_samples)
     _build_terms(config, phases, sizes, runtime.device)
     if eval_name not in players or players[eval_name].kind != "model":
         raise ConfigError(f"train.eval_player '{eval_name}' is not a model player")

@@ -25,14 +25,23 @@ def _figure(width: float, height: float, left: float = 0.13, bottom: float = 0.1
     return figure
 
 
+MANY_CLASSES = 40  # past this many, names under an axis are unreadable (and slow to draw): indices instead
+
+
 def _class_ticks(axes, names: Sequence[str]) -> None:
-    """Class names under the x axis, slanted when they are words rather than digits."""
+    """Class names under the x axis, slanted when they are words rather than digits; class indices
+    when there are too many classes to name."""
+    if len(names) > MANY_CLASSES:
+        axes.set_xlabel(f"class index (of {len(names)})", fontsize=FONT - 2)
+        return
     long = max((len(n) for n in names), default=0) > 3 or len(names) > 12
     axes.set_xticks(list(range(len(names))), [short(n, 10) for n in names], fontsize=FONT - 2,
                     rotation=35 if long else 0, ha="right" if long else "center", rotation_mode="anchor")
 
 
 def _bottom(names: Sequence[str]) -> float:
+    if len(names) > MANY_CLASSES:
+        return 0.15
     return 0.27 if max((len(n) for n in names), default=0) > 3 or len(names) > 12 else 0.13
 
 
