@@ -147,6 +147,8 @@ def test_a_compiled_program_imports_as_a_black_box(kind, tmp_path, capsys):
     code, out, err = run_cli(capsys, "import", str(path), *CARD, "--out", str(tmp_path / "t.pt"))
     assert code == 0, err
     assert json.loads(out)["black_box"] is True
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "t.pt"), "--json")
+    assert code == 0 and json.loads(out)["recipe"]["config"] == "datafree/dfq-outputs-digits"
     model, meta = load_model(tmp_path / "t.pt")
     assert isinstance(model, BlackBox) and meta["arch"]["name"] == kind
     assert same_outputs(str(tmp_path / "t.pt"), network)
