@@ -3,6 +3,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Runs set ``runtime.num_threads`` (often 1: robust on a loaded 2-core machine) and the engine
+    sets it process-wide, so every test gives the next one its thread count back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """A LeNet-5 teacher trained on digits once per test session: (path to its ckpt/final.pt, final accuracy).

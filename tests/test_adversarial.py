@@ -23,13 +23,6 @@ from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 ADVERSARIAL = sorted(n for n in named_configs() if n.startswith("adversarial/"))
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ objectives
 REAL, FAKE = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-0.5, 1.5, 0.0])
 

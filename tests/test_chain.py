@@ -18,13 +18,6 @@ from dfkd_base.errors import ConfigError
 TINY = 'set=["train.epochs=1", "runtime.num_threads=1", "output.tensorboard=false"]'
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_takd_chain_teaches_each_stage_with_the_model_before_it(tmp_path, digits_teacher):
     chain = Chain(load_chain("chain/takd-digits", [f"root={tmp_path}", f"teacher={digits_teacher[0]}", TINY]))

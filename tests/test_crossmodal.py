@@ -19,13 +19,6 @@ from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 DIGITS = dataset_info("digits")
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def as_input(pixels: torch.Tensor) -> torch.Tensor:
     """[0, 1] pixels → the normalized images the engine handles."""
     return normalize(pixels, DIGITS)

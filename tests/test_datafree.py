@@ -32,15 +32,6 @@ from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 DATAFREE_CONFIGS = [n for n in named_configs() if n.startswith("datafree/")]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Runs here set runtime.num_threads=1 (robust on a loaded 2-core machine); the engine sets
-    it process-wide, so give the other tests their thread count back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def untrained_teachers(tmp_path_factory):
     """Model files of untrained LeNet-5s, one per dataset shape: a teacher that fits the data,

@@ -19,13 +19,6 @@ from dfkd_base.errors import CheckpointError, ConfigError, DfkdError, Divergence
 TINY = ["train.iters_per_epoch=2", "runtime.num_threads=1", "output.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def one_line_error(capsys, *fragments: str) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dfkd: error: "), err

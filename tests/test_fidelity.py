@@ -31,13 +31,6 @@ from dfkd_base.errors import ConfigError
 from generators import create_generator
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """An untrained LeNet-5 on digits' shape: these tests are about what is computed, not learned."""

@@ -16,13 +16,6 @@ KD_DIGITS = sorted(n for n in named_configs() if n.startswith("kd/") and n.endsw
 THIN = ["players.student.net.name=lenet5", "players.student.net.kwargs={width: 0.125}"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_method_has_a_digits_and_a_fashion_mnist_config():
     methods = {n[3:-len("-digits")] for n in KD_DIGITS}
     assert methods == {"student", "kd", "hint", "fitnets", "at", "rkd", "sp", "pkt", "crd", "fsp", "dkd", "byot", "cskd"}

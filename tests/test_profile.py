@@ -4,17 +4,9 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from dfkd.cli import main
 from dfkd.tools.profile import time_table
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def event(name: str, us: float, parent=None):

@@ -8,13 +8,6 @@ from dfkd.core.config import load_config
 from dfkd.loop.engine import DivergenceError, Engine
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def run(tmp_path, *overrides):
     return Engine(load_config("teacher/lenet5-digits", [f"output.root={tmp_path}", "train.iters_per_epoch=2",
                                                         "runtime.num_threads=1", "output.tensorboard=false",

@@ -1,7 +1,6 @@
 """train.stop_at: a run ends once more iterations buy nothing (a share of the teacher reached, or
 no better evaluation for a while), saved as a finished run; resuming it does nothing more."""
 import pytest
-import torch
 
 from dfkd.core.checkpoint import safe_load
 from dfkd.core.config import load_config
@@ -9,13 +8,6 @@ from dfkd.core.schema import StopConfig
 from dfkd.loop.engine import Engine
 from dfkd.loop.stopping import stop_reason
 from dfkd_base.errors import ConfigError
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_a_share_of_the_teacher_stops_at_the_first_evaluation_that_reaches_it():

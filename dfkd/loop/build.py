@@ -38,7 +38,6 @@ from dfkd.nets.taps import FeatureTap, probe
 from dfkd_base.errors import ConfigError, ShapeError
 
 
-
 @dataclasses.dataclass
 class Run:
     """Everything a config builds, ready for the loop."""
