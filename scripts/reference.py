@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+DEFAULT_CACHE = os.path.expanduser("~/.cache/dfkd/reference")
 REFERENCES = {  # name -> (where it is published, the commit measured)
     "fast-datafree": ("https://github.com/zju-vipa/Fast-Datafree", "0dcecbc178b87048bedf730acb577045b3c0b57a"),
 }
@@ -41,13 +42,12 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
 
 @dataclass(frozen=True)
 class Work:
-    """What both sides of a case are given: equal work."""
+    """What both sides of a case are given: equal work. Each method adds its own settings."""
     batch: int = 256          # synthetic batch, for the generator's step and each student step
     nz: int = 256             # generator latent size
     ngf: int = 64             # generator width (2*ngf, ngf channels)
-    output: str = "pixels"    # generator output: sigmoid pixels, then the teacher's normalization
     g_steps: int = 1          # generator steps per iteration
-    kd_steps: int = 10        # student steps per iteration, each on a fresh batch
+    kd_steps: int = 10        # student steps per iteration
     epochs: int = 4
     iters: int = 10           # iterations per epoch
     lr: float = 0.1           # student SGD, momentum 0.9, cosine to lr_min over the run
@@ -55,6 +55,11 @@ class Work:
     weight_decay: float = 1e-4
     lr_g: float = 1e-3        # generator Adam, betas (0.5, 0.999)
     T: float = 1.0            # the student's KL temperature
+
+
+@dataclass(frozen=True)
+class DFQWork(Work):
+    output: str = "pixels"    # generator output: sigmoid pixels, then the teacher's normalization
     adv: float = 1.0          # loss weights of the generator's step
     bn: float = 1.0
     oh: float = 1.0
@@ -62,12 +67,28 @@ class Work:
 
 
 @dataclass(frozen=True)
-class Case:
-    reference: str
-    config: str               # dfkd's config for the method
-    work: Work
-    shims: tuple[str, ...]    # what was done to make the reference run here
-    notes: tuple[str, ...]    # where the reference, run as its authors run it, differs by design or by bug
+class FastWork(Work):
+    """Fast-DFKD's meta-learned synthesis, as fast_cifar.sh's "Fast-10" runs it (ResNet-34 settings)."""
+    batch: int = 256
+    g_steps: int = 10         # inner steps of the generator's copy and the latents per batch
+    kd_steps: int = 400       # student steps per iteration, each on a batch replayed from the pool
+    epochs: int = 220
+    iters: int = 1
+    lr: float = 0.2
+    weight_decay: float = 5e-4
+    lr_g: float = 2e-3        # inner Adam; the shared generator's outer step is lr_g * g_steps
+    lr_z: float = 0.01        # the latents' learning rate
+    T: float = 20.0
+    adv: float = 1.33         # on samples where student and teacher agree, from the warm-up's end
+    bn: float = 10.0
+    oh: float = 0.5
+    bn_mmt: float = 0.9       # BN-statistics momentum across batches
+    warmup: int = 20          # epochs of synthesis alone; the student's cosine starts after them
+    labels: str = "random"    # classes asked for: torch.randint, as the reference draws them
+    crop: int = 4             # the synthesis augmentation's crop padding, and it flips (fixed in the code)
+    flip: bool = True
+    student_crop: int = 4     # the student's augmentation of replayed images (the dataset's train transform)
+    student_flip: bool = True
 
 
 COMMON_SHIMS = (
@@ -79,13 +100,195 @@ COMMON_SHIMS = (
     "evaluated once, after training, on the test split through dfkd's reader (the script evaluates "
     "CIFAR each epoch)",
     "the loop of datafree_kd.py's main() and train() re-typed without its evaluator, logger and "
-    "checkpoints; its CosineAnnealingLR steps per epoch with T_max = the run's epochs (the script "
-    "hard-codes 200, its own epoch count)",
+    "checkpoints; its CosineAnnealingLR steps per epoch after the warm-up, with T_max = the run's epochs "
+    "less the warm-up (the script hard-codes 200, its own count)",
+)
+POOL_SHIMS = (
+    "Module.cuda and Tensor.cuda are the identity (Generator.clone and the meta-gradient's first zeros "
+    "call .cuda() unconditionally)",
+    "the image pool's PNG writer saves one-channel images as greyscale (PIL cannot write an (H, W, 1) "
+    "array); other images go to the reference's writer",
+    "the pool's DataLoader reads in the main process (num_workers=0, no pinned memory): the script's four "
+    "workers would take the other side's core",
+    "the student's transform of replayed images is the CIFAR train transform's analogue at the teacher's "
+    "size: RandomCrop(padding=student_crop), RandomHorizontalFlip if student_flip, ToTensor, Normalize",
 )
 
-CASES = {
-    "dfq": Case(
-        reference="fast-datafree", config="datafree/dfq-digits-paper", work=Work(),
+
+@dataclass(frozen=True)
+class Case:
+    """A method's pair: dfkd's config and the reference's code, given one :class:`Work`."""
+    reference: str
+    config: str               # dfkd's config for the method
+    work: Work
+    shims: tuple[str, ...]    # what was done to make the reference run here
+    notes: tuple[str, ...]    # where the reference, run as its authors run it, differs by design or by bug
+
+    def overrides(self, work: Work) -> list[str]:
+        """dfkd's config overrides that give it ``work``."""
+        raise NotImplementedError
+
+    def work_of(self, config) -> Work:
+        """The work a resolved dfkd config does, read back from it."""
+        raise NotImplementedError
+
+    def drive_reference(self, code: Path, work: Work, teacher: str, student: str, seed: int) -> dict:
+        """The reference's loop on dfkd's teacher at ``work``: final accuracy, seconds per iteration."""
+        raise NotImplementedError
+
+
+def _weight(entry) -> float:
+    return float(entry["weight"] if isinstance(entry, dict) else entry)
+
+
+def _option(entry, key: str, default):
+    return entry.get(key, default) if isinstance(entry, dict) else default
+
+
+def _student_overrides(work: Work) -> list[str]:
+    return [f"players.student.optim.lr={work.lr}", f"players.student.optim.weight_decay={work.weight_decay}",
+            f"players.student.sched.min_lr={work.lr_min}", f"synthesis.batch_size={work.batch}",
+            f"train.epochs={work.epochs}", f"train.iters_per_epoch={work.iters}"]
+
+
+def _student_work(config) -> dict:
+    student, kd = config.players["student"], config.phases[1].losses["kd_kl"]
+    return dict(batch=config.synthesis.batch_size, epochs=config.train.epochs, iters=config.train.iters_per_epoch,
+                lr=student.optim.lr, lr_min=student.sched.min_lr, weight_decay=student.optim.weight_decay,
+                T=float(_option(kd, "T", 1.0)), g_steps=config.phases[0].steps, kd_steps=config.phases[1].steps)
+
+
+class DFQCase(Case):
+    """DFQ: a generator trained each iteration against the teacher's BN statistics, then the
+    student on fresh batches of it (datafree_kd.py --method dfq)."""
+
+    def overrides(self, work: DFQWork) -> list[str]:
+        return [*_student_overrides(work),
+                f"players.generator.net.kwargs.nz={work.nz}", f"players.generator.net.kwargs.ngf={work.ngf}",
+                f"players.generator.net.kwargs.output={work.output}", "players.generator.net.kwargs.native_size=null",
+                f"players.generator.optim.lr={work.lr_g}",
+                f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
+                f"phases.0.losses={{adv_kl: {work.adv}, bn_stats: {work.bn}, onehot_ce: {work.oh}, "
+                f"class_balance: {work.balance}}}",
+                f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
+
+    def work_of(self, config) -> DFQWork:
+        generator = config.players["generator"]
+        kwargs, losses = generator.net.kwargs, config.phases[0].losses
+        return DFQWork(**_student_work(config), nz=kwargs.get("nz", 256), ngf=kwargs.get("ngf", 64),
+                       output=kwargs.get("output", "bn"), lr_g=generator.optim.lr,
+                       adv=_weight(losses["adv_kl"]), bn=_weight(losses["bn_stats"]),
+                       oh=_weight(losses["onehot_ce"]), balance=_weight(losses["class_balance"]))
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
+        from datafree.criterions import KLDiv
+        from datafree.models.generator import Generator
+        from datafree.synthesis import GenerativeSynthesizer
+        from datafree.utils import Normalizer
+
+        generator = Generator(nz=work.nz, ngf=work.ngf, img_size=info.shape[1], nc=info.shape[0])
+        synthesizer = GenerativeSynthesizer(
+            teacher=teacher, student=teacher, generator=generator, nz=work.nz, img_size=tuple(info.shape),
+            iterations=work.g_steps, lr_g=work.lr_g, synthesis_batch_size=work.batch,
+            sample_batch_size=work.batch, adv=work.adv, bn=work.bn, oh=work.oh, act=0, balance=work.balance,
+            criterion=KLDiv(), normalizer=Normalizer(info.mean, info.std), device="cpu")
+        optimizer, scheduler = _student_optimizer(student, work, warmup=0)
+        start = time.perf_counter()
+        for _ in range(work.epochs):
+            for _ in range(work.iters):
+                synthesizer.synthesize()
+                _train_student(student, teacher, optimizer, KLDiv(T=work.T), work.kd_steps,
+                               lambda: synthesizer.sample()[0])
+            scheduler.step()
+        seconds = time.perf_counter() - start
+        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
+                "s_per_iter": seconds / (work.epochs * work.iters)}
+
+
+class FastCase(Case):
+    """Fast-DFKD: a shared generator cloned per batch, the clone and fresh latents optimized for
+    g_steps, the shared weights meta-updated; the best batch enters the pool, which the student
+    replays (datafree_kd.py --method fast_meta, FastMetaSynthesizer)."""
+
+    def overrides(self, work: FastWork) -> list[str]:
+        return [*_student_overrides(work),
+                f"synthesis.net.kwargs.nz={work.nz}", f"synthesis.net.kwargs.ngf={work.ngf}",
+                "synthesis.net.kwargs.output=pixels", f"synthesis.inner.lr={work.lr_g}",
+                f"synthesis.latent_lr={work.lr_z}", f"synthesis.outer.lr={work.lr_g * work.g_steps}",
+                "synthesis.meta=fomaml", f"synthesis.labels={work.labels}", f"synthesis.warmup_epochs={work.warmup}",
+                f"synthesis.augment={{crop_padding: {work.crop}, flip: {str(work.flip).lower()}}}",
+                f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
+                f"phases.0.losses={{adv_kl: {{weight: {work.adv}, agreement_mask: true, from_epoch: {work.warmup}}}, "
+                f"bn_stats: {{weight: {work.bn}, momentum: {work.bn_mmt}}}, "
+                f"onehot_ce: {{weight: {work.oh}, target: labels}}}}",
+                f"phases.1.augment={{crop_padding: {work.student_crop}, flip: {str(work.student_flip).lower()}}}",
+                f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
+
+    def work_of(self, config) -> FastWork:
+        synth, losses, student_phase = config.synthesis, config.phases[0].losses, config.phases[1]
+        kwargs, adv = synth.net.kwargs, losses["adv_kl"]
+        student_augment = student_phase.augment
+        if synth.kind != "meta" or synth.meta != "fomaml" or kwargs.get("output") != "pixels" \
+                or not _option(adv, "agreement_mask", False) or _option(losses["onehot_ce"], "target", "") != "labels" \
+                or abs(synth.outer.lr - synth.inner.lr * config.phases[0].steps) > 1e-12:
+            raise SystemExit(f"reference.py: {config.experiment} is not Fast-DFKD's synthesis as the reference "
+                             "runs it (meta, fomaml, pixels, agreement mask, one-hot on the labels asked for, "
+                             "outer lr = inner lr x steps)")
+        return FastWork(**_student_work(config), nz=kwargs.get("nz", 256), ngf=kwargs.get("ngf", 64),
+                        lr_g=synth.inner.lr, lr_z=synth.latent_lr, adv=_weight(adv), bn=_weight(losses["bn_stats"]),
+                        oh=_weight(losses["onehot_ce"]), bn_mmt=float(_option(losses["bn_stats"], "momentum", 0.0)),
+                        warmup=synth.warmup_epochs, labels=synth.labels, crop=synth.augment.crop_padding,
+                        flip=synth.augment.flip,
+                        student_crop=student_augment.crop_padding if student_augment else 0,
+                        student_flip=bool(student_augment and student_augment.flip))
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import tempfile
+
+        from torchvision import transforms
+
+        if (work.crop, work.flip, work.labels) != (4, True, "random"):
+            raise SystemExit("reference.py: the reference's synthesis always crops with padding 4, flips and "
+                             "draws classes at random: crop, flip and labels cannot be changed")
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
+        _pool_shims()
+        from datafree.criterions import KLDiv
+        from datafree.models.generator import Generator
+        from datafree.synthesis import FastMetaSynthesizer
+        from datafree.utils import Normalizer
+
+        channels, height, _ = info.shape
+        replay = transforms.Compose([
+            transforms.RandomCrop(height, padding=work.student_crop),
+            *([transforms.RandomHorizontalFlip()] if work.student_flip else []),
+            transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+        with tempfile.TemporaryDirectory() as pool:
+            synthesizer = FastMetaSynthesizer(
+                teacher, student, Generator(nz=work.nz, ngf=work.ngf, img_size=height, nc=channels),
+                nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape), init_dataset=None,
+                save_dir=pool, device="cpu", transform=replay, normalizer=Normalizer(info.mean, info.std),
+                synthesis_batch_size=work.batch, sample_batch_size=work.batch, iterations=work.g_steps,
+                warmup=work.warmup, lr_g=work.lr_g, lr_z=work.lr_z, adv=work.adv, bn=work.bn, oh=work.oh,
+                reset_l0=0, reset_bn=0, bn_mmt=work.bn_mmt, is_maml=1)
+            optimizer, scheduler = _student_optimizer(student, work, warmup=work.warmup)
+            start = time.perf_counter()
+            for epoch in range(work.epochs):
+                for _ in range(work.iters):
+                    synthesizer.synthesize()
+                    if epoch >= work.warmup:
+                        _train_student(student, teacher, optimizer, KLDiv(T=work.T), work.kd_steps,
+                                       synthesizer.sample)
+                if epoch >= work.warmup:
+                    scheduler.step()
+            seconds = time.perf_counter() - start
+        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
+                "s_per_iter": seconds / (work.epochs * work.iters)}
+
+
+CASES: dict[str, Case] = {
+    "dfq": DFQCase(
+        reference="fast-datafree", config="datafree/dfq-digits-paper", work=DFQWork(),
         shims=COMMON_SHIMS,
         notes=("datafree_kd.py builds DFQ's GenerativeSynthesizer with student=teacher, so its adversarial "
                "term is the teacher against itself: zero. The reference side runs as the authors run it; "
@@ -93,56 +296,32 @@ CASES = {
                "the reference's generator convolutions have no bias (each is followed by BatchNorm, "
                "which removes a bias in training mode); dfkd's have one.",
                "dfkd's cosine schedule steps each optimizer step, the reference's each epoch")),
+    "fast": FastCase(
+        reference="fast-datafree", config="datafree/fast-digits-paper", work=FastWork(),
+        shims=COMMON_SHIMS + POOL_SHIMS,
+        notes=("the reference's pool holds 8-bit PNG files, read back through PIL each student step; dfkd's "
+               "holds the float batches in memory",
+               "the reference's synthesis pads its random crop with black pixels (before normalizing); "
+               "dfkd's pads the normalized batch with zeros, the data's mean",
+               "fast_cifar.sh re-initializes the generator's first layers at epoch 120 + warm-up "
+               "(reset_l0); neither side does at these budgets",
+               "dfkd's cosine schedule steps each optimizer step, the reference's each epoch")),
 }
 
 
 # ---------------------------------------------------------------- equal work, both ways
-def dfkd_overrides(work: Work) -> list[str]:
-    """dfkd's config overrides that give it ``work`` (DFQ's phase layout: generator, then student)."""
-    return [f"synthesis.batch_size={work.batch}",
-            f"players.generator.net.kwargs.nz={work.nz}", f"players.generator.net.kwargs.ngf={work.ngf}",
-            f"players.generator.net.kwargs.output={work.output}", "players.generator.net.kwargs.native_size=null",
-            f"players.generator.optim.lr={work.lr_g}",
-            f"players.student.optim.lr={work.lr}", f"players.student.optim.weight_decay={work.weight_decay}",
-            f"players.student.sched.min_lr={work.lr_min}",
-            f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
-            f"phases.0.losses={{adv_kl: {work.adv}, bn_stats: {work.bn}, onehot_ce: {work.oh}, "
-            f"class_balance: {work.balance}}}",
-            f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}",
-            f"train.epochs={work.epochs}", f"train.iters_per_epoch={work.iters}"]
-
-
-def _weight(entry) -> float:
-    return float(entry["weight"] if isinstance(entry, dict) else entry)
-
-
-def work_of(config) -> Work:
-    """The work a resolved dfkd config does, read back from it."""
-    generator, student = config.players["generator"], config.players["student"]
-    kwargs, synth, student_phase = generator.net.kwargs, config.phases[0], config.phases[1]
-    kd = student_phase.losses["kd_kl"]
-    return Work(batch=config.synthesis.batch_size, nz=kwargs.get("nz", 256), ngf=kwargs.get("ngf", 64),
-                output=kwargs.get("output", "bn"), g_steps=synth.steps, kd_steps=student_phase.steps,
-                epochs=config.train.epochs, iters=config.train.iters_per_epoch, lr=student.optim.lr,
-                lr_min=student.sched.min_lr, weight_decay=student.optim.weight_decay, lr_g=generator.optim.lr,
-                T=float(kd.get("T", 1.0)) if isinstance(kd, dict) else 1.0,
-                adv=_weight(synth.losses["adv_kl"]), bn=_weight(synth.losses["bn_stats"]),
-                oh=_weight(synth.losses["onehot_ce"]), balance=_weight(synth.losses["class_balance"]))
-
-
 def differences(a: Work, b: Work) -> list[str]:
-    return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in dataclasses.fields(Work)
+    return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in dataclasses.fields(a)
             if getattr(a, f.name) != getattr(b, f.name)]
 
 
 def check_equal_work(case: Case, work: Work, teacher: str) -> list[str]:
-    """dfkd's config with ``work``'s overrides, checked to do exactly ``work``; returns the overrides.
-    Also names what the shipped config does otherwise (printed: a divergence worth knowing)."""
+    """dfkd's config with ``work``'s overrides, checked to do exactly ``work``; returns the overrides."""
     from dfkd.core.config import load_config
 
-    overrides = dfkd_overrides(work)
+    overrides = case.overrides(work)
     config = load_config(case.config, [f"teacher.checkpoint={teacher}", *overrides])
-    wrong = differences(work_of(config), work)
+    wrong = differences(case.work_of(config), work)
     if wrong:
         raise SystemExit(f"reference.py: dfkd's side would not do the reference's work: {'; '.join(wrong)}")
     return overrides
@@ -153,16 +332,20 @@ def shipped_differences(case: Case, teacher: str) -> list[str]:
     (budget aside): divergences to explain beside the config, or to fix."""
     from dfkd.core.config import load_config
 
-    shipped = work_of(load_config(case.config, [f"teacher.checkpoint={teacher}"]))
+    shipped = case.work_of(load_config(case.config, [f"teacher.checkpoint={teacher}"]))
     budget = {"epochs": case.work.epochs, "iters": case.work.iters}
     return differences(dataclasses.replace(shipped, **budget), case.work)
 
 
 # ---------------------------------------------------------------- the reference side
+def checkout_folder(name: str, cache: Path) -> Path:
+    return Path(cache) / f"{name}-{REFERENCES[name][1][:12]}"
+
+
 def checkout(name: str, cache: Path, source: str | None) -> Path:
     """The reference's code at its pinned commit, in the cache (cloned on first use)."""
     url, commit = REFERENCES[name]
-    folder = cache / f"{name}-{commit[:12]}"
+    folder = checkout_folder(name, cache)
     if not (folder / ".git").exists():
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "-q", "--no-checkout", source or url, str(folder)], check=True)
@@ -183,8 +366,37 @@ def _stub_modules() -> None:
     sys.modules.setdefault("torchvision.models.utils", moved)
 
 
-def drive_reference(code: Path, work: Work, teacher_path: str, student_name: str, seed: int) -> dict:
-    """The reference's DFQ (datafree_kd.py --method dfq) on dfkd's teacher, at ``work``."""
+def _module_cuda(self, *args, **kwargs):
+    return self
+
+
+def _pool_shims() -> None:
+    """What the pool-based synthesizers need on a CPU-only machine and one-channel images (POOL_SHIMS)."""
+    import torch
+    from PIL import Image
+
+    import datafree.utils._utils as utils
+
+    torch.nn.Module.cuda = _module_cuda
+    torch.Tensor.cuda = _module_cuda
+    loader = torch.utils.data.DataLoader
+    torch.utils.data.DataLoader = lambda *args, **kwargs: loader(*args, **{**kwargs, "num_workers": 0,
+                                                                           "pin_memory": False})
+    write = utils.save_image_batch
+
+    def save_image_batch(imgs, output, col=None, size=None, pack=True):
+        if pack or imgs.shape[1] != 1:
+            return write(imgs, output, col=col, size=size, pack=pack)
+        pixels = (imgs.detach().clamp(0, 1).cpu().numpy() * 255).astype("uint8")
+        for i, image in enumerate(pixels):
+            Image.fromarray(image[0], mode="L").save(f"{output[:-len('.png')]}-{i}.png")
+
+    utils.save_image_batch = save_image_batch
+
+
+def _reference_setup(code: Path, teacher_path: str, student_name: str, seed: int):
+    """Seeds, the reference's package on the path, the teacher wrapped as it calls teachers, and
+    the student: ``(teacher, student, info, meta)``."""
     import random
 
     import numpy as np
@@ -192,22 +404,15 @@ def drive_reference(code: Path, work: Work, teacher_path: str, student_name: str
     from torch import nn
 
     from dfkd.data.card import card_of, info_from_card
-    from dfkd.loop.evaluation import evaluate, evaluation_split
     from dfkd.nets.arch import load_model
     from dfkd.nets.models import create_model
     from dfkd.nets.taps import embedding_layer, resolve_module
 
     sys.path.insert(0, str(code))
     _stub_modules()
-    from datafree.criterions import KLDiv
-    from datafree.models.generator import Generator
-    from datafree.synthesis import GenerativeSynthesizer
-    from datafree.utils import Normalizer
-
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     net, meta = load_model(teacher_path)
     info = info_from_card(card_of(meta), meta.get("dataset") or "card")
-    channels, height, _ = info.shape
 
     class WithFeatures(nn.Module):  # teacher(x, return_features=True) -> (logits, embedding)
         def __init__(self, network):
@@ -220,43 +425,42 @@ def drive_reference(code: Path, work: Work, teacher_path: str, student_name: str
             logits = self.network(x)
             return (logits, self.features) if return_features else logits
 
-    teacher = WithFeatures(net).eval()
-    student = create_model(student_name, channels, info.num_classes, height)
-    generator = Generator(nz=work.nz, ngf=work.ngf, img_size=height, nc=channels)
-    synthesizer = GenerativeSynthesizer(
-        teacher=teacher, student=teacher, generator=generator, nz=work.nz, img_size=tuple(info.shape),
-        iterations=work.g_steps, lr_g=work.lr_g, synthesis_batch_size=work.batch, sample_batch_size=work.batch,
-        adv=work.adv, bn=work.bn, oh=work.oh, act=0, balance=work.balance, criterion=KLDiv(),
-        normalizer=Normalizer(info.mean, info.std), device="cpu")
-    criterion = KLDiv(T=work.T)
+    student = create_model(student_name, info.shape[0], info.num_classes, info.shape[1])
+    return WithFeatures(net).eval(), student, info, meta
+
+
+def _student_optimizer(student, work: Work, warmup: int):
+    import torch
+
     optimizer = torch.optim.SGD(student.parameters(), work.lr, weight_decay=work.weight_decay, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, work.epochs, eta_min=work.lr_min)
-    start = time.perf_counter()
-    for _ in range(work.epochs):
-        for _ in range(work.iters):
-            synthesizer.synthesize()
-            student.train()
-            for _ in range(work.kd_steps):
-                images, _ = synthesizer.sample()
-                with torch.no_grad():
-                    t_out = teacher(images)
-                loss = criterion(student(images.detach()), t_out.detach())
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        scheduler.step()
-    seconds = time.perf_counter() - start
-    test = evaluation_split(meta, teacher_path, None, "test", None)
-    student.eval()
-    result = evaluate(student, _batches(test, info))
-    return {"final_acc": result["acc"], "s_per_iter": seconds / (work.epochs * work.iters)}
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, work.epochs - warmup),
+                                                                 eta_min=work.lr_min)
 
 
-def _batches(dataset, info, size: int = 1000):
+def _train_student(student, teacher, optimizer, criterion, steps: int, sample) -> None:
+    """datafree_kd.py's train(): ``steps`` student steps, each on ``sample()``."""
+    import torch
+
+    student.train()
+    for _ in range(steps):
+        images = sample()
+        with torch.no_grad():
+            t_out = teacher(images)
+        loss = criterion(student(images.detach()), t_out.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _test_accuracy(student, meta, teacher_path: str, info) -> float:
     from dfkd.data.datasets import normalize
+    from dfkd.loop.evaluation import evaluate, evaluation_split
 
-    for i in range(0, len(dataset.labels), size):
-        yield normalize(dataset.images[i:i + size], info), dataset.labels[i:i + size]
+    test = evaluation_split(meta, teacher_path, None, "test", None)
+    batches = ((normalize(test.images[i:i + 1000], info), test.labels[i:i + 1000])
+               for i in range(0, len(test.labels), 1000))
+    student.eval()
+    return evaluate(student, batches)["acc"]
 
 
 # ---------------------------------------------------------------- dfkd's side
@@ -310,15 +514,16 @@ def table(rows: list[dict]) -> str:
         f"{', '.join(str(r['seed']) for r in rows)} |"])
 
 
-def settings(pairs: list[str]) -> dict:
-    """``FIELD=VALUE`` pairs as :class:`Work` fields of their declared types."""
-    types = {f.name: type(f.default) for f in dataclasses.fields(Work)}
+def settings(pairs: list[str], kind: type[Work]) -> dict:
+    """``FIELD=VALUE`` pairs as ``kind``'s fields, of their declared types."""
+    types = {f.name: type(f.default) for f in dataclasses.fields(kind)}
     out = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if name not in types or not value:
-            raise SystemExit(f"reference.py: --set {pair}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
-        out[name] = types[name](value)
+        if name not in types or not value or (types[name] is bool and value not in ("true", "false")):
+            raise SystemExit(f"reference.py: --set {pair}: expected FIELD=VALUE with FIELD one of {', '.join(types)}"
+                             f"{' and VALUE true or false' if types.get(name) is bool else ''}")
+        out[name] = value == "true" if types[name] is bool else types[name](value)
     return out
 
 
@@ -335,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="other settings of the equal work, for both sides (e.g. adv=0)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--source", help="where to clone the reference from (default: its published URL)")
-    p.add_argument("--cache", default=os.path.expanduser("~/.cache/dfkd/reference"))
+    p.add_argument("--cache", default=DEFAULT_CACHE)
     p.add_argument("--out", default="runs/reference")
     p.add_argument("--side", choices=["dfkd", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--seed-only", type=int, help=argparse.SUPPRESS)
@@ -347,15 +552,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.side:  # one side of one seed, in its own process: its result is the last line
-        work = Work(**json.loads(args.work))
+        work = type(case.work)(**json.loads(args.work))
         result = drive_dfkd(case, work, args.teacher, args.seed_only, Path(args.out) / "dfkd") \
-            if args.side == "dfkd" else drive_reference(Path(args.code), work, args.teacher, args.student,
-                                                        args.seed_only)
+            if args.side == "dfkd" else case.drive_reference(Path(args.code), work, args.teacher, args.student,
+                                                             args.seed_only)
         print(json.dumps(result))
         return 0
     work = dataclasses.replace(case.work, **{k: v for k, v in (("epochs", args.epochs), ("iters", args.iters),
                                                                ("batch", args.batch)) if v is not None},
-                               **settings(args.set))
+                               **settings(args.set, type(case.work)))
     overrides = check_equal_work(case, work, args.teacher)
     code = checkout(case.reference, Path(args.cache), args.source)
     print(f"{args.case}: {REFERENCES[case.reference][0]} @ {REFERENCES[case.reference][1]}")

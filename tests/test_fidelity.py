@@ -171,6 +171,17 @@ def test_fast_adversarial_term_waits_for_the_warm_up(teacher, tmp_path):
     assert "loss/synthesizer/adv_kl" not in logged[1] and "loss/synthesizer/bn_stats" in logged[1]
     assert "loss/synthesizer/adv_kl" in logged[2]  # epoch 1: the warm-up is over
 
+def test_fast_students_cosine_starts_after_the_warm_up_and_ends_at_its_floor(teacher, tmp_path):
+    # the reference steps CosineAnnealingLR only after the warm-up, with T_max = epochs - warm-up:
+    # the student's last step is taken at the floor. The schedule once spanned the warm-up too.
+    engine = engine_for("datafree/fast-digits", teacher, tmp_path, "train.epochs=3", "train.iters_per_epoch=2",
+                        "synthesis.warmup_epochs=1", "phases.0.steps=1", "phases.1.steps=2",
+                        "synthesis.batch_size=8", "players.student.sched.min_lr=0.001")
+    student = engine.players["student"]
+    assert student.total_steps == (3 - 1) * 2 * 2
+    engine.fit()
+    assert student.steps == student.total_steps and student.lr == pytest.approx(0.001)
+
 
 def test_a_phase_whose_terms_all_start_later_is_an_error(teacher, tmp_path):
     with pytest.raises(ConfigError, match="phases.1: every loss term starts after epoch 0"):

@@ -350,32 +350,62 @@ reference = load_script("reference")
 
 def test_reference_gives_dfkd_the_reference_work_and_stops_when_a_setting_would_differ(monkeypatch):
     case = reference.CASES["dfq"]
-    work = reference.Work(batch=16, epochs=1, iters=1, kd_steps=2, T=4.0)
+    work = reference.DFQWork(batch=16, epochs=1, iters=1, kd_steps=2, T=4.0)
     overrides = reference.check_equal_work(case, work, "teacher.pt")
     assert "phases.1.losses={kd_kl: {weight: 1.0, T: 4.0}}" in overrides and "synthesis.batch_size=16" in overrides
     # dfq-digits-paper as shipped now does the benchmark's work; before: tanh+BN output, wd 5e-4, floor 0
     assert reference.shipped_differences(case, "teacher.pt") == []
-    assert reference.settings(["adv=0", "output=bn"]) == {"adv": 0.0, "output": "bn"}
+    assert reference.settings(["adv=0", "output=bn"], reference.DFQWork) == {"adv": 0.0, "output": "bn"}
     with pytest.raises(SystemExit, match="--set nope=1: expected FIELD=VALUE with FIELD one of batch, nz"):
-        reference.settings(["nope=1"])
-    monkeypatch.setattr(reference, "dfkd_overrides", lambda w: [o for o in overrides if not o.startswith("phases.1")])
+        reference.settings(["nope=1"], reference.DFQWork)
+    monkeypatch.setattr(reference.DFQCase, "overrides",
+                        lambda self, w: [o for o in overrides if not o.startswith("phases.1")])
     with pytest.raises(SystemExit, match=r"would not do the reference's work: kd_steps: 10 vs 2; T: 1\.0 vs 4\.0"):
         reference.check_equal_work(case, work, "teacher.pt")
 
 
+def test_reference_fast_case_reads_back_every_setting_of_fast_dfkds_synthesis(monkeypatch):
+    case = reference.CASES["fast"]
+    work = reference.FastWork(batch=32, g_steps=3, kd_steps=7, epochs=4, warmup=1, lr_z=0.02, bn_mmt=0.5)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "synthesis.outer.lr=0.006" in overrides  # Fast-DFKD's outer step: the inner lr x the inner steps
+    assert "phases.1.augment={crop_padding: 4, flip: true}" in overrides
+    assert reference.settings(["student_flip=false", "warmup=3"], reference.FastWork) == \
+        {"student_flip": False, "warmup": 3}
+    with pytest.raises(SystemExit, match="--set flip=no: expected FIELD=VALUE .* and VALUE true or false"):
+        reference.settings(["flip=no"], reference.FastWork)
+    # the shipped digits recipe asks for balanced classes and does not flip digits (on purpose)
+    assert reference.shipped_differences(case, "teacher.pt") == [
+        "labels: 'balanced' vs 'random'", "flip: False vs True", "student_flip: False vs True"]
+    monkeypatch.setattr(reference.FastCase, "overrides",
+                        lambda self, w: [*overrides, "phases.0.losses.adv_kl.agreement_mask=false"])
+    with pytest.raises(SystemExit, match="not Fast-DFKD's synthesis as the reference runs it"):
+        reference.check_equal_work(case, work, "teacher.pt")
+
+
 @pytest.mark.slow
-def test_reference_runs_beside_dfkd_at_a_tiny_budget(digits_teacher, tmp_path, capsys):
-    source = __import__("os").environ.get("DFKD_REFERENCE_SOURCE")
-    if not source:
-        pytest.skip("the reference code is not here: set DFKD_REFERENCE_SOURCE to a clone or URL of "
-                    "zju-vipa/Fast-Datafree (no network to GitHub on this machine)")
-    assert reference.main(["--case", "dfq", "--teacher", str(digits_teacher[0]), "--seeds", "0", "--epochs", "1",
-                           "--iters", "1", "--batch", "16", "--source", source, "--cache", str(tmp_path / "cache"),
-                           "--out", str(tmp_path / "out")]) == 0
+@pytest.mark.parametrize("case, extra, expect", [
+    ("dfq", [], ["differs from the reference's settings in: nothing", "student=teacher"]),
+    ("fast", ["--set", "warmup=1", "g_steps=2", "kd_steps=2"], ["num_workers=0", "8-bit PNG"]),
+])
+def test_reference_runs_beside_dfkd_at_a_tiny_budget(case, extra, expect, digits_teacher, tmp_path, capsys):
+    import os
+
+    source, cache = os.environ.get("DFKD_REFERENCE_SOURCE"), Path(reference.DEFAULT_CACHE)
+    name = reference.CASES[case].reference
+    if source:  # a clone or URL to check the pinned commit out from, into a fresh cache
+        where, cache = ["--source", source], tmp_path / "cache"
+    elif reference.checkout_folder(name, cache).exists():
+        where = []
+    else:
+        pytest.skip(f"the reference code is not in the cache ({reference.checkout_folder(name, cache)}) and "
+                    "DFKD_REFERENCE_SOURCE names no clone of it: no fetch from GitHub in the tests")
+    assert reference.main(["--case", case, "--teacher", str(digits_teacher[0]), "--seeds", "0", "--epochs", "2",
+                           "--iters", "1", "--batch", "16", "--cache", str(cache), "--out", str(tmp_path / "out"),
+                           *where, *extra]) == 0
     out = capsys.readouterr().out
-    assert "datafree/dfq-digits-paper as shipped differs from the reference's settings in: nothing" in out
-    assert "shims:" in out and "student=teacher" in out
-    row = json.loads((tmp_path / "out" / "dfq.jsonl").read_text())
+    assert "shims:" in out and all(text in out for text in expect)
+    row = json.loads((tmp_path / "out" / f"{case}.jsonl").read_text())
     assert row["work"]["batch"] == 16 and row["commit"] == reference.REFERENCES["fast-datafree"][1]
     for side in ("dfkd", "reference"):
         assert 0 <= row[side]["final_acc"] <= 100 and row[side]["s_per_iter"] > 0

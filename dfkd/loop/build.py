@@ -166,8 +166,12 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
         iters_per_epoch = tc.iters_per_epoch
     total_iters = tc.epochs * iters_per_epoch
 
+    # only synthesis runs in the warm-up epochs: a player's schedule spans the iterations it trains in
+    # (Fast-DFKD's cosine starts after the warm-up and ends at its floor on the last epoch)
+    training_iters = max(0, total_iters - config.synthesis.warmup_epochs * iters_per_epoch)
+
     def player(name: str, pc: PlayerConfig, module: nn.Module) -> Player:
-        steps = total_iters * sum(p.steps for p in phases if name == p.player or name in p.also)
+        steps = training_iters * sum(p.steps for p in phases if name == p.player or name in p.also)
         return Player(name, pc, runtime.prepare(module), steps)
 
     # networks first, then the taps on them, then what is sized by what the taps see
