@@ -1,16 +1,19 @@
 """A method's reference implementation run beside dfkd's config at equal work.
 
-    python scripts/reference.py --case dfq --teacher T.pt [--seeds 0 1 2] [--epochs 4] [--iters 10]
-        [--source URL_OR_GIT_DIR] [--cache ~/.cache/dfkd/reference] [--out runs/reference] [--threads 1]
+    python scripts/reference.py --case dfq|fast --teacher T.pt [--seeds 0 1 2] [--epochs 4] [--iters 10]
+        [--batch 64] [--set FIELD=VALUE ...] [--source URL_OR_GIT_DIR] [--cache ~/.cache/dfkd/reference]
+        [--out runs/reference] [--threads 1]
 
-Both sides get one set of settings (:class:`Work`): the same teacher weights, student architecture,
-batch, generator (latent size, width, output), generator and student steps per iteration, the
-number of iterations, learning rates, loss weights and temperature. dfkd's side is its shipped config
-with those settings as overrides; the script reads the resolved config back and stops if any
-setting differs from what the reference side was given. Each seed runs the two sides side by side
-(two processes, ``--threads`` torch threads each) and prints, per side, the final test accuracy and
-the seconds per iteration of the loop (evaluation excluded); ``<out>/<case>.jsonl`` keeps the rows
-and ``<out>/<case>.md`` the table.
+Both sides get one set of settings (the case's :class:`Work`): the same teacher weights, student
+architecture, batch, generator (latent size, width, output), generator and student steps per
+iteration, the number of iterations, learning rates, loss weights, temperature and the method's
+own settings. dfkd's side is its shipped config with those settings as overrides; the script reads
+the resolved config back and stops if any setting differs from what the reference side was given.
+Each seed runs the two sides side by side (two processes, ``--threads`` torch threads each) and
+prints, per side, the final test accuracy and the seconds per iteration of the training loop: the
+reference's evaluator, logger and checkpoints are left out, and dfkd's side evaluates, draws its
+pictures and saves its state at the end only (no sample-quality measures), so neither clock counts
+more than training. ``<out>/<case>.jsonl`` keeps the rows and ``<out>/<case>.md`` the table.
 
 The reference code is checked out into the cache at a pinned commit (``git clone`` from the
 reference's URL, or from ``--source``: a mirror or another URL); nothing of it enters dfkd. What makes
@@ -87,8 +90,10 @@ class FastWork(Work):
     labels: str = "random"    # classes asked for: torch.randint, as the reference draws them
     crop: int = 4             # the synthesis augmentation's crop padding, and it flips (fixed in the code)
     flip: bool = True
+    pad: str = "black"        # kornia's crop of [0, 1] pixels before normalizing pads black
     student_crop: int = 4     # the student's augmentation of replayed images (the dataset's train transform)
     student_flip: bool = True
+    student_pad: str = "black"  # torchvision's RandomCrop of a PIL image pads black
 
 
 COMMON_SHIMS = (
@@ -217,12 +222,13 @@ class FastCase(Case):
                 "synthesis.net.kwargs.output=pixels", f"synthesis.inner.lr={work.lr_g}",
                 f"synthesis.latent_lr={work.lr_z}", f"synthesis.outer.lr={work.lr_g * work.g_steps}",
                 "synthesis.meta=fomaml", f"synthesis.labels={work.labels}", f"synthesis.warmup_epochs={work.warmup}",
-                f"synthesis.augment={{crop_padding: {work.crop}, flip: {str(work.flip).lower()}}}",
+                f"synthesis.augment={{crop_padding: {work.crop}, flip: {str(work.flip).lower()}, pad: {work.pad}}}",
                 f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
                 f"phases.0.losses={{adv_kl: {{weight: {work.adv}, agreement_mask: true, from_epoch: {work.warmup}}}, "
                 f"bn_stats: {{weight: {work.bn}, momentum: {work.bn_mmt}}}, "
                 f"onehot_ce: {{weight: {work.oh}, target: labels}}}}",
-                f"phases.1.augment={{crop_padding: {work.student_crop}, flip: {str(work.student_flip).lower()}}}",
+                f"phases.1.augment={{crop_padding: {work.student_crop}, flip: {str(work.student_flip).lower()}, "
+                f"pad: {work.student_pad}}}",
                 f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
 
     def work_of(self, config) -> FastWork:
@@ -239,18 +245,20 @@ class FastCase(Case):
                         lr_g=synth.inner.lr, lr_z=synth.latent_lr, adv=_weight(adv), bn=_weight(losses["bn_stats"]),
                         oh=_weight(losses["onehot_ce"]), bn_mmt=float(_option(losses["bn_stats"], "momentum", 0.0)),
                         warmup=synth.warmup_epochs, labels=synth.labels, crop=synth.augment.crop_padding,
-                        flip=synth.augment.flip,
+                        flip=synth.augment.flip, pad=synth.augment.pad,
                         student_crop=student_augment.crop_padding if student_augment else 0,
-                        student_flip=bool(student_augment and student_augment.flip))
+                        student_flip=bool(student_augment and student_augment.flip),
+                        student_pad=student_augment.pad if student_augment else "mean")
 
     def drive_reference(self, code, work, teacher_path, student_name, seed):
         import tempfile
 
         from torchvision import transforms
 
-        if (work.crop, work.flip, work.labels) != (4, True, "random"):
-            raise SystemExit("reference.py: the reference's synthesis always crops with padding 4, flips and "
-                             "draws classes at random: crop, flip and labels cannot be changed")
+        if (work.crop, work.flip, work.pad, work.labels, work.student_pad) != (4, True, "black", "random", "black"):
+            raise SystemExit("reference.py: the reference's synthesis always crops with padding 4 (black), flips "
+                             "and draws classes at random, and its student's crop pads black: crop, flip, pad, "
+                             "labels and student_pad cannot be changed")
         teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
         _pool_shims()
         from datafree.criterions import KLDiv
@@ -301,8 +309,8 @@ CASES: dict[str, Case] = {
         shims=COMMON_SHIMS + POOL_SHIMS,
         notes=("the reference's pool holds 8-bit PNG files, read back through PIL each student step; dfkd's "
                "holds the float batches in memory",
-               "the reference's synthesis pads its random crop with black pixels (before normalizing); "
-               "dfkd's pads the normalized batch with zeros, the data's mean",
+               "both sides pad their crops with black pixels, as the reference's crops of [0, 1] pixels do "
+               "(dfkd's own recipes pad with the data's mean)",
                "fast_cifar.sh re-initializes the generator's first layers at epoch 120 + warm-up "
                "(reset_l0); neither side does at these budgets",
                "dfkd's cosine schedule steps each optimizer step, the reference's each epoch")),
@@ -471,7 +479,8 @@ def drive_dfkd(case: Case, work: Work, teacher: str, seed: int, out: Path) -> di
     overrides = check_equal_work(case, work, teacher)
     config = load_config(case.config, [f"teacher.checkpoint={teacher}", *overrides, f"seed={seed}",
                                        f"output.root={out}", "output.tensorboard=false", "runtime.progress=false",
-                                       f"train.eval_every={work.epochs}"])
+                                       f"train.eval_every={work.epochs}", f"output.image_every={work.epochs}",
+                                       f"output.save_every={work.epochs}", "output.quality_samples=0"])
     summary = Engine(config).fit()
     loop = summary["time_train_s"] - summary["time_eval_s"]
     return {"final_acc": summary["final_acc"], "s_per_iter": loop / summary["steps"]}

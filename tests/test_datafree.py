@@ -1,6 +1,7 @@
 """Data-free distillation through the engine: learning without real data, never reading the
 training split, what a run shows in TensorBoard (read back by TensorBoard itself), start-up
 errors on bad input, and the synthetic image pool."""
+import dataclasses
 import json
 import math
 import socket
@@ -671,15 +672,30 @@ def test_synthesis_augmentation_is_differentiable_and_per_image():
     assert ((ratio >= 0.7 - 1e-5) & (ratio <= 1.3 + 1e-5)).all() and ratio.std() > 0
 
 
+def test_crop_pads_with_black_pixels_as_the_references_crop_does_or_with_the_mean():
+    from dfkd.data.augment import build_augment
+
+    mean, std = (0.2,), (0.5,)
+    x = torch.full((64, 1, 6, 6), 3.0)  # a bright normalized image: padding is what is not 3
+    black = build_augment(AugmentConfig(crop_padding=2, pad="black"), (1, 6, 6), mean, std)(x)
+    padded = black[black != 3.0]
+    assert padded.numel() > 0 and torch.allclose(padded, torch.tensor(-0.2 / 0.5))  # (0 - mean) / std
+    plain = build_augment(AugmentConfig(crop_padding=2), (1, 6, 6), mean, std)(x)
+    assert torch.all((plain == 3.0) | (plain == 0.0)) and (plain == 0.0).any()  # the data's mean
+    with pytest.raises(ConfigError, match="pad"):
+        load_config("datafree/fast-digits", ["synthesis.augment.pad=white"])
+
+
 def test_phase_mixup_mixes_pairs_of_the_batch_and_drops_labels():
     from dfkd.core.schema import PhaseConfig
     from dfkd.data.batch import Batch
     from dfkd.loop.phases import build_batch_transform
 
-    assert build_batch_transform(PhaseConfig(), (1, 2, 2)) is None  # nothing asked, no transform
+    tiny = dataclasses.replace(dfkd.data.datasets.dataset_info("digits"), shape=(1, 2, 2))
+    assert build_batch_transform(PhaseConfig(), tiny) is None  # nothing asked, no transform
     torch.manual_seed(0)
     images = numbered(range(64))  # image k is constant k: a mix of images a and b is constant λa + (1-λ)b
-    out = build_batch_transform(PhaseConfig(mixup=0.4), (1, 2, 2))(Batch(images, torch.zeros(64).long(), "pool"))
+    out = build_batch_transform(PhaseConfig(mixup=0.4), tiny)(Batch(images, torch.zeros(64).long(), "pool"))
     assert out.images.shape == images.shape and out.labels is None and out.source == "pool+mixup"
     values = out.images.flatten(1)[:, 0]
     assert torch.equal(out.images, values.view(-1, 1, 1, 1).expand_as(images))

@@ -8,6 +8,7 @@ from dfkd.data.batch import Batch
 from dfkd.data.datasets import load_dataset
 from dfkd.data.loader import TensorLoader
 from dfkd.loop.engine import Engine
+from dfkd.data.datasets import dataset_info
 from dfkd.loop.phases import RealStream, build_batch_transform
 from dfkd.nets.models import create_model
 from dfkd_base.errors import ConfigError, ShapeError
@@ -39,7 +40,8 @@ def test_real_batches_carry_the_index_of_each_sample_in_the_training_split():
         batch = stream.next()
         assert torch.allclose(batch.images, split.normalize(split.images[batch.index].float() / 255))
         assert torch.equal(batch.labels, split.labels[batch.index])
-    mixed = build_batch_transform(load_config("datafree/dfq-digits", ["phases.1.mixup=1.0"]).phases[1], (1, 32, 32))
+    mixed = build_batch_transform(load_config("datafree/dfq-digits", ["phases.1.mixup=1.0"]).phases[1],
+                                  dataset_info("digits"))
     assert mixed(Batch(batch.images, batch.labels, "real", index=batch.index)).index is None  # no one sample
 
 

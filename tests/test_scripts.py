@@ -369,7 +369,7 @@ def test_reference_fast_case_reads_back_every_setting_of_fast_dfkds_synthesis(mo
     work = reference.FastWork(batch=32, g_steps=3, kd_steps=7, epochs=4, warmup=1, lr_z=0.02, bn_mmt=0.5)
     overrides = reference.check_equal_work(case, work, "teacher.pt")
     assert "synthesis.outer.lr=0.006" in overrides  # Fast-DFKD's outer step: the inner lr x the inner steps
-    assert "phases.1.augment={crop_padding: 4, flip: true}" in overrides
+    assert "phases.1.augment={crop_padding: 4, flip: true, pad: black}" in overrides
     assert reference.settings(["student_flip=false", "warmup=3"], reference.FastWork) == \
         {"student_flip": False, "warmup": 3}
     with pytest.raises(SystemExit, match="--set flip=no: expected FIELD=VALUE .* and VALUE true or false"):

@@ -191,7 +191,8 @@ class PhaseConfig:
 class AugmentConfig:
     """Differentiable augmentation of synthetic batches before the teacher sees them."""
 
-    crop_padding: int = 0               # random crop after zero padding by this many pixels
+    crop_padding: int = 0               # random crop after padding by this many pixels
+    pad: Literal["mean", "black"] = "mean"  # the crop's padding: the data's mean, or black (as the references pad [0, 1] pixels)
     flip: bool = False                  # random horizontal flip
     jitter: int = 0                     # random roll by up to this many pixels (DeepInversion)
     brightness: float = 0.0             # random shift of each image by up to this much (normalized units)

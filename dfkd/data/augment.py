@@ -12,11 +12,13 @@ from torch import nn
 from dfkd.core.schema import AugmentConfig
 
 
-def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int], mean: tuple[float, ...] = (0.0,),
+                  std: tuple[float, ...] = (1.0,)) -> Callable[[torch.Tensor], torch.Tensor]:
     """Differentiable augmentation of synthetic batches (gradients flow back to the synthesis
-    variables). Brightness and contrast are done here rather than with kornia's ColorJitter,
-    which clamps to [0, 1] (synthesis works in the normalized space) and whose saturation and
-    hue need 3 channels; these two work on any number of channels."""
+    variables), which are normalized with the data's ``mean`` and ``std``. Brightness and contrast
+    are done here rather than with kornia's ColorJitter, which clamps to [0, 1] (synthesis works in
+    the normalized space) and whose saturation and hue need 3 channels; these two work on any
+    number of channels."""
     import kornia.augmentation as K
 
     ops: list[nn.Module] = []
@@ -25,12 +27,20 @@ def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int]) -> Callable[[
     if cfg.flip:
         ops.append(K.RandomHorizontalFlip())
     kornia_ops = nn.Sequential(*ops)
+    # kornia pads with zeros; crop and flip commute with a shift, so shifting black to zero first
+    # pads with black pixels
+    black = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, -1, 1, 1) \
+        if cfg.crop_padding and cfg.pad == "black" else None
 
     def augment(x: torch.Tensor) -> torch.Tensor:
         if cfg.jitter:  # DeepInversion's random roll, the same shift for the whole batch
             dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,)))
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-        x = kornia_ops(x) if ops else x
+        if black is not None:
+            shift = black.to(x.device, x.dtype)
+            x = kornia_ops(x - shift) + shift
+        elif ops:
+            x = kornia_ops(x)
         if cfg.brightness or cfg.contrast:
             n = x.shape[0]
             u = lambda: torch.rand(n, 1, 1, 1, device=x.device) * 2 - 1  # noqa: E731  U(-1, 1) per image

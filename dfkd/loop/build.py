@@ -122,7 +122,7 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
         pc = config.players.get(phase.player)
         return phase.player if pc is not None and pc.kind == "model" else eval_name
 
-    phases = build_phases(config.phases, info.shape, student_of)
+    phases = build_phases(config.phases, info, student_of)
     _check_needs(config, phases)
     for teacher, path in zip(teacher_modules, config.teacher.checkpoints if teacher_modules else []):
         check_teacher_gives(config.experiment, [t for p in phases for t in p.terms], teacher, is_black_box(teacher),

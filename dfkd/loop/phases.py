@@ -15,6 +15,7 @@ from dfkd.core.runs import world_size
 from dfkd.core.schema import PhaseConfig
 from dfkd.data.augment import build_augment
 from dfkd.data.batch import Batch
+from dfkd.data.datasets import DatasetInfo
 from dfkd.data.loader import TensorLoader
 from dfkd.methods.losses.base import WeightedTerm, build_terms
 from dfkd_base.errors import ConfigError
@@ -55,13 +56,13 @@ class RealStream:
         self.epoch, self.index, self._it = state["epoch"], state["index"], None
 
 
-def build_batch_transform(phase: PhaseConfig, shape: tuple[int, int, int]) -> Callable[[Batch], Batch] | None:
+def build_batch_transform(phase: PhaseConfig, info: DatasetInfo) -> Callable[[Batch], Batch] | None:
     """The per-phase view of a batch: ``phase.augment`` then ``phase.mixup``; None when neither is
     set. Mixup pairs each image with another of the same batch, weighted by λ ~ Beta(α, α) per
     image; the mixed batch has no labels, since its targets come from the teacher."""
     if phase.augment is None and not phase.mixup:
         return None
-    augment = build_augment(phase.augment, shape) if phase.augment is not None else None
+    augment = build_augment(phase.augment, info.shape, info.mean, info.std) if phase.augment is not None else None
     beta = torch.distributions.Beta(phase.mixup, phase.mixup) if phase.mixup else None
 
     def transform(batch: Batch) -> Batch:
@@ -152,9 +153,9 @@ def named_phases(phases: list[PhaseConfig]) -> list[PhaseConfig]:
     return named
 
 
-def build_phases(phases: list[PhaseConfig], shape: tuple[int, int, int],
+def build_phases(phases: list[PhaseConfig], info: DatasetInfo,
                  student_of: Callable[[PhaseConfig], str]) -> list[Phase]:
     """The config's phases, named, with their terms and transforms built."""
     named = named_phases(phases)
     terms = [build_terms(p.losses, f"phases.{i}.losses") for i, p in enumerate(named)]
-    return [Phase(i, p, terms[i], build_batch_transform(p, shape), student_of(p)) for i, p in enumerate(named)]
+    return [Phase(i, p, terms[i], build_batch_transform(p, info), student_of(p)) for i, p in enumerate(named)]

@@ -82,7 +82,7 @@ class Synthesizer:
         self.shape, self.num_classes, self.device = info.shape, info.num_classes, runtime.device
         self.pool = RingBuffer(cfg.pool_size, self.device) if cfg.pool_size else None
         self.heldout: RingBuffer | None = None  # synthetic samples no student trains on (hold_out)
-        self.augment = build_augment(cfg.augment, self.shape)
+        self.augment = build_augment(cfg.augment, self.shape, info.mean, info.std)
         self.last: Batch | None = None
 
     def sample_labels(self, n: int) -> torch.Tensor | None:
