@@ -25,12 +25,14 @@ checkpoints of its script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,7 @@ class Work:
     iters: int = 10           # iterations per epoch
     lr: float = 0.1           # student SGD, momentum 0.9, cosine to lr_min over the run
     lr_min: float = 2e-4
+    interval: str = "epoch"   # the cosine steps once an epoch (CosineAnnealingLR)
     weight_decay: float = 1e-4
     lr_g: float = 1e-3        # generator Adam, betas (0.5, 0.999)
     T: float = 1.0            # the student's KL temperature
@@ -94,6 +97,36 @@ class FastWork(Work):
     student_crop: int = 4     # the student's augmentation of replayed images (the dataset's train transform)
     student_flip: bool = True
     student_pad: str = "black"  # torchvision's RandomCrop of a PIL image pads black
+
+
+@dataclass(frozen=True)
+class CMIWork(Work):
+    """CMI as cmi_cifar.sh runs it (WRN-40-2 settings, CIFAR-10)."""
+    batch: int = 256
+    g_steps: int = 200        # inner steps of the re-initialized generator and its latents per batch
+    kd_steps: int = 400
+    epochs: int = 200
+    iters: int = 1
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    lr_g: float = 1e-3        # Adam of the generator, the latents and the contrastive head
+    T: float = 20.0
+    adv: float = 0.5          # on samples where student and teacher agree, from the start
+    bn: float = 1.0
+    oh: float = 1.0
+    cr: float = 0.8           # the contrastive term: weight, temperature, memory bank, negatives, head width
+    cr_T: float = 0.2
+    bank: int = 40960
+    negatives: int = 4096
+    head_dim: int = 256
+    labels: str = "random"
+    crop: int = 4             # the global view: crop (black padding) and flip, fixed in the code
+    flip: bool = True
+    pad: str = "black"
+    local_flip: bool = True   # the local view: a random resized crop of 25-100% of the area, flipped
+    student_crop: int = 4
+    student_flip: bool = True
+    student_pad: str = "black"
 
 
 COMMON_SHIMS = (
@@ -152,14 +185,16 @@ def _option(entry, key: str, default):
 
 def _student_overrides(work: Work) -> list[str]:
     return [f"players.student.optim.lr={work.lr}", f"players.student.optim.weight_decay={work.weight_decay}",
-            f"players.student.sched.min_lr={work.lr_min}", f"synthesis.batch_size={work.batch}",
+            f"players.student.sched.min_lr={work.lr_min}", f"players.student.sched.interval={work.interval}",
+            f"synthesis.batch_size={work.batch}",
             f"train.epochs={work.epochs}", f"train.iters_per_epoch={work.iters}"]
 
 
 def _student_work(config) -> dict:
     student, kd = config.players["student"], config.phases[1].losses["kd_kl"]
     return dict(batch=config.synthesis.batch_size, epochs=config.train.epochs, iters=config.train.iters_per_epoch,
-                lr=student.optim.lr, lr_min=student.sched.min_lr, weight_decay=student.optim.weight_decay,
+                lr=student.optim.lr, lr_min=student.sched.min_lr, interval=student.sched.interval,
+                weight_decay=student.optim.weight_decay,
                 T=float(_option(kd, "T", 1.0)), g_steps=config.phases[0].steps, kd_steps=config.phases[1].steps)
 
 
@@ -198,17 +233,8 @@ class DFQCase(Case):
             iterations=work.g_steps, lr_g=work.lr_g, synthesis_batch_size=work.batch,
             sample_batch_size=work.batch, adv=work.adv, bn=work.bn, oh=work.oh, act=0, balance=work.balance,
             criterion=KLDiv(), normalizer=Normalizer(info.mean, info.std), device="cpu")
-        optimizer, scheduler = _student_optimizer(student, work, warmup=0)
-        start = time.perf_counter()
-        for _ in range(work.epochs):
-            for _ in range(work.iters):
-                synthesizer.synthesize()
-                _train_student(student, teacher, optimizer, KLDiv(T=work.T), work.kd_steps,
-                               lambda: synthesizer.sample()[0])
-            scheduler.step()
-        seconds = time.perf_counter() - start
-        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
-                "s_per_iter": seconds / (work.epochs * work.iters)}
+        return _reference_loop(synthesizer, lambda: synthesizer.sample()[0], student, teacher, work, 0, meta,
+                               teacher_path, info)
 
 
 class FastCase(Case):
@@ -251,27 +277,18 @@ class FastCase(Case):
                         student_pad=student_augment.pad if student_augment else "mean")
 
     def drive_reference(self, code, work, teacher_path, student_name, seed):
-        import tempfile
-
-        from torchvision import transforms
-
         if (work.crop, work.flip, work.pad, work.labels, work.student_pad) != (4, True, "black", "random", "black"):
             raise SystemExit("reference.py: the reference's synthesis always crops with padding 4 (black), flips "
                              "and draws classes at random, and its student's crop pads black: crop, flip, pad, "
                              "labels and student_pad cannot be changed")
         teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
         _pool_shims()
-        from datafree.criterions import KLDiv
         from datafree.models.generator import Generator
         from datafree.synthesis import FastMetaSynthesizer
         from datafree.utils import Normalizer
 
         channels, height, _ = info.shape
-        replay = transforms.Compose([
-            transforms.RandomCrop(height, padding=work.student_crop),
-            *([transforms.RandomHorizontalFlip()] if work.student_flip else []),
-            transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-        with tempfile.TemporaryDirectory() as pool:
+        with _replay_pool(work, info) as (pool, replay):
             synthesizer = FastMetaSynthesizer(
                 teacher, student, Generator(nz=work.nz, ngf=work.ngf, img_size=height, nc=channels),
                 nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape), init_dataset=None,
@@ -279,19 +296,75 @@ class FastCase(Case):
                 synthesis_batch_size=work.batch, sample_batch_size=work.batch, iterations=work.g_steps,
                 warmup=work.warmup, lr_g=work.lr_g, lr_z=work.lr_z, adv=work.adv, bn=work.bn, oh=work.oh,
                 reset_l0=0, reset_bn=0, bn_mmt=work.bn_mmt, is_maml=1)
-            optimizer, scheduler = _student_optimizer(student, work, warmup=work.warmup)
-            start = time.perf_counter()
-            for epoch in range(work.epochs):
-                for _ in range(work.iters):
-                    synthesizer.synthesize()
-                    if epoch >= work.warmup:
-                        _train_student(student, teacher, optimizer, KLDiv(T=work.T), work.kd_steps,
-                                       synthesizer.sample)
-                if epoch >= work.warmup:
-                    scheduler.step()
-            seconds = time.perf_counter() - start
-        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
-                "s_per_iter": seconds / (work.epochs * work.iters)}
+            return _reference_loop(synthesizer, synthesizer.sample, student, teacher, work, work.warmup, meta,
+                                   teacher_path, info)
+
+
+class CMICase(Case):
+    """CMI: a generator re-initialized per batch, optimized with its latents against BN statistics,
+    the one-hot and adversarial terms and the contrastive term on two views; the best step's batch
+    enters the pool, which the student replays (datafree_kd.py --method cmi, CMISynthesizer)."""
+
+    def overrides(self, work: CMIWork) -> list[str]:
+        flag = lambda value: str(value).lower()  # noqa: E731  YAML's booleans
+        return [*_student_overrides(work),
+                f"synthesis.net.kwargs.nz={work.nz}", f"synthesis.net.kwargs.ngf={work.ngf}",
+                "synthesis.net.kwargs.output=pixels", f"synthesis.inner.lr={work.lr_g}", "synthesis.latent_lr=null",
+                f"synthesis.labels={work.labels}",
+                f"synthesis.augment={{crop_padding: {work.crop}, flip: {flag(work.flip)}, pad: {work.pad}}}",
+                f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
+                f"phases.0.losses={{adv_kl: {{weight: {work.adv}, agreement_mask: true}}, bn_stats: {work.bn}, "
+                f"onehot_ce: {{weight: {work.oh}, target: labels}}, contrastive: {{weight: {work.cr}, "
+                f"T: {work.cr_T}, bank_size: {work.bank}, negatives: {work.negatives}, dim: {work.head_dim}, "
+                f"flip: {flag(work.local_flip)}}}}}",
+                f"phases.1.augment={{crop_padding: {work.student_crop}, flip: {flag(work.student_flip)}, "
+                f"pad: {work.student_pad}}}",
+                f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
+
+    def work_of(self, config) -> CMIWork:
+        synth, losses, student_augment = config.synthesis, config.phases[0].losses, config.phases[1].augment
+        kwargs, adv, contrastive = synth.net.kwargs, losses["adv_kl"], losses["contrastive"]
+        if synth.kind != "reinit" or synth.init != "dcgan" or synth.keep != "best" \
+                or kwargs.get("output") != "pixels" or synth.latent_lr not in (None, synth.inner.lr) \
+                or not _option(adv, "agreement_mask", False) or _option(losses["onehot_ce"], "target", "") != "labels":
+            raise SystemExit(f"reference.py: {config.experiment} is not CMI's synthesis as the reference runs it "
+                             "(reinit with DCGAN's initialization, best step kept, pixels, the latents at the "
+                             "generator's lr, agreement mask, one-hot on the labels asked for)")
+        return CMIWork(**_student_work(config), nz=kwargs.get("nz", 256), ngf=kwargs.get("ngf", 64),
+                       lr_g=synth.inner.lr, adv=_weight(adv), bn=_weight(losses["bn_stats"]),
+                       oh=_weight(losses["onehot_ce"]), cr=_weight(contrastive),
+                       cr_T=float(_option(contrastive, "T", 0.2)), bank=_option(contrastive, "bank_size", 40960),
+                       negatives=_option(contrastive, "negatives", 4096), head_dim=_option(contrastive, "dim", 256),
+                       labels=synth.labels, crop=synth.augment.crop_padding, flip=synth.augment.flip,
+                       pad=synth.augment.pad, local_flip=bool(_option(contrastive, "flip", False)),
+                       student_crop=student_augment.crop_padding if student_augment else 0,
+                       student_flip=bool(student_augment and student_augment.flip),
+                       student_pad=student_augment.pad if student_augment else "mean")
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        if (work.crop, work.flip, work.pad, work.labels, work.local_flip, work.student_pad) != \
+                (4, True, "black", "random", True, "black"):
+            raise SystemExit("reference.py: the reference's CMI always crops its global view with padding 4 "
+                             "(black) and flips both views, and draws classes at random; its student's crop "
+                             "pads black: crop, flip, pad, labels, local_flip and student_pad cannot be changed")
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
+        _pool_shims()
+        from datafree.models.generator import Generator
+        from datafree.synthesis import CMISynthesizer
+        from datafree.utils import Normalizer
+
+        channels, height, _ = info.shape
+        with _replay_pool(work, info) as (pool, replay):
+            synthesizer = CMISynthesizer(
+                teacher, student, Generator(nz=work.nz, ngf=work.ngf, img_size=height, nc=channels),
+                nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape), feature_reuse=False,
+                feature_layers=None, bank_size=work.bank, n_neg=work.negatives, head_dim=work.head_dim,
+                init_dataset=None, iterations=work.g_steps, lr_g=work.lr_g, progressive_scale=False,
+                synthesis_batch_size=work.batch, sample_batch_size=work.batch, adv=work.adv, bn=work.bn,
+                oh=work.oh, cr=work.cr, cr_T=work.cr_T, save_dir=pool, transform=replay,
+                normalizer=Normalizer(info.mean, info.std), device="cpu")
+            return _reference_loop(synthesizer, synthesizer.sample, student, teacher, work, 0, meta, teacher_path,
+                                   info)
 
 
 CASES: dict[str, Case] = {
@@ -302,8 +375,14 @@ CASES: dict[str, Case] = {
                "term is the teacher against itself: zero. The reference side runs as the authors run it; "
                "dfkd keeps the paper's term.",
                "the reference's generator convolutions have no bias (each is followed by BatchNorm, "
-               "which removes a bias in training mode); dfkd's have one.",
-               "dfkd's cosine schedule steps each optimizer step, the reference's each epoch")),
+               "which removes a bias in training mode); dfkd's have one.")),
+    "cmi": CMICase(
+        reference="fast-datafree", config="datafree/cmi-digits-paper", work=CMIWork(),
+        shims=COMMON_SHIMS + POOL_SHIMS,
+        notes=("the reference's pool holds 8-bit PNG files, read back through PIL each student step; dfkd's "
+               "holds the float batches in memory",
+               "the reference sorts the classes it asks for (for its pictures); dfkd does not: the batch's "
+               "order changes no loss")),
     "fast": FastCase(
         reference="fast-datafree", config="datafree/fast-digits-paper", work=FastWork(),
         shims=COMMON_SHIMS + POOL_SHIMS,
@@ -312,8 +391,7 @@ CASES: dict[str, Case] = {
                "both sides pad their crops with black pixels, as the reference's crops of [0, 1] pixels do "
                "(dfkd's own recipes pad with the data's mean)",
                "fast_cifar.sh re-initializes the generator's first layers at epoch 120 + warm-up "
-               "(reset_l0); neither side does at these budgets",
-               "dfkd's cosine schedule steps each optimizer step, the reference's each epoch")),
+               "(reset_l0); neither side does at these budgets")),
 }
 
 
@@ -443,6 +521,40 @@ def _student_optimizer(student, work: Work, warmup: int):
     optimizer = torch.optim.SGD(student.parameters(), work.lr, weight_decay=work.weight_decay, momentum=0.9)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, work.epochs - warmup),
                                                                  eta_min=work.lr_min)
+
+
+@contextlib.contextmanager
+def _replay_pool(work: Work, info):
+    """A folder for the reference's PNG pool, removed after the run, and the student's transform of
+    the images read back from it."""
+    from torchvision import transforms
+
+    replay = transforms.Compose([
+        transforms.RandomCrop(info.shape[1], padding=work.student_crop),
+        *([transforms.RandomHorizontalFlip()] if work.student_flip else []),
+        transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    with tempfile.TemporaryDirectory() as pool:
+        yield pool, replay
+
+
+def _reference_loop(synthesizer, sample, student, teacher, work: Work, warmup: int, meta, teacher_path: str,
+                    info) -> dict:
+    """datafree_kd.py's epochs: per iteration one synthesize(), then (after the warm-up) kd_steps
+    student steps on ``sample()``; the schedule steps per epoch after the warm-up."""
+    from datafree.criterions import KLDiv
+
+    optimizer, scheduler = _student_optimizer(student, work, warmup)
+    start = time.perf_counter()
+    for epoch in range(work.epochs):
+        for _ in range(work.iters):
+            synthesizer.synthesize()
+            if epoch >= warmup:
+                _train_student(student, teacher, optimizer, KLDiv(T=work.T), work.kd_steps, sample)
+        if epoch >= warmup:
+            scheduler.step()
+    seconds = time.perf_counter() - start
+    return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
+            "s_per_iter": seconds / (work.epochs * work.iters)}
 
 
 def _train_student(student, teacher, optimizer, criterion, steps: int, sample) -> None:

@@ -117,6 +117,28 @@ def test_learning_rate_schedules():
     assert [lr_factor(step, s, 100, 0.1) for s in (0, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
 
 
+def test_an_epoch_interval_holds_the_rate_through_each_epoch_as_torchs_scheduler_stepped_per_epoch():
+    from dfkd.core.schema import OptimConfig, PlayerConfig
+    from dfkd.loop.players import Player
+
+    cfg = PlayerConfig(optim=OptimConfig(lr=0.1, momentum=0.9),
+                       sched=SchedConfig(name="cosine", min_lr=2e-4, interval="epoch"))
+    player = Player("student", cfg, torch.nn.Linear(2, 2), total_steps=40, steps_per_epoch=10)
+    reference = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=4, eta_min=2e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for epoch in range(4):
+        for _ in range(10):
+            assert player.lr == pytest.approx(reference.param_groups[0]["lr"]), epoch
+            player.step(scaler)
+        reference.step()
+        cosine.step()
+    per_step = Player("student", PlayerConfig(optim=cfg.optim, sched=SchedConfig(name="cosine", min_lr=2e-4)),
+                      torch.nn.Linear(2, 2), total_steps=40, steps_per_epoch=10)
+    per_step.step(scaler)
+    assert per_step.lr < 0.1 and player.lr != per_step.lr  # the default changes the rate every step
+
+
 def test_summary_is_written(tmp_path):
     engine = Engine(teacher_config(tmp_path, "train.epochs=1", "train.iters_per_epoch=3"))
     engine.fit()

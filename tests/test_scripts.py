@@ -383,8 +383,23 @@ def test_reference_fast_case_reads_back_every_setting_of_fast_dfkds_synthesis(mo
         reference.check_equal_work(case, work, "teacher.pt")
 
 
+def test_reference_cmi_case_reads_back_the_contrastive_terms_settings(monkeypatch):
+    case = reference.CASES["cmi"]
+    work = reference.CMIWork(batch=16, g_steps=3, kd_steps=2, epochs=2, bank=64, negatives=8, head_dim=32, cr_T=0.5)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "synthesis.latent_lr=null" in overrides  # CMI's latents share the generator's Adam and its lr
+    # the digits recipe asks for balanced classes and flips no digit; its floor was 0 before the benchmark's 2e-4
+    assert reference.shipped_differences(case, "teacher.pt") == [
+        "labels: 'balanced' vs 'random'", "flip: False vs True", "local_flip: False vs True",
+        "student_flip: False vs True"]
+    monkeypatch.setattr(reference.CMICase, "overrides", lambda self, w: [*overrides, "synthesis.keep=last"])
+    with pytest.raises(SystemExit, match="not CMI's synthesis as the reference runs it"):
+        reference.check_equal_work(case, work, "teacher.pt")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, extra, expect", [
+    ("cmi", ["--set", "g_steps=2", "kd_steps=2", "bank=64", "negatives=8"], ["sorts the classes", "8-bit PNG"]),
     ("dfq", [], ["differs from the reference's settings in: nothing", "student=teacher"]),
     ("fast", ["--set", "warmup=1", "g_steps=2", "kd_steps=2"], ["num_workers=0", "8-bit PNG"]),
 ])

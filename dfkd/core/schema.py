@@ -61,6 +61,9 @@ class SchedConfig:
     milestones: list[float] = field(default_factory=list)  # multistep: fractions of the run, e.g. [0.5, 0.75]
     gamma: float = 0.1                  # multistep: the factor at each milestone
     min_lr: float = 0.0                 # cosine floor
+    # step: the rate changes after every optimizer step; epoch: it is held through each epoch the player
+    # trains in, as torch's schedulers stepped once an epoch (the references' CosineAnnealingLR) hold it
+    interval: Literal["step", "epoch"] = "step"
 
 
 @dataclass

@@ -171,8 +171,8 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
     training_iters = max(0, total_iters - config.synthesis.warmup_epochs * iters_per_epoch)
 
     def player(name: str, pc: PlayerConfig, module: nn.Module) -> Player:
-        steps = training_iters * sum(p.steps for p in phases if name == p.player or name in p.also)
-        return Player(name, pc, runtime.prepare(module), steps)
+        per_iter = sum(p.steps for p in phases if name == p.player or name in p.also)
+        return Player(name, pc, runtime.prepare(module), training_iters * per_iter, iters_per_epoch * per_iter)
 
     # networks first, then the taps on them, then what is sized by what the taps see
     players = {name: player(name, pc, _create_model(pc, config, info, modality, student_shape) if pc.kind == "model"

@@ -22,7 +22,7 @@ class Player:
     """A trained network with its optimizer, learning-rate schedule and, optionally, an
     exponential moving average of its weights."""
 
-    def __init__(self, name: str, cfg: PlayerConfig, module: nn.Module, total_steps: int):
+    def __init__(self, name: str, cfg: PlayerConfig, module: nn.Module, total_steps: int, steps_per_epoch: int = 1):
         self.name, self.cfg, self.module = name, cfg, module
         self.kind = cfg.kind
         self.ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
@@ -30,6 +30,7 @@ class Player:
         # a generator's average runs in train mode, as generators do (batch statistics in its last BN)
         self.ema = copy.deepcopy(module).train(cfg.kind == "generator").requires_grad_(False) if cfg.ema else None
         self.total_steps = max(1, total_steps)
+        self.steps_per_epoch = max(1, steps_per_epoch)  # of the epochs it trains in
         self.steps = 0
         self._apply_lr()
 
@@ -51,7 +52,11 @@ class Player:
                 avg.copy_(live)
 
     def _apply_lr(self) -> None:
-        factor = lr_factor(self.cfg.sched, self.steps, self.total_steps, self.cfg.optim.lr)
+        if self.cfg.sched.interval == "epoch":  # the epoch's index of the epochs it trains in
+            step, total = self.steps // self.steps_per_epoch, -(-self.total_steps // self.steps_per_epoch)
+        else:
+            step, total = self.steps, self.total_steps
+        factor = lr_factor(self.cfg.sched, step, total, self.cfg.optim.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optim.lr * factor
 
