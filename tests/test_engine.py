@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -105,6 +106,29 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         assert safe_load(engine.run_dir / "ckpt" / "last.pt")["step"] == 2  # the epoch-1 state is intact
     finally:
         LOSSES._items.pop("test_nan_after_3")
+
+
+def test_flush_finite_check_reads_flags_at_log_time_and_names_the_term(tmp_path):
+    @register("test_nan_after_5")
+    def nan_after(ctx):
+        nan_after.calls = getattr(nan_after, "calls", 0) + 1
+        return ctx.student_logits.mean() * 0 + (float("nan") if nan_after.calls > 5 else 0.0)
+
+    try:  # iterations 0-7, epochs of 4: the NaN from iteration 5 on is read at iteration 7, before it is saved
+        engine = Engine(teacher_config(tmp_path, "train.epochs=2", "train.iters_per_epoch=4", "train.log_every=4",
+                                       "runtime.finite_check=flush",
+                                       "phases.0.losses={ce: 1.0, test_nan_after_5: 1.0}"))
+        assert engine.runtime.finite_check == "flush"
+        with pytest.raises(DivergenceError) as err:
+            engine.fit()
+        msg = str(err.value)
+        assert msg.startswith("iteration 7, phase 'model': loss test_nan_after_5 was not finite at an iteration "
+                              "from 4 on"), msg
+        assert safe_load(engine.run_dir / "ckpt" / "last.pt")["step"] == 4
+        assert all(math.isfinite(v) for row in read_metrics(engine.run_dir) for v in row.values()
+                   if isinstance(v, float))
+    finally:
+        LOSSES._items.pop("test_nan_after_5")
 
 
 def test_learning_rate_schedules():

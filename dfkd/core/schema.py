@@ -255,6 +255,10 @@ class RuntimeConfig:
     num_threads: Optional[int] = None       # torch intra-op threads on CPU; None: torch's default
     progress: Union[bool, Literal["auto"]] = "auto"        # auto: a bar only on an interactive terminal
     deterministic: bool = False         # torch.use_deterministic_algorithms
+    # non-finite losses: step checks each phase step before its update (the host waits for the device each
+    # time); flush keeps flags on the device, read once at the iterations that log or end an epoch (a
+    # divergence is then caught a few steps late, before anything is saved); auto: step on CPU, flush elsewhere
+    finite_check: Literal["auto", "step", "flush"] = "auto"
     rendezvous_timeout_s: float = 300.0     # under torchrun: how long to wait for every rank to join
 
 

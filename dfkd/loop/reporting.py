@@ -46,6 +46,19 @@ DESCRIPTIONS = {
                                "log(classes): 1 when every class is equally present, 0 when one class is.",
 }
 
+
+def averages(pending: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """The mean of each tag's values, read from each device in one transfer (one wait for it)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for tag, values in pending.items():
+        if values:
+            by_device.setdefault(values[0].device, []).append(tag)
+    out = {}
+    for tags in by_device.values():
+        means = torch.stack([torch.stack(pending[tag]).float().mean() for tag in tags]).tolist()
+        out.update(zip(tags, means))
+    return {tag: out[tag] for tag in pending if tag in out}
+
 class Reporter:
     def __init__(self, run, logger: MetricLogger):
         self.logger, self.info, self.runtime, self.teachers, self.modality = \
@@ -292,7 +305,7 @@ class Reporter:
     def flush(self, step: int, extra: dict[str, float], synthetic: torch.Tensor | None = None) -> None:
         """The averages since the last flush, ``extra`` scalars beside them, and what the teacher
         makes of the latest ``synthetic`` batch."""
-        values = {k: float(torch.stack(v).mean()) for k, v in self.pending.items() if v}
+        values = averages(self.pending)
         values.update(extra)
         self.remember(synthetic)
         if synthetic is not None and self.teachers.first is not None:

@@ -104,6 +104,9 @@ class Runtime:
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.channels_last = (self.device.type == "cuda" or synthesis) if cfg.channels_last == "auto" \
             else cfg.channels_last
+        # on CPU reading a flag costs nothing; on an accelerator it stalls the queue of launched work
+        self.finite_check = cfg.finite_check if cfg.finite_check != "auto" else \
+            "step" if self.device.type == "cpu" else "flush"
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -193,9 +193,10 @@ class PerBatchSynthesizer(Synthesizer):
             optimizer.step()
             self.after_step()
             after_backward()
-            # CMI keeps the best batch of the inner loop, the others the last one
-            value = loss.item()
-            if self.cfg.keep == "last" or value < best_loss:
+            # CMI keeps the best batch of the inner loop (reading the loss waits for the device), the others
+            # the last one
+            value = loss.item() if self.cfg.keep == "best" else None
+            if value is None or value < best_loss:
                 best, best_loss = images.detach(), value
                 self.kept()
                 on_keep()
