@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 DEFAULT_CACHE = os.path.expanduser("~/.cache/dfkd/reference")
 REFERENCES = {  # name -> (where it is published, the commit measured)
     "fast-datafree": ("https://github.com/zju-vipa/Fast-Datafree", "0dcecbc178b87048bedf730acb577045b3c0b57a"),
+    "dfad": ("https://github.com/VainF/Data-Free-Adversarial-Distillation", "c161591aae4c13e53943dcb61c162876421aad7a"),
 }
 
 
@@ -129,12 +130,28 @@ class CMIWork(Work):
     student_pad: str = "black"
 
 
+@dataclass(frozen=True)
+class DFADWork(Work):
+    """DFAD as run_mnist.sh runs DFAD_mnist.py: per iteration kd_steps student steps on fresh batches
+    (mean L1 between logits), then g_steps generator steps (-L1); no schedule on either."""
+    batch: int = 512
+    nz: int = 100
+    g_steps: int = 1
+    kd_steps: int = 5
+    epochs: int = 40
+    iters: int = 50
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    lr_g: float = 1e-3        # generator Adam with torch's default betas (0.9, 0.999)
+    sched: str = "constant"   # both players' schedules
+
+
 COMMON_SHIMS = (
     "termcolor (its logger's colours, unused here) is a stub module",
     "torchvision.models.utils (moved in newer torchvision) points to torch.hub's load_state_dict_from_url",
     "the teacher is dfkd's network from the model file, wrapped so that teacher(x, return_features=True) "
     "also returns its embedding (a forward hook on its classifier's input)",
-    "device: CPU (the reference script's args.gpu=None path) with --threads torch threads",
+    "device: CPU (the scripts' CPU path) with --threads torch threads",
     "evaluated once, after training, on the test split through dfkd's reader (the script evaluates "
     "CIFAR each epoch)",
     "the loop of datafree_kd.py's main() and train() re-typed without its evaluator, logger and "
@@ -367,6 +384,70 @@ class CMICase(Case):
                                    info)
 
 
+class DFADCase(Case):
+    """DFAD: the student's L1 steps on fresh generator batches, then the generator's step against
+    it (VainF's DFAD_mnist.py). Its teacher and student have no BatchNorm (teacher/lenet5-nobn-digits)."""
+
+    student_kwargs = {"batchnorm": False}
+
+    def overrides(self, work: DFADWork) -> list[str]:
+        return [f"players.student.optim.lr={work.lr}", f"players.student.optim.weight_decay={work.weight_decay}",
+                f"players.student.sched.name={work.sched}", f"players.generator.sched.name={work.sched}",
+                f"synthesis.batch_size={work.batch}", f"train.epochs={work.epochs}",
+                f"train.iters_per_epoch={work.iters}", f"players.generator.net.kwargs.nz={work.nz}",
+                f"players.generator.net.kwargs.ngf={work.ngf}", "players.generator.net.kwargs.output=bn",
+                "players.generator.net.kwargs.native_size=null", f"players.generator.optim.lr={work.lr_g}",
+                "players.generator.optim.betas=[0.9, 0.999]", f"phases.0.steps={work.kd_steps}",
+                f"phases.1.steps={work.g_steps}", "phases.0.losses={l1_logits: 1.0}",
+                "phases.1.losses={adv_l1: 1.0}"]
+
+    def work_of(self, config) -> DFADWork:
+        student, generator = config.players["student"], config.players["generator"]
+        kwargs, phases = generator.net.kwargs, config.phases
+        if [p.player for p in phases] != ["student", "generator"] or any(p.batch != "fresh" for p in phases) \
+                or set(phases[0].losses) != {"l1_logits"} or set(phases[1].losses) != {"adv_l1"} \
+                or kwargs.get("output", "bn") != "bn" or kwargs.get("native_size") is not None \
+                or tuple(generator.optim.betas) != (0.9, 0.999) or student.sched.name != generator.sched.name:
+            raise SystemExit(f"reference.py: {config.experiment} is not DFAD's loop as the reference runs it "
+                             "(student L1 steps then the generator's -L1 step on fresh batches; tanh and "
+                             "BatchNorm output at full size; Adam's default betas; one schedule for both)")
+        return DFADWork(batch=config.synthesis.batch_size, nz=kwargs.get("nz", 100), ngf=kwargs.get("ngf", 64),
+                        g_steps=phases[1].steps, kd_steps=phases[0].steps, epochs=config.train.epochs,
+                        iters=config.train.iters_per_epoch, lr=student.optim.lr,
+                        weight_decay=student.optim.weight_decay, lr_g=generator.optim.lr, sched=student.sched.name)
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import types
+
+        import torch
+
+        if work.sched != "constant":
+            raise SystemExit("reference.py: DFAD_mnist.py as run_mnist.sh runs it has no schedule: sched "
+                             "cannot be changed")
+        if (work.kd_steps, work.g_steps) != (5, 1):
+            raise SystemExit("reference.py: DFAD_mnist.py's train() takes 5 student steps and 1 generator "
+                             "step an iteration: kd_steps and g_steps cannot be changed")
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed,
+                                                        self.student_kwargs)
+        import DFAD_mnist
+        from network.gan import GeneratorA
+
+        channels, height, _ = info.shape
+        generator = GeneratorA(nz=work.nz, ngf=work.ngf, nc=channels, img_size=height)
+        optimizers = [torch.optim.SGD(student.parameters(), lr=work.lr, weight_decay=work.weight_decay,
+                                      momentum=0.9),
+                      torch.optim.Adam(generator.parameters(), lr=work.lr_g)]
+        args = types.SimpleNamespace(epoch_itrs=work.iters, batch_size=work.batch, nz=work.nz, verbose=False,
+                                     log_interval=10)
+        start = time.perf_counter()
+        for epoch in range(1, work.epochs + 1):
+            DFAD_mnist.train(args, teacher=teacher.network, student=student, generator=generator,
+                             device=torch.device("cpu"), optimizer=optimizers, epoch=epoch)
+        seconds = time.perf_counter() - start
+        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
+                "s_per_iter": seconds / (work.epochs * work.iters)}
+
+
 CASES: dict[str, Case] = {
     "dfq": DFQCase(
         reference="fast-datafree", config="datafree/dfq-digits-paper", work=DFQWork(),
@@ -383,6 +464,15 @@ CASES: dict[str, Case] = {
                "holds the float batches in memory",
                "the reference sorts the classes it asks for (for its pictures); dfkd does not: the batch's "
                "order changes no loss")),
+    "dfad": DFADCase(
+        reference="dfad", config="datafree/dfad-digits-paper", work=DFADWork(),
+        shims=("visdom (its plotter, unused here) is a stub module", COMMON_SHIMS[1], COMMON_SHIMS[3],
+               "the teacher is dfkd's BatchNorm-free LeNet-5 from the model file, the student dfkd's "
+               "BatchNorm-free LeNet-5-half (the script's own LeNets have the same layers)",
+               "DFAD_mnist.py's train() is called as it is, per epoch, with its arguments as a namespace; "
+               "evaluated once, after training, on the test split through dfkd's reader (the script "
+               "evaluates MNIST each epoch)"),
+        notes=("the reference draws its latents as (N, nz, 1, 1) and flattens them; dfkd draws (N, nz)",)),
     "fast": FastCase(
         reference="fast-datafree", config="datafree/fast-digits-paper", work=FastWork(),
         shims=COMMON_SHIMS + POOL_SHIMS,
@@ -448,7 +538,10 @@ def _stub_modules() -> None:
     termcolor.colored = lambda text, *args, **kwargs: text
     moved = types.ModuleType("torchvision.models.utils")
     moved.load_state_dict_from_url = torch.hub.load_state_dict_from_url
+    visdom = types.ModuleType("visdom")
+    visdom.Visdom = type("Visdom", (), {})
     sys.modules.setdefault("termcolor", termcolor)
+    sys.modules.setdefault("visdom", visdom)
     sys.modules.setdefault("torchvision.models.utils", moved)
 
 
@@ -480,7 +573,7 @@ def _pool_shims() -> None:
     utils.save_image_batch = save_image_batch
 
 
-def _reference_setup(code: Path, teacher_path: str, student_name: str, seed: int):
+def _reference_setup(code: Path, teacher_path: str, student_name: str, seed: int, student_kwargs: dict | None = None):
     """Seeds, the reference's package on the path, the teacher wrapped as it calls teachers, and
     the student: ``(teacher, student, info, meta)``."""
     import random
@@ -511,7 +604,7 @@ def _reference_setup(code: Path, teacher_path: str, student_name: str, seed: int
             logits = self.network(x)
             return (logits, self.features) if return_features else logits
 
-    student = create_model(student_name, info.shape[0], info.num_classes, info.shape[1])
+    student = create_model(student_name, info.shape[0], info.num_classes, info.shape[1], **(student_kwargs or {}))
     return WithFeatures(net).eval(), student, info, meta
 
 

@@ -397,9 +397,23 @@ def test_reference_cmi_case_reads_back_the_contrastive_terms_settings(monkeypatc
         reference.check_equal_work(case, work, "teacher.pt")
 
 
+def test_reference_dfad_case_is_the_scripts_loop_and_refuses_what_it_cannot_change(monkeypatch):
+    case = reference.CASES["dfad"]
+    work = reference.DFADWork(batch=16, epochs=1, iters=2, lr=0.05)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "players.generator.optim.betas=[0.9, 0.999]" in overrides and "players.student.optim.lr=0.05" in overrides
+    assert reference.shipped_differences(case, "teacher.pt") == []
+    with pytest.raises(SystemExit, match="kd_steps and g_steps cannot be changed"):
+        case.drive_reference(Path("."), reference.DFADWork(kd_steps=3), "teacher.pt", "lenet5_half", 0)
+    monkeypatch.setattr(reference.DFADCase, "overrides", lambda self, w: [*overrides, "phases.0.losses={l1_logits: 1.0, kd_kl: 1.0}"])
+    with pytest.raises(SystemExit, match="not DFAD's loop as the reference runs it"):
+        reference.check_equal_work(case, work, "teacher.pt")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, extra, expect", [
     ("cmi", ["--set", "g_steps=2", "kd_steps=2", "bank=64", "negatives=8"], ["sorts the classes", "8-bit PNG"]),
+    ("dfad", [], ["visdom", "train() is called as it is"]),
     ("dfq", [], ["differs from the reference's settings in: nothing", "student=teacher"]),
     ("fast", ["--set", "warmup=1", "g_steps=2", "kd_steps=2"], ["num_workers=0", "8-bit PNG"]),
 ])
@@ -421,6 +435,6 @@ def test_reference_runs_beside_dfkd_at_a_tiny_budget(case, extra, expect, digits
     out = capsys.readouterr().out
     assert "shims:" in out and all(text in out for text in expect)
     row = json.loads((tmp_path / "out" / f"{case}.jsonl").read_text())
-    assert row["work"]["batch"] == 16 and row["commit"] == reference.REFERENCES["fast-datafree"][1]
+    assert row["work"]["batch"] == 16 and row["commit"] == reference.REFERENCES[name][1]
     for side in ("dfkd", "reference"):
         assert 0 <= row[side]["final_acc"] <= 100 and row[side]["s_per_iter"] > 0
