@@ -10,6 +10,7 @@ from dfkd.loop.engine import Engine
 from dfkd.methods.synthesis.base import build_generator
 from dfkd_base.errors import ConfigError, ShapeError, UnknownNameError
 from generators import GENERATORS, ConditionalGenerator, DCGANGenerator, DeepDCGANGenerator, create_generator
+from generators.layers import UpsampleConv2d
 
 SHAPES = [(1, 28, 28), (1, 32, 32), (3, 32, 32)]
 
@@ -28,8 +29,37 @@ def test_deep_generator_output_shape(img_shape):
     generator = create_generator("dcgan_deep", nz=16, img_shape=img_shape, ngf=8)
     assert isinstance(generator, DeepDCGANGenerator)
     assert generator(torch.randn(2, 16)).shape == (2, *img_shape)
-    ups = [m for m in generator.modules() if isinstance(m, torch.nn.Upsample)]
+    ups = [m for m in generator.modules() if isinstance(m, UpsampleConv2d)]
     assert len(ups) == 3
+
+
+def test_fused_upsample_conv_is_nearest_upsampling_then_the_3x3_convolution():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    layer = UpsampleConv2d(6, 4)
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), layer.weight, layer.bias, padding=1)
+    got = layer(x)
+    assert got.shape == (3, 4, 10, 14) and torch.allclose(got, expected, atol=1e-5)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad((expected * upstream).sum(), (x, layer.weight, layer.bias))
+    for ours, theirs in zip(torch.autograd.grad((got * upstream).sum(), (x, layer.weight, layer.bias)), grads):
+        assert torch.allclose(ours, theirs, atol=1e-4)
+    channels_last = layer(x.detach().contiguous(memory_format=torch.channels_last))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(channels_last, expected, atol=1e-5)
+
+
+def test_generators_load_the_state_of_the_upsample_then_conv_layout():
+    # the layout before the fused layer: Upsample (no state) then Conv2d at the same index
+    torch.manual_seed(0)
+    generator = create_generator("dcgan", nz=16, img_shape=(1, 32, 32), ngf=8)
+    old = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(16, 16, 3, padding=1))
+    state = {f"blocks.{1 + int(k.split('.')[0])}.{k.split('.')[1]}": v for k, v in old.state_dict().items()}
+    generator.load_state_dict({**generator.state_dict(), **state})
+    features = torch.randn(2, 16, 8, 8)
+    assert torch.allclose(generator.blocks[1:3](features), old(features), atol=1e-5)
 
 
 def test_registry_and_flags():
