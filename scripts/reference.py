@@ -215,6 +215,21 @@ def _student_work(config) -> dict:
                 T=float(_option(kd, "T", 1.0)), g_steps=config.phases[0].steps, kd_steps=config.phases[1].steps)
 
 
+def _augment_settings(config) -> dict:
+    """The synthesis augmentation's and the student replay's settings of a pool-based config."""
+    synth, replay = config.synthesis.augment, config.phases[1].augment
+    return dict(labels=config.synthesis.labels, crop=synth.crop_padding, flip=synth.flip, pad=synth.pad,
+                student_crop=replay.crop_padding if replay else 0, student_flip=bool(replay and replay.flip),
+                student_pad=replay.pad if replay else "mean")
+
+
+def _fixed(work: Work, why: str, **expected) -> None:
+    """Stops when ``work`` asks the reference for settings its code fixes."""
+    wrong = [name for name, value in expected.items() if getattr(work, name) != value]
+    if wrong:
+        raise SystemExit(f"reference.py: {why}: {', '.join(wrong)} cannot be changed")
+
+
 class DFQCase(Case):
     """DFQ: a generator trained each iteration against the teacher's BN statistics, then the
     student on fresh batches of it (datafree_kd.py --method dfq)."""
@@ -275,9 +290,8 @@ class FastCase(Case):
                 f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
 
     def work_of(self, config) -> FastWork:
-        synth, losses, student_phase = config.synthesis, config.phases[0].losses, config.phases[1]
+        synth, losses = config.synthesis, config.phases[0].losses
         kwargs, adv = synth.net.kwargs, losses["adv_kl"]
-        student_augment = student_phase.augment
         if synth.kind != "meta" or synth.meta != "fomaml" or kwargs.get("output") != "pixels" \
                 or not _option(adv, "agreement_mask", False) or _option(losses["onehot_ce"], "target", "") != "labels" \
                 or abs(synth.outer.lr - synth.inner.lr * config.phases[0].steps) > 1e-12:
@@ -287,17 +301,12 @@ class FastCase(Case):
         return FastWork(**_student_work(config), nz=kwargs.get("nz", 256), ngf=kwargs.get("ngf", 64),
                         lr_g=synth.inner.lr, lr_z=synth.latent_lr, adv=_weight(adv), bn=_weight(losses["bn_stats"]),
                         oh=_weight(losses["onehot_ce"]), bn_mmt=float(_option(losses["bn_stats"], "momentum", 0.0)),
-                        warmup=synth.warmup_epochs, labels=synth.labels, crop=synth.augment.crop_padding,
-                        flip=synth.augment.flip, pad=synth.augment.pad,
-                        student_crop=student_augment.crop_padding if student_augment else 0,
-                        student_flip=bool(student_augment and student_augment.flip),
-                        student_pad=student_augment.pad if student_augment else "mean")
+                        warmup=synth.warmup_epochs, **_augment_settings(config))
 
     def drive_reference(self, code, work, teacher_path, student_name, seed):
-        if (work.crop, work.flip, work.pad, work.labels, work.student_pad) != (4, True, "black", "random", "black"):
-            raise SystemExit("reference.py: the reference's synthesis always crops with padding 4 (black), flips "
-                             "and draws classes at random, and its student's crop pads black: crop, flip, pad, "
-                             "labels and student_pad cannot be changed")
+        _fixed(work, "the reference's synthesis always crops with padding 4 (black), flips and draws classes "
+                     "at random, and its student's crop pads black", crop=4, flip=True, pad="black", labels="random",
+               student_pad="black")
         teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
         _pool_shims()
         from datafree.models.generator import Generator
@@ -339,7 +348,7 @@ class CMICase(Case):
                 f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
 
     def work_of(self, config) -> CMIWork:
-        synth, losses, student_augment = config.synthesis, config.phases[0].losses, config.phases[1].augment
+        synth, losses = config.synthesis, config.phases[0].losses
         kwargs, adv, contrastive = synth.net.kwargs, losses["adv_kl"], losses["contrastive"]
         if synth.kind != "reinit" or synth.init != "dcgan" or synth.keep != "best" \
                 or kwargs.get("output") != "pixels" or synth.latent_lr not in (None, synth.inner.lr) \
@@ -352,18 +361,12 @@ class CMICase(Case):
                        oh=_weight(losses["onehot_ce"]), cr=_weight(contrastive),
                        cr_T=float(_option(contrastive, "T", 0.2)), bank=_option(contrastive, "bank_size", 40960),
                        negatives=_option(contrastive, "negatives", 4096), head_dim=_option(contrastive, "dim", 256),
-                       labels=synth.labels, crop=synth.augment.crop_padding, flip=synth.augment.flip,
-                       pad=synth.augment.pad, local_flip=bool(_option(contrastive, "flip", False)),
-                       student_crop=student_augment.crop_padding if student_augment else 0,
-                       student_flip=bool(student_augment and student_augment.flip),
-                       student_pad=student_augment.pad if student_augment else "mean")
+                       local_flip=bool(_option(contrastive, "flip", False)), **_augment_settings(config))
 
     def drive_reference(self, code, work, teacher_path, student_name, seed):
-        if (work.crop, work.flip, work.pad, work.labels, work.local_flip, work.student_pad) != \
-                (4, True, "black", "random", True, "black"):
-            raise SystemExit("reference.py: the reference's CMI always crops its global view with padding 4 "
-                             "(black) and flips both views, and draws classes at random; its student's crop "
-                             "pads black: crop, flip, pad, labels, local_flip and student_pad cannot be changed")
+        _fixed(work, "the reference's CMI always crops its global view with padding 4 (black), flips both views "
+                     "and draws classes at random, and its student's crop pads black", crop=4, flip=True,
+               pad="black", labels="random", local_flip=True, student_pad="black")
         teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
         _pool_shims()
         from datafree.models.generator import Generator
@@ -421,12 +424,8 @@ class DFADCase(Case):
 
         import torch
 
-        if work.sched != "constant":
-            raise SystemExit("reference.py: DFAD_mnist.py as run_mnist.sh runs it has no schedule: sched "
-                             "cannot be changed")
-        if (work.kd_steps, work.g_steps) != (5, 1):
-            raise SystemExit("reference.py: DFAD_mnist.py's train() takes 5 student steps and 1 generator "
-                             "step an iteration: kd_steps and g_steps cannot be changed")
+        _fixed(work, "DFAD_mnist.py as run_mnist.sh runs it has no schedule, and its train() takes 5 student "
+                     "steps and 1 generator step an iteration", sched="constant", kd_steps=5, g_steps=1)
         teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed,
                                                         self.student_kwargs)
         import DFAD_mnist
