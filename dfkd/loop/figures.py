@@ -6,6 +6,7 @@ card (350 px wide by default): 350-450 px, few columns, large type.
 """
 from __future__ import annotations
 
+import functools
 import io
 import textwrap
 from typing import Sequence
@@ -49,12 +50,21 @@ def short(name: str, length: int = 14) -> str:
     return name if len(name) <= length else name[: length - 1] + "…"
 
 
+@functools.lru_cache(maxsize=None)
+def colormap(name: str | None = None):
+    """The colormap ``name`` (default: matplotlib's), resolved once: ``imshow`` given a name copies the
+    colormap at every call (3 ms each), most of the time of a grid of 100 small pictures."""
+    import matplotlib
+
+    return matplotlib.colormaps[name or matplotlib.rcParams["image.cmap"]]
+
+
 def _picture(axes, image: torch.Tensor, cmap: str | None = None) -> None:
     """One (C, H, W) image in [0, 1] (or an (H, W) map) without ticks or frame."""
     x = image.detach().float().cpu().clamp(0, 1)
     if x.dim() == 3:  # one channel grey, three in colour, any other count: its first channel
         x = x.permute(1, 2, 0) if x.shape[0] == 3 else x[0]
-    axes.imshow(x.numpy(), cmap=cmap or ("gray" if x.dim() == 2 else None), vmin=0, vmax=1,
+    axes.imshow(x.numpy(), cmap=colormap(cmap or ("gray" if x.dim() == 2 else None)), vmin=0, vmax=1,
                 interpolation="nearest")
     axes.set_xticks([]), axes.set_yticks([])
     for spine in axes.spines.values():
@@ -103,7 +113,7 @@ def confusion(matrix: torch.Tensor, names: Sequence[str], title: str) -> Figure:
     figure = _figure(5.6, 5.4, left=0.27 if long else 0.14, bottom=_bottom(names))
     axes = figure.add_subplot()
     rows = matrix.float() / matrix.sum(1, keepdim=True).clamp_min(1)
-    shown = axes.imshow((100 * rows).numpy(), cmap="Blues", vmin=0, vmax=100)
+    shown = axes.imshow((100 * rows).numpy(), cmap=colormap("Blues"), vmin=0, vmax=100)
     ticks = list(range(len(names)))
     _class_ticks(axes, names)
     axes.set_yticks(ticks, [short(n, 10) for n in names], fontsize=FONT - 2)
@@ -167,7 +177,8 @@ def table(cells: Sequence[Sequence], title: str, row_labels: Sequence[str] | Non
             if picture is None:
                 continue
             left = label_w + pad + c * (cell + pad)
-            axes.imshow(_rgb(picture), extent=(left, left + cell, top + cell, top), interpolation="nearest")
+            axes.imshow(_rgb(picture), extent=(left, left + cell, top + cell, top), interpolation="nearest",
+                        cmap=colormap())
             if captions and captions[r][c]:
                 axes.text(left + cell / 2, top + cell + 2, captions[r][c], ha="center", va="top",
                           fontsize=FONT - 2, linespacing=1.0)
