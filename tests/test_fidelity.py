@@ -262,6 +262,24 @@ def test_paper_recipes_exist_for_both_datasets():
         assert load_config(f"datafree/{method}-fmnist-paper").data.name == "fashion-mnist"
 
 
+# ---------------------------------------------------------------- ZSKT
+def test_zskt_student_runs_in_train_mode_in_the_generators_step(teacher, tmp_path):
+    # ZSKT's solver never puts its student in eval mode: its BatchNorm normalizes the generator's
+    # batch with that batch's statistics and updates its running ones. dfkd's inactive players run
+    # in eval mode unless a phase names them in train_mode.
+    def student_bn_after_generator_phase(config):
+        engine = engine_for(config, teacher, tmp_path, *shrunk("zskt" if "zskt" in config else "dfq"))
+        bn = next(m for m in engine.players["student"].module.modules() if isinstance(m, nn.BatchNorm2d))
+        before = bn.running_mean.clone()
+        engine.run_phase(engine.phases[0])
+        return not torch.equal(before, bn.running_mean)
+
+    assert student_bn_after_generator_phase("datafree/zskt-digits-paper")
+    assert not student_bn_after_generator_phase("datafree/dfq-digits-paper")  # the benchmark's DFQ: eval
+    with pytest.raises(ConfigError, match="phases.0.train_mode: 'critic' is not another player"):
+        engine_for("datafree/zskt-digits-paper", teacher, tmp_path, "phases.0.train_mode=[critic]")
+
+
 # ---------------------------------------------------------------- NAYER
 def test_nayer_generator_draws_its_variety_from_the_noisy_layer_not_from_latents():
     torch.manual_seed(0)

@@ -185,6 +185,9 @@ class PhaseConfig:
     losses: dict[str, Any] = field(default_factory=dict) # term: weight, or term: {weight, params} (loss terms page)
     name: Optional[str] = None          # defaults to the player's name; used in log tags
     also: list[str] = field(default_factory=list)  # more players updated by this phase's loss, in one backward
+    # players not updated here that still run in train mode (BatchNorm on the batch's statistics, its running
+    # ones updated), as ZSKT's student in the generator's step; the others run in eval mode
+    train_mode: list[str] = field(default_factory=list)
     epochs: Optional[list[int]] = None  # [first, last) epochs in which the phase runs (stages); None: all
     augment: Optional[AugmentConfig] = None # this phase's view of its batches
     mixup: float = 0.0                  # Beta(α, α) mixing of each image with another of the batch; 0: off

@@ -158,10 +158,11 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
         elif phase.player not in config.players:
             v.fail(f"phases.{i}.player", f"phases.{i}.player '{phase.player}' is not a player "
                                          f"(players: {', '.join(config.players) or 'none'})")
-        for other in phase.also:
-            if other not in config.players or other == phase.player:
-                v.fail(f"phases.{i}.also", f"phases.{i}.also: '{other}' is not another player "
-                                           f"(players: {', '.join(config.players) or 'none'})")
+        for key in ("also", "train_mode"):
+            for other in getattr(phase, key):
+                if other not in config.players or other == phase.player:
+                    v.fail(f"phases.{i}.{key}", f"phases.{i}.{key}: '{other}' is not another player "
+                                                f"(players: {', '.join(config.players) or 'none'})")
         if phase.steps < 1:
             v.fail(f"phases.{i}.steps", f"phases.{i}.steps must be >= 1, got {phase.steps}")
         if not phase.losses:

@@ -182,7 +182,7 @@ class Engine:
         updated = [player] + [self.players[name] for name in phase.also]
         t0 = time.perf_counter()
         for _ in range(phase.steps):
-            with self.players.training(phase.trains):
+            with self.players.training(phase.trains, phase.config.train_mode):
                 phase.zero_term_grads()
                 batch = self.next_batch(phase)
                 if phase.transform is not None:

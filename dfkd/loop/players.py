@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -123,10 +123,11 @@ class Players(Mapping[str, Player]):
         return player.ddp if player.ddp is not None and name in self.active else player.module
 
     @contextlib.contextmanager
-    def training(self, active: set[str]):
+    def training(self, active: set[str], train_mode: Iterable[str] = ()):
         """During a phase only the ``active`` players' parameters take gradients (saving the
-        backward work for the others) and only they are in train mode; generators always stay in
-        train mode because their last BatchNorm normalizes with batch statistics by design."""
+        backward work for the others) and only they, and those named in ``train_mode``, are in
+        train mode; generators always stay in train mode because their last BatchNorm normalizes
+        with batch statistics by design."""
         self.active = set(active)
         saved = {}
         for name, player in self._players.items():
@@ -134,7 +135,7 @@ class Players(Mapping[str, Player]):
             for p in player.module.parameters():
                 saved[p] = p.requires_grad
                 p.requires_grad_(is_active and saved[p])
-            player.module.train(is_active or player.kind == "generator")
+            player.module.train(is_active or player.kind == "generator" or name in train_mode)
         try:
             yield
         finally:
