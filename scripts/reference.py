@@ -43,6 +43,7 @@ DEFAULT_CACHE = os.path.expanduser("~/.cache/dfkd/reference")
 REFERENCES = {  # name -> (where it is published, the commit measured)
     "fast-datafree": ("https://github.com/zju-vipa/Fast-Datafree", "0dcecbc178b87048bedf730acb577045b3c0b57a"),
     "dfad": ("https://github.com/VainF/Data-Free-Adversarial-Distillation", "c161591aae4c13e53943dcb61c162876421aad7a"),
+    "zskt": ("https://github.com/polo5/ZeroShotKnowledgeTransfer", "e24915d713672554800372c777c9014e3399e13b"),
 }
 
 
@@ -144,6 +145,26 @@ class DFADWork(Work):
     weight_decay: float = 1e-4
     lr_g: float = 1e-3        # generator Adam with torch's default betas (0.9, 0.999)
     sched: str = "constant"   # both players' schedules
+
+
+@dataclass(frozen=True)
+class ZSKTWork(Work):
+    """ZSKT as scripts/ZeroShot runs main.py (CIFAR-10, WRN-16-2 -> WRN-16-1): per pseudo batch one
+    generator step (-KL), then kd_steps student steps on the same latents (KL + attention transfer).
+    One iteration an epoch, so that both sides' cosines step once an iteration, as the solver's do."""
+    batch: int = 128
+    nz: int = 100
+    g_steps: int = 1
+    kd_steps: int = 10
+    epochs: int = 80000       # total_n_pseudo_batches
+    iters: int = 1
+    lr: float = 2e-3          # the student's Adam (default betas), cosine to 0
+    lr_min: float = 0.0
+    weight_decay: float = 0.0
+    lr_g: float = 1e-3        # the generator's Adam, cosine to 0
+    beta: float = 250.0       # attention transfer's weight
+    at_layers: str = "relu1,relu2"  # the activations paired, tapped on both sides by these module paths
+    grad_clip: float = 5.0
 
 
 COMMON_SHIMS = (
@@ -447,6 +468,110 @@ class DFADCase(Case):
                 "s_per_iter": seconds / (work.epochs * work.iters)}
 
 
+class ZSKTCase(Case):
+    """ZSKT: polo5's ZeroShotKTSolver.run() as it is, with dfkd's networks in place of its models."""
+
+    def overrides(self, work: ZSKTWork) -> list[str]:
+        pairs = ", ".join(f"[{name}, {name}]" for name in work.at_layers.split(","))
+        players = []
+        for name, lr in (("student", work.lr), ("generator", work.lr_g)):
+            players += [f"players.{name}.optim.name=adam", f"players.{name}.optim.lr={lr}",
+                        f"players.{name}.optim.betas=[0.9, 0.999]", f"players.{name}.optim.grad_clip={work.grad_clip}",
+                        f"players.{name}.sched.name=cosine", f"players.{name}.sched.min_lr={work.lr_min}",
+                        f"players.{name}.sched.interval={work.interval}"]
+        return [*players, f"players.student.optim.weight_decay={work.weight_decay}",
+                f"synthesis.batch_size={work.batch}", f"train.epochs={work.epochs}",
+                f"train.iters_per_epoch={work.iters}", f"players.generator.net.kwargs.nz={work.nz}",
+                f"players.generator.net.kwargs.ngf={work.ngf}", "players.generator.net.kwargs.output=affine_bn",
+                "players.generator.net.kwargs.native_size=null", f"phases.0.steps={work.g_steps}",
+                f"phases.1.steps={work.kd_steps}", "phases.0.train_mode=[student]",
+                f"phases.0.losses={{adv_kl: {{weight: 1.0, reduction: mean, T: {work.T}}}}}",
+                f"phases.1.losses={{kd_kl: {{weight: 1.0, reduction: mean, T: {work.T}}}, "
+                f"attention: {{weight: {work.beta}, pairs: [{pairs}]}}}}"]
+
+    def work_of(self, config) -> ZSKTWork:
+        student, generator, phases = config.players["student"], config.players["generator"], config.phases
+        kwargs, kd, at = generator.net.kwargs, phases[1].losses.get("kd_kl"), phases[1].losses.get("attention")
+        adv = phases[0].losses.get("adv_kl")
+        same = [(p.optim.name, tuple(p.optim.betas), p.optim.grad_clip, p.sched.name, p.sched.min_lr, p.sched.interval)
+                for p in (student, generator)]
+        if [p.player for p in phases] != ["generator", "student"] or [p.batch for p in phases] != \
+                ["fresh", "regenerated"] or "student" not in phases[0].train_mode or adv is None or kd is None \
+                or at is None or _option(adv, "reduction", "") != "mean" or _option(kd, "reduction", "") != "mean" \
+                or kwargs.get("output") != "affine_bn" or kwargs.get("native_size") is not None \
+                or same[0] != same[1] or same[0][:2] != ("adam", (0.9, 0.999)) or same[0][3] != "cosine" \
+                or _option(adv, "T", 1.0) != _option(kd, "T", 1.0):
+            raise SystemExit(f"reference.py: {config.experiment} is not ZSKT's loop as the reference runs it "
+                             "(the generator's -KL step with the student in train mode, then student steps on "
+                             "the regenerated batch; KL with mean reduction; Adam and a cosine for both)")
+        pairs = _option(at, "pairs", [])
+        return ZSKTWork(batch=config.synthesis.batch_size, nz=kwargs.get("nz", 100), ngf=kwargs.get("ngf", 64),
+                        g_steps=phases[0].steps, kd_steps=phases[1].steps, epochs=config.train.epochs,
+                        iters=config.train.iters_per_epoch, lr=student.optim.lr, lr_min=same[0][4],
+                        interval=same[0][5], weight_decay=student.optim.weight_decay, lr_g=generator.optim.lr,
+                        T=float(_option(kd, "T", 1.0)), beta=_weight(at),
+                        at_layers=",".join(s for s, t in pairs if s == t) if all(s == t for s, t in pairs) else "",
+                        grad_clip=same[0][2])
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import types
+
+        import torch
+        from torch import nn
+
+        _fixed(work, "ZSKT's solver builds a 128/64-channel generator, clips gradients at 5, steps its cosines "
+                     "once a pseudo batch to 0 and has no weight decay", ngf=64, grad_clip=5.0, iters=1,
+               interval="epoch", lr_min=0.0, weight_decay=0.0)
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
+        logger = types.ModuleType("utils.logger")
+        logger.Logger = type("Logger", (), {"__init__": lambda self, log_dir: None})
+        sys.modules["utils.logger"] = logger
+        import models.generator
+        import solver
+        import utils.loaders
+        from dfkd.nets.taps import resolve_module
+
+        layers = work.at_layers.split(",")
+
+        class WithActivations(nn.Module):  # network(x) -> (logits, *activations at ``layers``)
+            def __init__(self, network):
+                super().__init__()
+                self.network, self.seen = network, {}
+                for name in layers:
+                    resolve_module(network, name).register_forward_hook(
+                        lambda module, inputs, output, name=name: self.seen.__setitem__(name, output))
+
+            def forward(self, x):
+                return (self.network(x), *(self.seen[name] for name in layers))
+
+        channels = info.shape[0]
+
+        class Generator(models.generator.Generator):  # the teacher's channels, not CIFAR's three
+            def __init__(self, z_dim):
+                super().__init__(z_dim)
+                self.layers[11], self.layers[12] = nn.Conv2d(64, channels, 3, 1, 1), nn.BatchNorm2d(channels)
+
+        utils.loaders.Generator = Generator
+        nets = {True: WithActivations(teacher.network), False: WithActivations(student)}
+        solver.select_model = lambda dataset, model_name, pretrained, pretrained_models_path: nets[pretrained]
+        solver.get_test_loader = lambda args: []  # evaluated below, on dfkd's reader of the test split
+        total = work.epochs * work.iters
+        with tempfile.TemporaryDirectory() as logs:
+            args = types.SimpleNamespace(
+                dataset="digits", teacher_architecture="dfkd", student_architecture="dfkd", batch_size=work.batch,
+                z_dim=work.nz, device=torch.device("cpu"),
+                n_generator_iter=work.g_steps, n_student_iter=work.kd_steps, generator_learning_rate=work.lr_g,
+                student_learning_rate=work.lr, total_n_pseudo_batches=total, KL_temperature=work.T,
+                AT_beta=work.beta, log_directory_path=logs, save_model_path=logs, experiment_name="zskt",
+                use_gpu=False, log_freq=total + 1, save_n_checkpoints=0, save_final_model=False,
+                pretrained_models_path=None)
+            runner = solver.ZeroShotKTSolver(args)
+            start = time.perf_counter()
+            runner.run()
+            seconds = time.perf_counter() - start
+        return {"final_acc": _test_accuracy(student, meta, teacher_path, info), "s_per_iter": seconds / total}
+
+
 CASES: dict[str, Case] = {
     "dfq": DFQCase(
         reference="fast-datafree", config="datafree/dfq-digits-paper", work=DFQWork(),
@@ -472,6 +597,21 @@ CASES: dict[str, Case] = {
                "evaluated once, after training, on the test split through dfkd's reader (the script "
                "evaluates MNIST each epoch)"),
         notes=("the reference draws its latents as (N, nz, 1, 1) and flattens them; dfkd draws (N, nz)",)),
+    "zskt": ZSKTCase(
+        reference="zskt", config="datafree/zskt-digits-paper", work=ZSKTWork(),
+        shims=("utils.logger (its TensorFlow summary writer) is a stub: the log interval is past the run's end, "
+               "so the solver logs and saves nothing", COMMON_SHIMS[3],
+               "select_model gives dfkd's teacher and student, each returning (logits, *activations) at the "
+               "layers dfkd's attention term pairs (the code's LeNet returns its two convolutions' outputs)",
+               "its Generator's last convolution and BatchNorm have the teacher's channels (the code "
+               "hard-codes CIFAR's three)",
+               "ZeroShotKTSolver.run() is called as it is; evaluated once, after training, on the test split "
+               "through dfkd's reader (its test loader is empty)"),
+        notes=("the solver computes the teacher's logits once per pseudo batch (the ten student steps see the "
+               "same images); dfkd computes them at each step: the same values, nine more teacher forwards",
+               "the solver regenerates its batch with gradients at every student step, so each student "
+               "backward runs through the generator too (gradients the generator's step zeroes first); dfkd "
+               "regenerates it detached")),
     "fast": FastCase(
         reference="fast-datafree", config="datafree/fast-digits-paper", work=FastWork(),
         shims=COMMON_SHIMS + POOL_SHIMS,
@@ -524,6 +664,9 @@ def checkout(name: str, cache: Path, source: str | None) -> Path:
     if not (folder / ".git").exists():
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "-q", "--no-checkout", source or url, str(folder)], check=True)
+        # the code, without pictures and notebooks (a mirror may lack their blobs)
+        subprocess.run(["git", "-C", str(folder), "sparse-checkout", "set", "--no-cone", "/*", "!*.gif", "!*.png",
+                        "!*.jpg", "!*.pdf", "!*.ipynb"], check=True)
     subprocess.run(["git", "-C", str(folder), "checkout", "-q", commit], check=True)
     return folder
 

@@ -410,10 +410,27 @@ def test_reference_dfad_case_is_the_scripts_loop_and_refuses_what_it_cannot_chan
         reference.check_equal_work(case, work, "teacher.pt")
 
 
+def test_reference_zskt_case_pairs_the_attention_layers_and_the_students_train_mode(monkeypatch):
+    case = reference.CASES["zskt"]
+    work = reference.ZSKTWork(batch=16, epochs=3, kd_steps=2, beta=100.0)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "phases.0.train_mode=[student]" in overrides
+    assert "phases.1.losses={kd_kl: {weight: 1.0, reduction: mean, T: 1.0}, attention: {weight: 100.0, " \
+           "pairs: [[relu1, relu1], [relu2, relu2]]}}" in overrides
+    # the shipped recipe's 400 iterations an epoch: its cosine steps each student step, not once an iteration
+    assert reference.shipped_differences(case, "teacher.pt") == ["interval: 'step' vs 'epoch'"]
+    with pytest.raises(SystemExit, match="grad_clip cannot be changed"):
+        case.drive_reference(Path("."), reference.ZSKTWork(grad_clip=1.0), "teacher.pt", "lenet5_half", 0)
+    monkeypatch.setattr(reference.ZSKTCase, "overrides", lambda self, w: [*overrides, "phases.0.train_mode=[]"])
+    with pytest.raises(SystemExit, match="not ZSKT's loop as the reference runs it"):
+        reference.check_equal_work(case, work, "teacher.pt")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, extra, expect", [
     ("cmi", ["--set", "g_steps=2", "kd_steps=2", "bank=64", "negatives=8"], ["sorts the classes", "8-bit PNG"]),
     ("dfad", [], ["visdom", "train() is called as it is"]),
+    ("zskt", ["--set", "kd_steps=2"], ["ZeroShotKTSolver.run() is called as it is"]),
     ("dfq", [], ["differs from the reference's settings in: nothing", "student=teacher"]),
     ("fast", ["--set", "warmup=1", "g_steps=2", "kd_steps=2"], ["num_workers=0", "8-bit PNG"]),
 ])
