@@ -180,7 +180,9 @@ def test_throughput_counts_the_work_of_one_iteration(tmp_path, capsys):
     assert small["synthetic_images_per_s"] * small["seconds_per_iter"] == pytest.approx(11 * 8)
     # convolutions and matrix products scale with the batch; set-up work (the generator's shape
     # check, the teacher's probe) would break the proportion if it were counted
-    assert small["tflops_per_iter"] > 0 and large["tflops_per_iter"] == pytest.approx(2 * small["tflops_per_iter"])
+    # the generator folds its kernels once a forward, whatever the batch: not quite twice the work
+    assert small["tflops_per_iter"] > 0 and large["tflops_per_iter"] == pytest.approx(2 * small["tflops_per_iter"],
+                                                                                      rel=0.01)
     assert small["flop_floor_fraction"] == pytest.approx(small["achieved_tflops"] / 2)
     assert large["flop_floor_fraction"] is None and large["peak_source"] == "no peak known for a CPU"
     assert "FLOP-floor fraction not computed" in capsys.readouterr().out

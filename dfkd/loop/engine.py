@@ -28,6 +28,7 @@ from dfkd.data.batch import Batch
 from dfkd.loop.build import build_run
 from dfkd.loop.callbacks import Callback
 from dfkd.loop.context import Services, StepContext
+from dfkd.loop.finite import FiniteCheck
 from dfkd.loop.evaluation import evaluate, held_out_agreement
 from dfkd.loop.phases import Phase
 from dfkd.loop.reporting import Reporter
@@ -58,10 +59,7 @@ class Engine:
         self.scaler = run.runtime.grad_scaler()
         self.progress = Progress()
         self.last_batch: Batch | None = None  # what a 'same' phase reuses
-        # with runtime.finite_check=flush: per (phase, its terms and total), whether every value since
-        # the last check was finite, kept on the device
-        self.finite_flags: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
-        self.checked_at = 0
+        self.finite = FiniteCheck(self.runtime.finite_check)
 
         resume_state = None
         if resume is not None:  # the state is read and restored before anything of the folder is written
@@ -127,41 +125,10 @@ class Engine:
         terms = [t for t in phase.terms if epoch >= t.from_epoch]
         values = {t.name: t(ctx) for t in terms}
         total = sum(t.weight * values[t.name] for t in terms)
-        if self.runtime.finite_check == "flush":
-            key = (phase.name, (*values, "total"))
-            flags = torch.isfinite(torch.stack([*(v.detach().float() for v in values.values()), total.detach().float()]))
-            seen = self.finite_flags.get(key)
-            self.finite_flags[key] = flags if seen is None else seen & flags
-        else:
-            finite = torch.isfinite(total.detach()).float()
-            if world_size() > 1:  # every rank must take the same branch, or the next collective hangs
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if not finite:
-                bad = [k for k, v in values.items() if not torch.isfinite(v)]
-                raise self.diverged(f"phase '{phase.name}': loss {', '.join(bad) or 'total'} is "
-                                    f"{float(total.detach())}")
+        if problem := self.finite.step(phase.name, values, total):
+            raise self.diverged(problem)
         self.reporter.add_losses(phase.name, {**{k: v.detach() for k, v in values.items()}, "total": total.detach()})
         return total
-
-    def check_finite(self) -> None:
-        """With ``runtime.finite_check=flush``: the flags since the last check, read in one transfer; a
-        loss that was not finite raises the divergence, naming its phase and terms."""
-        keys, flags = list(self.finite_flags), self.finite_flags.values()
-        self.finite_flags, since, self.checked_at = {}, self.checked_at, self.step + 1
-        if not keys:
-            return
-        finite = torch.cat(list(flags)).float()
-        if world_size() > 1:  # every rank must take the same branch, or the next collective hangs
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        finite, offset = finite.tolist(), 0
-        for phase, names in keys:
-            bad = [name for name, ok in zip(names, finite[offset:offset + len(names)]) if not ok]
-            offset += len(names)
-            if bad:
-                named = [name for name in bad if name != "total"] or bad
-                raise self.diverged(f"phase '{phase}': loss {', '.join(named)} was not finite at an iteration "
-                                    f"from {since} on (runtime.finite_check=flush reads it every log_every "
-                                    "iterations)")
 
     def run_phase(self, phase: Phase) -> None:
         """All of a phase's steps in this iteration."""
@@ -226,8 +193,9 @@ class Engine:
                         if phase.runs_in(epoch) and (not warming_up or phase.player == SYNTHESIZER):
                             self.run_phase(phase)
                     done = self.step + 1  # before what this iteration logs and saves, its losses are checked
-                    if done % tc.log_every == 0 or done % self.iters_per_epoch == 0 or done == self.total_iters:
-                        self.check_finite()
+                    due = done % tc.log_every == 0 or done % self.iters_per_epoch == 0 or done == self.total_iters
+                    if due and (problem := self.finite.read(self.step)):
+                        raise self.diverged(problem)
                 except DivergenceError as exc:
                     self._roll_back(exc)
                     continue
@@ -273,7 +241,7 @@ class Engine:
         self.progress.set_wall(wall)
         seed_everything(self.config.seed + rank() + 1000 * self.rollbacks)  # the same draws would diverge again
         self.reporter.pending.clear()
-        self.finite_flags, self.checked_at = {}, self.step
+        self.finite.reset(self.step)
         self.logger.scalars(self.step, {"nan/rollbacks": self.rollbacks})
         message = f"{exc}; rolled back to iteration {self.step} ({self.rollbacks}/{tc.max_rollbacks})"
         self.logger.text(self.step, "nan/rollback", message)
