@@ -22,16 +22,17 @@ class UpsampleConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
+        # moves with the module, and is not saved: checkpoints hold only the 3x3 kernel and bias
+        self.register_buffer("fold", torch.tensor(_FOLD), persistent=False)
 
     def transposed_weight(self) -> torch.Tensor:
         """(in, out, 4, 4): the kernel of the equivalent transposed convolution."""
-        fold = torch.tensor(_FOLD, dtype=self.weight.dtype, device=self.weight.device)
+        fold = self.fold.to(self.weight.dtype)
         return torch.einsum("ay,oiyx,bx->ioab", fold, self.weight, fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.transposed_weight()
-        if self.weight.dim() == 4 and self.weight.is_contiguous(memory_format=torch.channels_last) \
-                and not self.weight.is_contiguous():
+        if self.weight.is_contiguous(memory_format=torch.channels_last) and not self.weight.is_contiguous():
             # a module in channels_last runs its transposed convolution so too (oneDNN's fast path on CPU)
             weight, x = (t.contiguous(memory_format=torch.channels_last) for t in (weight, x))
         return F.conv_transpose2d(x, weight, self.bias, stride=2, padding=1)

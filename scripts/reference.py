@@ -328,23 +328,18 @@ class FastCase(Case):
         _fixed(work, "the reference's synthesis always crops with padding 4 (black), flips and draws classes "
                      "at random, and its student's crop pads black", crop=4, flip=True, pad="black", labels="random",
                student_pad="black")
-        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
-        _pool_shims()
-        from datafree.models.generator import Generator
-        from datafree.synthesis import FastMetaSynthesizer
-        from datafree.utils import Normalizer
 
-        channels, height, _ = info.shape
-        with _replay_pool(work, info) as (pool, replay):
-            synthesizer = FastMetaSynthesizer(
-                teacher, student, Generator(nz=work.nz, ngf=work.ngf, img_size=height, nc=channels),
-                nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape), init_dataset=None,
-                save_dir=pool, device="cpu", transform=replay, normalizer=Normalizer(info.mean, info.std),
+        def make(teacher, student, generator, info, pool, replay, normalizer):
+            from datafree.synthesis import FastMetaSynthesizer
+
+            return FastMetaSynthesizer(
+                teacher, student, generator, nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape),
+                init_dataset=None, save_dir=pool, device="cpu", transform=replay, normalizer=normalizer,
                 synthesis_batch_size=work.batch, sample_batch_size=work.batch, iterations=work.g_steps,
                 warmup=work.warmup, lr_g=work.lr_g, lr_z=work.lr_z, adv=work.adv, bn=work.bn, oh=work.oh,
                 reset_l0=0, reset_bn=0, bn_mmt=work.bn_mmt, is_maml=1)
-            return _reference_loop(synthesizer, synthesizer.sample, student, teacher, work, work.warmup, meta,
-                                   teacher_path, info)
+
+        return _drive_pool(code, work, teacher_path, student_name, seed, work.warmup, make)
 
 
 class CMICase(Case):
@@ -388,24 +383,19 @@ class CMICase(Case):
         _fixed(work, "the reference's CMI always crops its global view with padding 4 (black), flips both views "
                      "and draws classes at random, and its student's crop pads black", crop=4, flip=True,
                pad="black", labels="random", local_flip=True, student_pad="black")
-        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
-        _pool_shims()
-        from datafree.models.generator import Generator
-        from datafree.synthesis import CMISynthesizer
-        from datafree.utils import Normalizer
 
-        channels, height, _ = info.shape
-        with _replay_pool(work, info) as (pool, replay):
-            synthesizer = CMISynthesizer(
-                teacher, student, Generator(nz=work.nz, ngf=work.ngf, img_size=height, nc=channels),
-                nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape), feature_reuse=False,
-                feature_layers=None, bank_size=work.bank, n_neg=work.negatives, head_dim=work.head_dim,
-                init_dataset=None, iterations=work.g_steps, lr_g=work.lr_g, progressive_scale=False,
-                synthesis_batch_size=work.batch, sample_batch_size=work.batch, adv=work.adv, bn=work.bn,
-                oh=work.oh, cr=work.cr, cr_T=work.cr_T, save_dir=pool, transform=replay,
-                normalizer=Normalizer(info.mean, info.std), device="cpu")
-            return _reference_loop(synthesizer, synthesizer.sample, student, teacher, work, 0, meta, teacher_path,
-                                   info)
+        def make(teacher, student, generator, info, pool, replay, normalizer):
+            from datafree.synthesis import CMISynthesizer
+
+            return CMISynthesizer(
+                teacher, student, generator, nz=work.nz, num_classes=info.num_classes, img_size=tuple(info.shape),
+                feature_reuse=False, feature_layers=None, bank_size=work.bank, n_neg=work.negatives,
+                head_dim=work.head_dim, init_dataset=None, iterations=work.g_steps, lr_g=work.lr_g,
+                progressive_scale=False, synthesis_batch_size=work.batch, sample_batch_size=work.batch,
+                adv=work.adv, bn=work.bn, oh=work.oh, cr=work.cr, cr_T=work.cr_T, save_dir=pool, transform=replay,
+                normalizer=normalizer, device="cpu")
+
+        return _drive_pool(code, work, teacher_path, student_name, seed, 0, make)
 
 
 class DFADCase(Case):
@@ -756,6 +746,21 @@ def _student_optimizer(student, work: Work, warmup: int):
     optimizer = torch.optim.SGD(student.parameters(), work.lr, weight_decay=work.weight_decay, momentum=0.9)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, work.epochs - warmup),
                                                                  eta_min=work.lr_min)
+
+
+def _drive_pool(code: Path, work: Work, teacher_path: str, student_name: str, seed: int, warmup: int, make) -> dict:
+    """A pool-based synthesizer of the benchmark, ``make(teacher, student, generator, info, pool, replay,
+    normalizer)``, on its Generator and a temporary PNG pool, driven by datafree_kd.py's loop."""
+    teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
+    _pool_shims()
+    from datafree.models.generator import Generator
+    from datafree.utils import Normalizer
+
+    generator = Generator(nz=work.nz, ngf=work.ngf, img_size=info.shape[1], nc=info.shape[0])
+    with _replay_pool(work, info) as (pool, replay):
+        synthesizer = make(teacher, student, generator, info, pool, replay, Normalizer(info.mean, info.std))
+        return _reference_loop(synthesizer, synthesizer.sample, student, teacher, work, warmup, meta, teacher_path,
+                               info)
 
 
 @contextlib.contextmanager

@@ -366,6 +366,13 @@ def test_reference_gives_dfkd_the_reference_work_and_stops_when_a_setting_would_
         reference.check_equal_work(case, work, "teacher.pt")
 
 
+def assert_refused(monkeypatch, case, work, overrides: list[str], extra: str, match: str) -> None:
+    """dfkd's side given ``extra`` beyond the case's overrides no longer does the reference's work: refused."""
+    monkeypatch.setattr(type(case), "overrides", lambda self, w: [*overrides, extra])
+    with pytest.raises(SystemExit, match=match):
+        reference.check_equal_work(case, work, "teacher.pt")
+
+
 def test_reference_fast_case_reads_back_every_setting_of_fast_dfkds_synthesis(monkeypatch):
     case = reference.CASES["fast"]
     work = reference.FastWork(batch=32, g_steps=3, kd_steps=7, epochs=4, warmup=1, lr_z=0.02, bn_mmt=0.5)
@@ -379,10 +386,8 @@ def test_reference_fast_case_reads_back_every_setting_of_fast_dfkds_synthesis(mo
     # the shipped digits recipe asks for balanced classes and does not flip digits (on purpose)
     assert reference.shipped_differences(case, "teacher.pt") == [
         "labels: 'balanced' vs 'random'", "flip: False vs True", "student_flip: False vs True"]
-    monkeypatch.setattr(reference.FastCase, "overrides",
-                        lambda self, w: [*overrides, "phases.0.losses.adv_kl.agreement_mask=false"])
-    with pytest.raises(SystemExit, match="not Fast-DFKD's synthesis as the reference runs it"):
-        reference.check_equal_work(case, work, "teacher.pt")
+    assert_refused(monkeypatch, case, work, overrides, "phases.0.losses.adv_kl.agreement_mask=false",
+                   "not Fast-DFKD's synthesis as the reference runs it")
 
 
 def test_reference_cmi_case_reads_back_the_contrastive_terms_settings(monkeypatch):
@@ -394,9 +399,8 @@ def test_reference_cmi_case_reads_back_the_contrastive_terms_settings(monkeypatc
     assert reference.shipped_differences(case, "teacher.pt") == [
         "labels: 'balanced' vs 'random'", "flip: False vs True", "local_flip: False vs True",
         "student_flip: False vs True"]
-    monkeypatch.setattr(reference.CMICase, "overrides", lambda self, w: [*overrides, "synthesis.keep=last"])
-    with pytest.raises(SystemExit, match="not CMI's synthesis as the reference runs it"):
-        reference.check_equal_work(case, work, "teacher.pt")
+    assert_refused(monkeypatch, case, work, overrides, "synthesis.keep=last",
+                   "not CMI's synthesis as the reference runs it")
 
 
 def test_reference_dfad_case_is_the_scripts_loop_and_refuses_what_it_cannot_change(monkeypatch):
@@ -407,9 +411,8 @@ def test_reference_dfad_case_is_the_scripts_loop_and_refuses_what_it_cannot_chan
     assert reference.shipped_differences(case, "teacher.pt") == []
     with pytest.raises(SystemExit, match="an iteration: kd_steps cannot be changed"):
         case.drive_reference(Path("."), reference.DFADWork(kd_steps=3), "teacher.pt", "lenet5_half", 0)
-    monkeypatch.setattr(reference.DFADCase, "overrides", lambda self, w: [*overrides, "phases.0.losses={l1_logits: 1.0, kd_kl: 1.0}"])
-    with pytest.raises(SystemExit, match="not DFAD's loop as the reference runs it"):
-        reference.check_equal_work(case, work, "teacher.pt")
+    assert_refused(monkeypatch, case, work, overrides, "phases.0.losses={l1_logits: 1.0, kd_kl: 1.0}",
+                   "not DFAD's loop as the reference runs it")
 
 
 def test_reference_zskt_case_pairs_the_attention_layers_and_the_students_train_mode(monkeypatch):
@@ -423,9 +426,8 @@ def test_reference_zskt_case_pairs_the_attention_layers_and_the_students_train_m
     assert reference.shipped_differences(case, "teacher.pt") == ["interval: 'step' vs 'epoch'"]
     with pytest.raises(SystemExit, match="grad_clip cannot be changed"):
         case.drive_reference(Path("."), reference.ZSKTWork(grad_clip=1.0), "teacher.pt", "lenet5_half", 0)
-    monkeypatch.setattr(reference.ZSKTCase, "overrides", lambda self, w: [*overrides, "phases.0.train_mode=[]"])
-    with pytest.raises(SystemExit, match="not ZSKT's loop as the reference runs it"):
-        reference.check_equal_work(case, work, "teacher.pt")
+    assert_refused(monkeypatch, case, work, overrides, "phases.0.train_mode=[]",
+                   "not ZSKT's loop as the reference runs it")
 
 
 @pytest.mark.slow

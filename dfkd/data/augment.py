@@ -31,14 +31,17 @@ def build_augment(cfg: AugmentConfig, shape: tuple[int, int, int], mean: tuple[f
     # pads with black pixels
     black = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, -1, 1, 1) \
         if cfg.crop_padding and cfg.pad == "black" else None
+    black_here = None
 
     def augment(x: torch.Tensor) -> torch.Tensor:
         if cfg.jitter:  # DeepInversion's random roll, the same shift for the whole batch
             dx, dy = (int(v) for v in torch.randint(-cfg.jitter, cfg.jitter + 1, (2,)))
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
         if black is not None:
-            shift = black.to(x.device, x.dtype)
-            x = kornia_ops(x - shift) + shift
+            nonlocal black_here  # moved to the batch's device and dtype once, not at every step
+            if black_here is None or (black_here.device, black_here.dtype) != (x.device, x.dtype):
+                black_here = black.to(x.device, x.dtype)
+            x = kornia_ops(x - black_here) + black_here
         elif ops:
             x = kornia_ops(x)
         if cfg.brightness or cfg.contrast:

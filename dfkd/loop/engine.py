@@ -28,8 +28,8 @@ from dfkd.data.batch import Batch
 from dfkd.loop.build import build_run
 from dfkd.loop.callbacks import Callback
 from dfkd.loop.context import Services, StepContext
-from dfkd.loop.finite import FiniteCheck
 from dfkd.loop.evaluation import evaluate, held_out_agreement
+from dfkd.loop.finite import FiniteCheck
 from dfkd.loop.phases import Phase
 from dfkd.loop.reporting import Reporter
 from dfkd.loop.runtime import broadcast_from_rank0, seed_everything

@@ -59,6 +59,7 @@ def averages(pending: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         out.update(zip(tags, means))
     return {tag: out[tag] for tag in pending if tag in out}
 
+
 class Reporter:
     def __init__(self, run, logger: MetricLogger):
         self.logger, self.info, self.runtime, self.teachers, self.modality = \
