@@ -191,6 +191,10 @@ POOL_SHIMS = (
 )
 
 
+POOL_NOTE = ("the reference's pool holds 8-bit PNG files, read back through PIL each student step; dfkd's holds "
+             "the float batches in memory")
+
+
 @dataclass(frozen=True)
 class Case:
     """A method's pair: dfkd's config and the reference's code, given one :class:`Work`."""
@@ -574,8 +578,7 @@ CASES: dict[str, Case] = {
     "cmi": CMICase(
         reference="fast-datafree", config="datafree/cmi-digits-paper", work=CMIWork(),
         shims=COMMON_SHIMS + POOL_SHIMS,
-        notes=("the reference's pool holds 8-bit PNG files, read back through PIL each student step; dfkd's "
-               "holds the float batches in memory",
+        notes=(POOL_NOTE,
                "the reference sorts the classes it asks for (for its pictures); dfkd does not: the batch's "
                "order changes no loss")),
     "dfad": DFADCase(
@@ -605,8 +608,7 @@ CASES: dict[str, Case] = {
     "fast": FastCase(
         reference="fast-datafree", config="datafree/fast-digits-paper", work=FastWork(),
         shims=COMMON_SHIMS + POOL_SHIMS,
-        notes=("the reference's pool holds 8-bit PNG files, read back through PIL each student step; dfkd's "
-               "holds the float batches in memory",
+        notes=(POOL_NOTE,
                "both sides pad their crops with black pixels, as the reference's crops of [0, 1] pixels do "
                "(dfkd's own recipes pad with the data's mean)",
                "fast_cifar.sh re-initializes the generator's first layers at epoch 120 + warm-up "
