@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 import re
@@ -7,9 +8,9 @@ import torch
 
 from dfkd.core.checkpoint import safe_load
 from dfkd.core.config import load_config
-from dfkd.core.optim import lr_factor
+from dfkd.core.optim import build_optimizer, lr_factor
 from dfkd.core.runs import read_metrics
-from dfkd.core.schema import SchedConfig
+from dfkd.core.schema import OptimConfig, SchedConfig
 from dfkd.loop.engine import DivergenceError, Engine
 from dfkd.methods.losses.base import LOSSES, register
 from dfkd.nets.arch import load_model
@@ -139,6 +140,30 @@ def test_learning_rate_schedules():
     assert lr_factor(cos, 110, 110, 0.1) == pytest.approx(0.0)
     step = SchedConfig(name="multistep", milestones=[0.5, 0.75], gamma=0.1)
     assert [lr_factor(step, s, 100, 0.1) for s in (0, 50, 80)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("cfg", [OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True),
+                                 OptimConfig(name="adam", lr=0.01, betas=[0.5, 0.999], weight_decay=1e-4),
+                                 OptimConfig(name="adamw", lr=0.01, weight_decay=0.05)])
+def test_optimizers_update_all_tensors_at_once_with_the_per_tensor_loops_values(cfg):
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32, 3, 3), torch.randn(64), torch.randn(10, 256)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    finals = {}
+    for foreach in (True, False):
+        params = [t.clone().requires_grad_() for t in start]
+        optimizer = build_optimizer(params, cfg)
+        if not foreach:  # the loop torch runs on CPU by default
+            accepted = inspect.signature(type(optimizer)).parameters
+            optimizer = type(optimizer)(params, **{k: v for k, v in optimizer.defaults.items() if k in accepted and k != "foreach"},
+                                        foreach=False)
+        assert optimizer.defaults["foreach"] is foreach
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+        finals[foreach] = params
+    assert all(torch.equal(a, b) for a, b in zip(finals[True], finals[False]))
 
 
 def test_an_epoch_interval_holds_the_rate_through_each_epoch_as_torchs_scheduler_stepped_per_epoch():

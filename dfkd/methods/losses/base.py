@@ -103,7 +103,7 @@ class Term(nn.Module):
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The optimizer of its trainable parameters, at its phase's learning rate."""
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), foreach=True)
 
 
 class FunctionTerm(Term):

@@ -67,7 +67,7 @@ class Contrastive(Term):
         self.head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, self.dim))
 
     def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, foreach=True)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(features.float()).float(), dim=1)
@@ -177,7 +177,7 @@ class ContrastiveRepresentation(Term):
         self.labels, self._others = labels.to(device), None
 
     def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, foreach=True)
 
     def sample_negatives(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, negatives) indices of training samples of other classes than each row's, uniformly."""
