@@ -9,7 +9,7 @@ import torch
 
 from dfkd.core.registries import SYNTHESIZERS
 from dfkd.core.schema import NetConfig
-from dfkd.methods.synthesis.base import PerBatchOptions, PerBatchSynthesizer, build_generator
+from dfkd.methods.synthesis.base import PerBatchOptions, PerBatchSynthesizer
 from dfkd.methods.synthesis.reinit import reset_parameters
 
 
@@ -32,7 +32,7 @@ class NoisyLayerSynthesis(PerBatchSynthesizer):
     def __init__(self, cfg, info, runtime):
         super().__init__(cfg, info, runtime)
         net = dataclasses.replace(cfg.net, kwargs={"batch_size": cfg.batch_size, **cfg.net.kwargs})
-        self.generator = build_generator(net, info, self.device)
+        self.generator = self.build_generator(net, info)
         self.batches = 0
 
     def sample_labels(self, n: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from dfkd.core.registries import SYNTHESIZERS
 from dfkd.core.schema import NetConfig
-from dfkd.methods.synthesis.base import PerBatchOptions, PerBatchSynthesizer, build_generator, default_generator
+from dfkd.methods.synthesis.base import PerBatchOptions, PerBatchSynthesizer, default_generator
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ReinitGenerator(PerBatchSynthesizer):
 
     def __init__(self, cfg, info, runtime):
         super().__init__(cfg, info, runtime)
-        self.generator = build_generator(cfg.net, info, self.device)
+        self.generator = self.build_generator(cfg.net, info)
 
     def variables(self, n, labels):
         (reset_dcgan if self.cfg.init == "dcgan" else reset_parameters)(self.generator)

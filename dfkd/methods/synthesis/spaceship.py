@@ -11,7 +11,7 @@ from dfkd.core.registries import SYNTHESIZERS
 from dfkd.core.schema import NetConfig
 from dfkd.data.batch import Batch
 from dfkd.methods.ring_buffer import RingBuffer
-from dfkd.methods.synthesis.base import PerBatchOptions, PerBatchSynthesizer, build_generator, default_generator
+from dfkd.methods.synthesis.base import PerBatchOptions, PerBatchSynthesizer, default_generator
 from dfkd_base.errors import ConfigError
 
 
@@ -50,7 +50,7 @@ class FeatureExchangeSynthesis(PerBatchSynthesizer):
 
     def __init__(self, cfg, info, runtime):
         super().__init__(cfg, info, runtime)
-        self.generator = build_generator(cfg.net, info, self.device)
+        self.generator = self.build_generator(cfg.net, info)
         if not hasattr(self.generator, "from_level"):
             raise ConfigError(f"synthesis.kind spaceship regenerates images from a generator's feature levels; "
                               f"generator '{cfg.net.name}' has none (use dcgan, dcgan_deep, conditional or nayer)")
