@@ -86,12 +86,20 @@ def test_adv_kl_and_agreement_mask():
     assert adv_kl(hot, T=2).item() == approx(adv_kl(ctx).item())
 
 
-def test_competition():
-    # At T=3, teacher (3 ln 3, 0) gives P = (3/4, 1/4), student (0, 0) gives Q = (1/2, 1/2); M = (5/8, 3/8).
+def test_competition_is_adis_clamped_reverse_kl_divergence():
+    # At T=3, teacher (3 ln 3, 0) gives Q = (3/4, 1/4), student (0, 0) gives P = (1/2, 1/2); M = (5/8, 3/8).
+    # ADI's code takes KL(M || P) and KL(M || Q), not the textbook's KL(P || M) and KL(Q || M).
     ctx = SimpleNamespace(teacher_logits=t([3 * LN3, 0.0]), student_logits=t([0.0, 0.0]))
-    js = 0.5 * (0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375)) \
-        + 0.5 * (0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375))
+    js = 0.5 * (0.625 * math.log(0.625 / 0.5) + 0.375 * math.log(0.375 / 0.5)) \
+        + 0.5 * (0.625 * math.log(0.625 / 0.75) + 0.375 * math.log(0.375 / 0.25))
     assert competition(ctx).item() == approx(1 - js)
+    # A confident teacher: Q = (1 - 1e-4, 1e-4) at T=1 is clamped to (0.99, 0.01); M = (0.75, 0.25) is
+    # taken before the clamp and is inside it.
+    confident = SimpleNamespace(teacher_logits=t([math.log(1e4 - 1), 0.0]), student_logits=t([0.0, 0.0]))
+    q_m = 0.75 - 0.5e-4
+    js = 0.5 * (q_m * math.log(q_m / 0.5) + (1 - q_m) * math.log((1 - q_m) / 0.5)) \
+        + 0.5 * (q_m * math.log(q_m / 0.99) + (1 - q_m) * math.log((1 - q_m) / 0.01))
+    assert competition(confident, T=1.0).item() == approx(1 - js)
     same = SimpleNamespace(teacher_logits=t([1.0, 2.0, 3.0]), student_logits=t([1.0, 2.0, 3.0]))
     assert competition(same).item() == approx(1.0)
 

@@ -178,13 +178,17 @@ def adv_kl(ctx, T: float = 1.0, agreement_mask: bool = False, reduction: str = "
 
 @register("competition", needs=("teacher",))
 def competition(ctx, T: float = 3.0) -> torch.Tensor:
-    """1 − JS(p_T, p_S) at temperature T, natural log, batch mean: Adaptive DeepInversion's
-    competition term (Yin et al. 2020), which rewards images the student classifies differently
-    from the teacher. ADI weights it 0.2 on CIFAR-10. (ADI's code clamps the probabilities and
-    uses KL(M ‖ P) for KL(P ‖ M); this is the textbook JS divergence, ≤ ln 2.)"""
-    log_p_s = F.log_softmax(ctx.student_logits.float() / T, dim=1)
-    log_p_t = F.log_softmax(ctx.teacher_logits.float() / T, dim=1)
-    log_m = torch.logaddexp(log_p_s, log_p_t) - math.log(2)
-    js = 0.5 * (F.kl_div(log_m, log_p_t, reduction="none", log_target=True)
-                + F.kl_div(log_m, log_p_s, reduction="none", log_target=True)).sum(1)
-    return 1 - js.mean()
+    """Adaptive DeepInversion's competition term (Yin et al. 2020) as its code computes it, which
+    rewards images the student classifies differently from the teacher: P and Q the student's and
+    the teacher's softmax at temperature T, M = (P + Q) / 2, all three clamped to [0.01, 0.99];
+    JS = ½ KL(M ‖ P) + ½ KL(M ‖ Q), summed over classes and averaged over the batch; the term is
+    1 − clamp(JS, 0, 1). This is not the textbook JS divergence (KL(P ‖ M), no clamp): the clamp
+    bounds the gradient where a network is confident. The DataFree benchmark's DeepInversion uses
+    the same divergence, negated. ADI weights it 0.2 on CIFAR-10."""
+    p = F.softmax(ctx.student_logits.float() / T, dim=1)
+    q = F.softmax(ctx.teacher_logits.float() / T, dim=1)
+    m = (p + q) / 2  # before the clamp, as the code takes it
+    p, q, m = (x.clamp(0.01, 0.99) for x in (p, q, m))
+    log_m = m.log()
+    js = 0.5 * (m * (log_m - p.log())).sum(1).mean() + 0.5 * (m * (log_m - q.log())).sum(1).mean()
+    return 1 - js.clamp(0.0, 1.0)
