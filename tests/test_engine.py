@@ -155,8 +155,8 @@ def test_optimizers_update_all_tensors_at_once_with_the_per_tensor_loops_values(
         optimizer = build_optimizer(params, cfg)
         if not foreach:  # the loop torch runs on CPU by default
             accepted = inspect.signature(type(optimizer)).parameters
-            optimizer = type(optimizer)(params, **{k: v for k, v in optimizer.defaults.items() if k in accepted and k != "foreach"},
-                                        foreach=False)
+            settings = {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "foreach"}
+            optimizer = type(optimizer)(params, **settings, foreach=False)
         assert optimizer.defaults["foreach"] is foreach
         for step in grads:
             for p, g in zip(params, step):
@@ -167,7 +167,7 @@ def test_optimizers_update_all_tensors_at_once_with_the_per_tensor_loops_values(
 
 
 def test_an_epoch_interval_holds_the_rate_through_each_epoch_as_torchs_scheduler_stepped_per_epoch():
-    from dfkd.core.schema import OptimConfig, PlayerConfig
+    from dfkd.core.schema import PlayerConfig
     from dfkd.loop.players import Player
 
     cfg = PlayerConfig(optim=OptimConfig(lr=0.1, momentum=0.9),

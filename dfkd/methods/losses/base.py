@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from dfkd.core.optim import build_optimizer
+from dfkd.core.schema import OptimConfig
 from dfkd_base.errors import ConfigError
 from dfkd_base.registry import Registry, nearest
 
@@ -103,7 +105,7 @@ class Term(nn.Module):
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The optimizer of its trainable parameters, at its phase's learning rate."""
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), foreach=True)
+        return build_optimizer(params, OptimConfig(name="adam", lr=lr, betas=[0.5, 0.999]))
 
 
 class FunctionTerm(Term):

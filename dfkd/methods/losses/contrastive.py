@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from kornia.augmentation import RandomResizedCrop
 
+from dfkd.core.optim import build_optimizer
+from dfkd.core.schema import OptimConfig
 from dfkd.methods.losses.base import Feature, Term, register
 from dfkd.methods.losses.relation import related
 from dfkd.methods.ring_buffer import RingBuffer
@@ -67,7 +69,7 @@ class Contrastive(Term):
         self.head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, self.dim))
 
     def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return build_optimizer(params, OptimConfig(name="adam", lr=lr))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(features.float()).float(), dim=1)
@@ -177,7 +179,7 @@ class ContrastiveRepresentation(Term):
         self.labels, self._others = labels.to(device), None
 
     def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, foreach=True)
+        return build_optimizer(params, OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4))
 
     def sample_negatives(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, negatives) indices of training samples of other classes than each row's, uniformly."""
