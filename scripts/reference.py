@@ -1,8 +1,8 @@
 """A method's reference implementation run beside dfkd's config at equal work.
 
-    python scripts/reference.py --case dfq|fast --teacher T.pt [--seeds 0 1 2] [--epochs 4] [--iters 10]
-        [--batch 64] [--set FIELD=VALUE ...] [--source URL_OR_GIT_DIR] [--cache ~/.cache/dfkd/reference]
-        [--out runs/reference] [--threads 1]
+    python scripts/reference.py --case dfq|fast|cmi|dfad|zskt|dafl|deepinv --teacher T.pt [--seeds 0 1 2]
+        [--epochs 4] [--iters 10] [--batch 64] [--set FIELD=VALUE ...] [--source URL_OR_GIT_DIR]
+        [--cache ~/.cache/dfkd/reference] [--out runs/reference] [--threads 1]
 
 Both sides get one set of settings (the case's :class:`Work`): the same teacher weights, student
 architecture, batch, generator (latent size, width, output), generator and student steps per
@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,6 +45,9 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
     "fast-datafree": ("https://github.com/zju-vipa/Fast-Datafree", "0dcecbc178b87048bedf730acb577045b3c0b57a"),
     "dfad": ("https://github.com/VainF/Data-Free-Adversarial-Distillation", "c161591aae4c13e53943dcb61c162876421aad7a"),
     "zskt": ("https://github.com/polo5/ZeroShotKnowledgeTransfer", "e24915d713672554800372c777c9014e3399e13b"),
+    # DAFL's code lives in the vendor's collection (Data-Efficient-Model-Compression/DAFL)
+    "deepinversion": ("https://github.com/NVlabs/DeepInversion", "2413af1f97f6c73c4dcb47b6a44266aad458ff28"),
+    "dafl": ("https://github.com/huawei-noah/Efficient-Computing", "225ddd2e6ca41915434557f7f49d395e4f801e3e"),
 }
 
 
@@ -165,6 +169,52 @@ class ZSKTWork(Work):
     beta: float = 250.0       # attention transfer's weight
     at_layers: str = "relu1,relu2"  # the activations paired, tapped on both sides by these module paths
     grad_clip: float = 5.0
+
+
+@dataclass(frozen=True)
+class DAFLWork(Work):
+    """DAFL as DAFL-train.py runs on MNIST: per iteration one fresh batch, one backward of the
+    generator's loss (one-hot, information entropy, activation) plus the student's KL on the detached
+    batch, then both optimizers step. Adam for both, no schedule (the code decays only off MNIST)."""
+    batch: int = 512
+    nz: int = 100
+    ngf: int = 64             # the code's 128/64 channels
+    bn_eps: float = 0.8       # BatchNorm2d(C, 0.8) in the generator's blocks
+    g_steps: int = 1
+    kd_steps: int = 1
+    epochs: int = 200
+    iters: int = 120
+    lr: float = 2e-3          # the student's Adam, default betas
+    weight_decay: float = 0.0
+    lr_g: float = 0.2         # the generator's Adam, default betas
+    oh: float = 1.0
+    ie: float = 5.0           # information entropy, with log10 (dfkd's class_balance uses ln: ie / ln 10)
+    a: float = 0.1            # activation of the teacher's relu3 (its 120 features)
+    layer: str = "relu3"
+
+
+@dataclass(frozen=True)
+class DeepInvWork(Work):
+    """DeepInversion as NVlabs' CIFAR-10 script inverts a batch with the paper's parameters
+    (--bs=256 --r_feature_weight=10 --di_lr=0.05), then a student distilled on the pool of inverted
+    batches: the script stops at the images, so the student's loop is the pool's replay with KD at T
+    (the DataFree benchmark's DeepInversion student, as dfkd's recipe has it)."""
+    batch: int = 256
+    g_steps: int = 2000       # Adam steps of each batch's pixels, from noise
+    kd_steps: int = 400       # student steps per batch, each on batch images drawn from the whole pool
+    epochs: int = 200
+    iters: int = 1
+    lr: float = 0.1
+    lr_min: float = 0.0
+    interval: str = "step"
+    weight_decay: float = 5e-4
+    lr_g: float = 0.05        # the pixels' Adam (default betas), its state reset each batch
+    T: float = 20.0
+    bn: float = 10.0          # Σ over BatchNorm layers of ‖μ − μ_BN‖₂ + ‖σ² − σ²_BN‖₂
+    tv: float = 2.5e-5        # the l2 total variation over four directions
+    adv: float = 0.0          # Adaptive DeepInversion's competition (T = 3); the script's default 0
+    jitter: int = 2           # the batch rolled by up to 2 pixels each step
+    labels: str = "balanced"  # every class equally often (a batch of 256); or random
 
 
 COMMON_SHIMS = (
@@ -566,6 +616,204 @@ class ZSKTCase(Case):
         return {"final_acc": _test_accuracy(student, meta, teacher_path, info), "s_per_iter": seconds / total}
 
 
+class DAFLCase(Case):
+    """DAFL: DAFL-train.py's generator and its iteration's statements run as they are, on dfkd's
+    BatchNorm-free LeNet-5 teacher and LeNet-5-half student (teacher/lenet5-nobn-digits)."""
+
+    student_kwargs = {"batchnorm": False}
+    script = "Data-Efficient-Model-Compression/DAFL/DAFL-train.py"
+
+    def overrides(self, work: DAFLWork) -> list[str]:
+        players = []
+        for name, lr in (("student", work.lr), ("generator", work.lr_g)):
+            players += [f"players.{name}.optim.name=adam", f"players.{name}.optim.lr={lr}",
+                        f"players.{name}.optim.betas=[0.9, 0.999]", f"players.{name}.sched.name=constant"]
+        return [*players, f"players.student.optim.weight_decay={work.weight_decay}",
+                "players.generator.optim.weight_decay=0.0", f"synthesis.batch_size={work.batch}",
+                f"train.epochs={work.epochs}", f"train.iters_per_epoch={work.iters}",
+                f"players.generator.net.kwargs.nz={work.nz}", f"players.generator.net.kwargs.ngf={work.ngf}",
+                f"players.generator.net.kwargs.bn_eps={work.bn_eps}", "players.generator.net.kwargs.output=bn",
+                "players.generator.net.kwargs.native_size=null", f"phases.0.steps={work.g_steps}",
+                f"phases.1.steps={work.kd_steps}",
+                f"phases.0.losses={{onehot_ce: {work.oh}, class_balance: {work.ie / math.log(10)!r}, "
+                f"activation_norm: {{weight: {work.a}, layer: {work.layer}}}}}",
+                f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
+
+    def work_of(self, config) -> DAFLWork:
+        student, generator, phases = config.players["student"], config.players["generator"], config.phases
+        kwargs = generator.net.kwargs
+        g_losses, kd = phases[0].losses if phases else {}, phases[1].losses.get("kd_kl") if len(phases) > 1 else None
+        optim = [(p.optim.name, tuple(p.optim.betas), p.sched.name) for p in (student, generator)]
+        if [(p.player, p.batch) for p in phases] != [("generator", "fresh"), ("student", "same")] \
+                or set(g_losses) != {"onehot_ce", "class_balance", "activation_norm"} \
+                or set(phases[1].losses) != {"kd_kl"} or _option(kd, "reduction", "batchmean") != "batchmean" \
+                or _option(g_losses["onehot_ce"], "target", "argmax") != "argmax" \
+                or kwargs.get("output", "bn") != "bn" or kwargs.get("native_size") is not None \
+                or any(o != ("adam", (0.9, 0.999), "constant") for o in optim) or generator.optim.weight_decay:
+            raise SystemExit(f"reference.py: {config.experiment} is not DAFL's loop as the reference runs it "
+                             "(the generator's one-hot, entropy and activation step on a fresh batch, then the "
+                             "student's batch-mean KL on the same batch; Adam's default betas, no schedule)")
+        return DAFLWork(batch=config.synthesis.batch_size, nz=kwargs.get("nz", 100), ngf=kwargs.get("ngf", 64),
+                        bn_eps=float(kwargs.get("bn_eps", 1e-5)), g_steps=phases[0].steps,
+                        kd_steps=phases[1].steps, epochs=config.train.epochs, iters=config.train.iters_per_epoch,
+                        lr=student.optim.lr, weight_decay=student.optim.weight_decay, lr_g=generator.optim.lr,
+                        T=float(_option(kd, "T", 1.0)), oh=_weight(g_losses["onehot_ce"]),
+                        ie=_weight(g_losses["class_balance"]) * math.log(10),
+                        a=_weight(g_losses["activation_norm"]),
+                        layer=_option(g_losses["activation_norm"], "layer", None) or "")
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import ast
+        import types
+
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        _fixed(work, "DAFL-train.py builds a 128/64-channel generator with BatchNorm eps 0.8, takes one "
+                     "generator and one student step an iteration, and distils at T=1 with the teacher's "
+                     "relu3 features", ngf=64, bn_eps=0.8, g_steps=1, kd_steps=1, T=1.0, layer="relu3")
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed,
+                                                        self.student_kwargs)
+        from dfkd.nets.taps import resolve_module
+
+        class WithFeature(nn.Module):  # teacher(x, out_feature=True) -> (logits, relu3 flattened)
+            def __init__(self, network):
+                super().__init__()
+                self.network, self.feature = network, None
+                resolve_module(network, work.layer).register_forward_hook(
+                    lambda module, inputs, output: setattr(self, "feature", output.flatten(1)))
+
+            def forward(self, x, out_feature=False):
+                logits = self.network(x)
+                return (logits, self.feature) if out_feature else logits
+
+        torch.Tensor.cuda = _module_cuda
+        tree = ast.parse((Path(code) / self.script).read_text())
+        definitions = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+                       and n.name in ("Generator", "kdloss")]
+        epochs = next(n for n in tree.body if isinstance(n, ast.For) and "n_epochs" in ast.unparse(n.iter))
+        iteration = next(n for n in epochs.body if isinstance(n, ast.For))  # for i in range(120): ...
+        iteration.iter = ast.parse("range(iters)", mode="eval").body
+        channels, height, _ = info.shape
+        opt = types.SimpleNamespace(latent_dim=work.nz, img_size=height, channels=channels, n_epochs=work.epochs,
+                                    batch_size=work.batch, oh=work.oh, ie=work.ie, a=work.a)
+        scope = {"nn": nn, "F": F, "torch": torch, "Variable": torch.autograd.Variable, "opt": opt}
+        exec(compile(ast.Module(body=definitions, type_ignores=[]), self.script, "exec"), scope)
+        generator = scope["Generator"]()
+        scope.update(generator=generator, teacher=WithFeature(teacher.network).eval(), net=student,
+                     criterion=nn.CrossEntropyLoss(), iters=work.iters,
+                     optimizer_G=torch.optim.Adam(generator.parameters(), lr=work.lr_g),
+                     optimizer_S=torch.optim.Adam(student.parameters(), lr=work.lr,
+                                                  weight_decay=work.weight_decay))
+        loop = compile(ast.Module(body=[iteration], type_ignores=[]), self.script, "exec")
+        start = time.perf_counter()
+        for epoch in range(work.epochs):
+            scope["epoch"] = epoch
+            exec(loop, scope)
+        seconds = time.perf_counter() - start
+        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
+                "s_per_iter": seconds / (work.epochs * work.iters)}
+
+
+class DeepInvCase(Case):
+    """DeepInversion: NVlabs' get_images() as it is, one call per batch, on dfkd's teacher."""
+
+    script = "cifar10/deepinversion_cifar10.py"
+
+    def overrides(self, work: DeepInvWork) -> list[str]:
+        adv = f", competition: {{weight: {work.adv}, T: 3.0}}" if work.adv else ""
+        return [*_student_overrides(work), f"synthesis.labels={work.labels}", f"synthesis.inner.lr={work.lr_g}",
+                "synthesis.inner.name=adam", "synthesis.inner.betas=[0.9, 0.999]", "synthesis.keep=last",
+                f"synthesis.augment={{jitter: {work.jitter}}}", "synthesis.clamp=false",
+                f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
+                f"phases.0.losses={{bn_stats: {work.bn}, onehot_ce: {{weight: 1.0, target: labels}}, "
+                f"tv: {work.tv}{adv}}}", f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
+
+    def work_of(self, config) -> DeepInvWork:
+        synth, phases = config.synthesis, config.phases
+        losses = phases[0].losses if phases else {}
+        bn, tv, adv = losses.get("bn_stats"), losses.get("tv"), losses.get("competition", 0.0)
+        augment = synth.augment
+        if synth.kind != "inversion" or [(p.player, p.batch) for p in phases] != [("synthesizer", "real"),
+                                                                                  ("student", "pool")] \
+                or set(losses) - {"competition"} != {"bn_stats", "onehot_ce", "tv"} \
+                or _option(losses["onehot_ce"], "target", "argmax") != "labels" or _weight(losses["onehot_ce"]) != 1 \
+                or _option(tv, "norm", "l2") != "l2" or _option(bn, "momentum", 0.0) or _option(bn, "layers", "sum") \
+                != "sum" or (adv and _option(adv, "T", 3.0) != 3.0) or synth.clamp or synth.keep != "last" \
+                or synth.inner.name != "adam" or tuple(synth.inner.betas) != (0.9, 0.999) \
+                or (augment.crop_padding, augment.flip, augment.brightness, augment.contrast) != (0, False, 0, 0) \
+                or phases[1].augment or set(phases[1].losses) != {"kd_kl"}:
+            raise SystemExit(f"reference.py: {config.experiment} is not DeepInversion as the reference runs it "
+                             "(pixels from noise under BN statistics, cross-entropy to the asked classes and "
+                             "l2 total variation, jittered, unclamped, the last step kept; the student's KD on "
+                             "the pool)")
+        return DeepInvWork(**{**_student_work(config), "lr_g": synth.inner.lr, "bn": _weight(bn), "tv": _weight(tv),
+                              "adv": _weight(adv), "jitter": augment.jitter, "labels": synth.labels})
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import torch
+        import torch.nn.functional as F
+
+        _fixed(work, "get_images() jitters by up to 2 pixels", jitter=2)
+        if work.labels == "balanced" and work.batch != 256:
+            raise SystemExit("reference.py: get_images()'s balanced classes are a list of 256: batch must be 256 "
+                             "(or --set labels=random)")
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed)
+        shape = (work.batch, *info.shape)
+        randn, to = torch.randn, torch.Tensor.to
+
+        def cifar_noise(*size, **kwargs):  # the script's (bs, 3, 32, 32) noise on 'cuda', at the teacher's shape
+            if size and tuple(size[0]) == (work.batch, 3, 32, 32) and kwargs.get("device") == "cuda":
+                return randn(shape, requires_grad=kwargs.get("requires_grad", False))
+            return randn(*size, **kwargs)
+
+        torch.randn = cifar_noise
+        torch.Tensor.to = lambda self, *args, **kwargs: self if args == ("cuda",) else to(self, *args, **kwargs)
+        torch.nn.Module.cuda = _module_cuda
+        sys.path.insert(0, str(Path(code) / Path(self.script).parent))
+        import deepinversion_cifar10 as nvlabs
+
+        nvlabs.debug_output = False  # its pictures and prints every 200 steps
+        inputs = randn(shape, requires_grad=True)
+        optimizer_di = torch.optim.Adam([inputs], lr=work.lr_g)
+        optimizer = torch.optim.SGD(student.parameters(), work.lr, weight_decay=work.weight_decay, momentum=0.9)
+        per_step = work.interval == "step"
+        total = work.epochs * work.iters * (work.kd_steps if per_step else 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=work.lr_min)
+        pool = []
+        with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):  # it writes to ./best_images
+            Path("best_images").mkdir()
+            start = time.perf_counter()
+            for _ in range(work.epochs):
+                for _ in range(work.iters):
+                    images = nvlabs.get_images(
+                        net=teacher.network, bs=work.batch, epochs=work.g_steps, idx=-1, net_student=student,
+                        prefix="", competitive_scale=work.adv, optimizer=optimizer_di, inputs=inputs,
+                        bn_reg_scale=work.bn, var_scale=work.tv, random_labels=work.labels == "random",
+                        l2_coeff=0.0)
+                    pool.append(images.detach().clone())
+                    replay = torch.cat(pool)
+                    student.train()
+                    for _ in range(work.kd_steps):
+                        batch = replay[torch.randint(len(replay), (work.batch,))]
+                        with torch.no_grad():
+                            t_out = teacher(batch)
+                        s_out = student(batch)
+                        loss = F.kl_div(F.log_softmax(s_out / work.T, dim=1), F.softmax(t_out / work.T, dim=1),
+                                        reduction="batchmean") * work.T * work.T
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                        if per_step:
+                            scheduler.step()
+                if not per_step:
+                    scheduler.step()
+            seconds = time.perf_counter() - start
+        return {"final_acc": _test_accuracy(student, meta, teacher_path, info),
+                "s_per_iter": seconds / (work.epochs * work.iters)}
+
+
 CASES: dict[str, Case] = {
     "dfq": DFQCase(
         reference="fast-datafree", config="datafree/dfq-digits-paper", work=DFQWork(),
@@ -605,6 +853,45 @@ CASES: dict[str, Case] = {
                "the solver regenerates its batch with gradients at every student step, so each student "
                "backward runs through the generator too (gradients the generator's step zeroes first); dfkd "
                "regenerates it detached")),
+    "dafl": DAFLCase(
+        reference="dafl", config="datafree/dafl-digits-paper", work=DAFLWork(),
+        shims=(COMMON_SHIMS[3],
+               "the teacher is dfkd's BatchNorm-free LeNet-5 from the model file, wrapped so that "
+               "teacher(x, out_feature=True) also returns its relu3 output flattened (the code's LeNet-5 "
+               "returns the same 120 features); the student is dfkd's BatchNorm-free LeNet-5-half (the "
+               "code's has the same layers)",
+               "Tensor.cuda is the identity; no DataParallel wrappers",
+               "DAFL-train.py runs its whole job at import, so its Generator class and kdloss function are "
+               "read from the file and executed with the run's settings as its opt, and its iteration's "
+               "statements (the body of `for epoch`'s inner loop) are executed as they are, once an epoch "
+               "for the run's iterations; its per-epoch MNIST evaluation and model saving are left out. "
+               "Evaluated once, after training, on the test split through dfkd's reader"),
+        notes=("the code's information entropy is Σ p̄ log10 p̄ of the batch's mean softmax; dfkd's "
+               "class_balance is Σ p̄ ln p̄ + ln K (finite where a class's mean probability underflows), "
+               "so its weight is the code's divided by ln 10 and the gradients are the same",
+               "the code backpropagates the generator's loss and the student's KL in one backward and "
+               "steps both optimizers; dfkd takes the generator's step, then the student's on the same "
+               "detached batch with the teacher's logits computed again (the same values: the teacher is "
+               "in eval mode)")),
+    "deepinv": DeepInvCase(
+        reference="deepinversion", config="datafree/deepinv-digits-paper", work=DeepInvWork(),
+        shims=(COMMON_SHIMS[3],
+               "get_images()'s noise, hard-coded (bs, 3, 32, 32) on 'cuda', is drawn at the teacher's shape on the "
+               "CPU (torch.randn of that size and device is wrapped); Tensor.to('cuda') and Module.cuda are the "
+               "identity",
+               "its debug pictures and prints every 200 steps are off (debug_output=False); its 20-image picture "
+               "of each batch goes to a temporary folder, the working directory while it runs",
+               "the teacher is dfkd's network from the model file; the student, which get_images() only reads "
+               "for the competition term, is dfkd's",
+               "the script stops at the images: the student's loop is ours, the DataFree benchmark's train() "
+               "re-typed: per batch kd_steps SGD steps of KL at T on batches drawn uniformly from the in-memory "
+               "pool, its cosine stepped as dfkd's config steps it; evaluated once, after training, on the test "
+               "split through dfkd's reader"),
+        notes=("get_images() registers its BatchNorm hooks on every call and never removes them, so at the n-th "
+               "batch each BatchNorm layer runs n hooks (the loss reads the newest): the values are right and "
+               "the reference's time per batch grows with the run",
+               "get_images() keeps `best_inputs = inputs.data`, a reference to the optimized tensor, so the batch "
+               "it returns is the last step's, whatever its loss: dfkd's `keep: last`")),
     "fast": FastCase(
         reference="fast-datafree", config="datafree/fast-digits-paper", work=FastWork(),
         shims=COMMON_SHIMS + POOL_SHIMS,

@@ -2,6 +2,7 @@
 import contextlib
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -430,11 +431,47 @@ def test_reference_zskt_case_pairs_the_attention_layers_and_the_students_train_m
                    "not ZSKT's loop as the reference runs it")
 
 
+def test_reference_dafl_case_converts_the_log10_entropy_weight_and_refuses_what_the_script_fixes(monkeypatch):
+    case = reference.CASES["dafl"]
+    work = reference.DAFLWork(batch=16, epochs=1, iters=2, ie=10.0, a=0.05)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    # the code's Σ p log10 p at weight 10 is dfkd's Σ p ln p at 10 / ln 10
+    assert f"phases.0.losses={{onehot_ce: 1.0, class_balance: {10 / math.log(10)!r}, activation_norm: " \
+           "{weight: 0.05, layer: relu3}}" in overrides
+    assert "players.generator.net.kwargs.bn_eps=0.8" in overrides and "players.generator.optim.lr=0.2" in overrides
+    # the shipped paper recipe's weight is 5 / ln 10 to the float (2.17 would read back as ie 4.9966)
+    assert reference.shipped_differences(case, "teacher.pt") == []
+    with pytest.raises(SystemExit, match="relu3 features: ngf cannot be changed"):
+        case.drive_reference(Path("."), reference.DAFLWork(ngf=32), "teacher.pt", "lenet5_half", 0)
+    assert_refused(monkeypatch, case, work, overrides, "phases.1.batch=fresh",
+                   "not DAFL's loop as the reference runs it")
+    assert_refused(monkeypatch, case, work, overrides, "players.generator.optim.betas=[0.5, 0.999]",
+                   "not DAFL's loop as the reference runs it")
+
+
+def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_fixes(monkeypatch):
+    case = reference.CASES["deepinv"]
+    work = reference.DeepInvWork(batch=16, epochs=2, g_steps=30, kd_steps=4, labels="random", adv=0.2)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "phases.0.losses={bn_stats: 10.0, onehot_ce: {weight: 1.0, target: labels}, tv: 2.5e-05, " \
+           "competition: {weight: 0.2, T: 3.0}}" in overrides and "synthesis.keep=last" in overrides
+    assert reference.shipped_differences(case, "teacher.pt") == []
+    with pytest.raises(SystemExit, match="jitter cannot be changed"):
+        case.drive_reference(Path("."), reference.DeepInvWork(jitter=4), "teacher.pt", "lenet5_half", 0)
+    with pytest.raises(SystemExit, match="a list of 256: batch must be 256"):
+        case.drive_reference(Path("."), reference.DeepInvWork(batch=128), "teacher.pt", "lenet5_half", 0)
+    for extra in ("synthesis.clamp=true", "synthesis.keep=best", "phases.0.losses.tv={weight: 2.5e-05, norm: l1}",
+                  "synthesis.augment.flip=true"):
+        assert_refused(monkeypatch, case, work, overrides, extra, "not DeepInversion as the reference runs it")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, extra, expect", [
     ("cmi", ["--set", "g_steps=2", "kd_steps=2", "bank=64", "negatives=8"], ["sorts the classes", "8-bit PNG"]),
     ("dfad", [], ["visdom", "train() is called as it is"]),
     ("zskt", ["--set", "kd_steps=2"], ["ZeroShotKTSolver.run() is called as it is"]),
+    ("dafl", [], ["its iteration's statements", "log10"]),
+    ("deepinv", ["--set", "labels=random", "g_steps=3", "kd_steps=2"], ["never removes them", "keep: last"]),
     ("dfq", [], ["differs from the reference's settings in: nothing", "student=teacher"]),
     ("fast", ["--set", "warmup=1", "g_steps=2", "kd_steps=2"], ["num_workers=0", "8-bit PNG"]),
 ])
