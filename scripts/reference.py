@@ -1,6 +1,6 @@
 """A method's reference implementation run beside dfkd's config at equal work.
 
-    python scripts/reference.py --case dfq|fast|cmi|dfad|zskt|dafl|deepinv --teacher T.pt [--seeds 0 1 2]
+    python scripts/reference.py --case dfq|fast|cmi|dfad|zskt|dafl|deepinv|nayer --teacher T.pt [--seeds 0 1 2]
         [--epochs 4] [--iters 10] [--batch 64] [--set FIELD=VALUE ...] [--source URL_OR_GIT_DIR]
         [--cache ~/.cache/dfkd/reference] [--out runs/reference] [--threads 1]
 
@@ -47,6 +47,7 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
     "zskt": ("https://github.com/polo5/ZeroShotKnowledgeTransfer", "e24915d713672554800372c777c9014e3399e13b"),
     # DAFL's code lives in the vendor's collection (Data-Efficient-Model-Compression/DAFL)
     "deepinversion": ("https://github.com/NVlabs/DeepInversion", "2413af1f97f6c73c4dcb47b6a44266aad458ff28"),
+    "nayer": ("https://github.com/tmtuan1307/NAYER", "c6bedcd49ad7362ff3dc5697202d97e303919a05"),
     "dafl": ("https://github.com/huawei-noah/Efficient-Computing", "225ddd2e6ca41915434557f7f49d395e4f801e3e"),
 }
 
@@ -169,6 +170,37 @@ class ZSKTWork(Work):
     beta: float = 250.0       # attention transfer's weight
     at_layers: str = "relu1,relu2"  # the activations paired, tapped on both sides by these module paths
     grad_clip: float = 5.0
+
+
+@dataclass(frozen=True)
+class NayerWork(Work):
+    """NAYER as scripts/nayer_100.sh runs it (CIFAR, ResNet-34 -> ResNet-18; its student batch is 512,
+    the synthesis batch 400: one batch here, for both)."""
+    batch: int = 400
+    nz: int = 512             # the class embeddings' width (CLIP's text embeddings in the code)
+    noise_dim: int = 1000     # the noisy layer's output (--le_emb_size)
+    g_steps: int = 40         # Adam steps of the whole generator per batch, from where the last left it
+    kd_steps: int = 400
+    epochs: int = 120
+    iters: int = 1
+    lr: float = 0.2
+    weight_decay: float = 1e-4
+    lr_g: float = 4e-3        # betas (0.5, 0.999), a new Adam per batch
+    T: float = 20.0
+    adv: float = 1.33         # on samples where student and teacher agree, after the warm-up
+    bn: float = 10.0
+    oh: float = 0.5
+    bn_mmt: float = 0.9
+    warmup: int = 20
+    g_life: int = 10          # the generator re-initialized every g_life batches
+    g_loops: int = 2          # batches per iteration after the warm-up, and during it
+    gwp_loops: int = 10
+    crop: int = 4             # the synthesis augmentation: crop (black padding) and flip, fixed in the code
+    flip: bool = True
+    pad: str = "black"
+    student_crop: int = 4
+    student_flip: bool = True
+    student_pad: str = "black"
 
 
 @dataclass(frozen=True)
@@ -616,6 +648,72 @@ class ZSKTCase(Case):
         return {"final_acc": _test_accuracy(student, meta, teacher_path, info), "s_per_iter": seconds / total}
 
 
+class NayerCase(Case):
+    """NAYER: its synthesizer (datafree/synthesis/nayer.py) and NLGenerator on dfkd's teacher,
+    driven by datafree_kd.py's loop as the benchmark's other pool-based methods are."""
+
+    def overrides(self, work: NayerWork) -> list[str]:
+        return [*_student_overrides(work), f"synthesis.net.kwargs.nz={work.nz}",
+                f"synthesis.net.kwargs.ngf={work.ngf}", f"synthesis.net.kwargs.noise_dim={work.noise_dim}",
+                "synthesis.net.kwargs.output=pixels", "synthesis.inner.name=adam", f"synthesis.inner.lr={work.lr_g}",
+                "synthesis.inner.betas=[0.5, 0.999]", "synthesis.keep=best", f"synthesis.warmup_epochs={work.warmup}",
+                f"synthesis.reset_every={work.g_life}",
+                f"synthesis.augment={{crop_padding: {work.crop}, flip: {str(work.flip).lower()}, pad: {work.pad}}}",
+                f"phases.0.steps={work.g_steps}", f"phases.1.steps={work.kd_steps}",
+                f"phases.0.losses={{adv_kl: {{weight: {work.adv}, agreement_mask: true, from_epoch: {work.warmup}}}, "
+                f"bn_stats: {{weight: {work.bn}, momentum: {work.bn_mmt}}}, "
+                f"onehot_ce: {{weight: {work.oh}, target: labels}}}}",
+                f"phases.1.augment={{crop_padding: {work.student_crop}, flip: {str(work.student_flip).lower()}, "
+                f"pad: {work.student_pad}}}", f"phases.1.losses={{kd_kl: {{weight: 1.0, T: {work.T}}}}}"]
+
+    def work_of(self, config) -> NayerWork:
+        synth, phases = config.synthesis, config.phases
+        losses, kwargs = phases[0].losses, synth.net.kwargs
+        adv, bn, oh = losses.get("adv_kl"), losses.get("bn_stats"), losses.get("onehot_ce")
+        settings = _augment_settings(config)
+        if synth.kind != "nayer" or kwargs.get("output") != "pixels" or synth.keep != "best" \
+                or synth.inner.name != "adam" or tuple(synth.inner.betas) != (0.5, 0.999) \
+                or set(losses) != {"adv_kl", "bn_stats", "onehot_ce"} or not _option(adv, "agreement_mask", False) \
+                or _option(adv, "from_epoch", 0) != synth.warmup_epochs or _option(oh, "target", "") != "labels":
+            raise SystemExit(f"reference.py: {config.experiment} is not NAYER's synthesis as the reference runs it "
+                             "(the noisy-layer generator in pixels, the best step kept, Adam with betas (0.5, 0.999), "
+                             "the masked adversarial term from the warm-up's end, one-hot on the classes asked for)")
+        return NayerWork(**_student_work(config), nz=kwargs.get("nz", 512), ngf=kwargs.get("ngf", 64),
+                         noise_dim=kwargs.get("noise_dim", 1000), lr_g=synth.inner.lr, adv=_weight(adv),
+                         bn=_weight(bn), oh=_weight(oh), bn_mmt=float(_option(bn, "momentum", 0.0)),
+                         warmup=synth.warmup_epochs, g_life=synth.reset_every or 10 ** 9, g_loops=1, gwp_loops=1,
+                         **{k: v for k, v in settings.items() if k != "labels"})
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        _fixed(work, "dfkd's synthesizer phase makes one batch an iteration (the script's --g_loops and "
+                     "--gwp_loops are not expressible), and the reference's synthesis always crops with padding 4 "
+                     "and flips, padding black, as the student's crop of a PNG does", g_loops=1, gwp_loops=1, crop=4,
+               flip=True, pad="black", student_pad="black")
+        if work.warmup % work.g_life and work.g_life < work.epochs * work.iters:
+            raise SystemExit("reference.py: NAYER re-initializes its generator at the warm-up's end as well as every "
+                             "g_life batches; dfkd's reset_every counts from the start, so the warm-up must be a "
+                             "multiple of g_life (or g_life past the run's end)")
+
+        def make(teacher, student, generator, info, pool, replay, normalizer):
+            import torch
+            from datafree.models.generator import NLGenerator
+            from datafree.synthesis import NAYER
+
+            channels, height, _ = info.shape
+            label_emb = torch.randn(info.num_classes, work.nz)  # dfkd's fixed embeddings' draw (no CLIP here)
+            nayer = NLGenerator(ngf=work.ngf, img_size=height, nc=channels, nl=info.num_classes, label_emb=label_emb,
+                                le_emb_size=work.noise_dim, le_size=work.nz, sbz=work.batch)
+            return NAYER(teacher, student, nayer, num_classes=info.num_classes, img_size=tuple(info.shape),
+                         init_dataset=None, save_dir=pool, device="cpu", transform=replay, normalizer=normalizer,
+                         synthesis_batch_size=work.batch, sample_batch_size=work.batch, g_steps=work.g_steps,
+                         warmup=work.warmup, lr_g=work.lr_g, adv=work.adv, bn=work.bn, oh=work.oh,
+                         bn_mmt=work.bn_mmt, g_life=work.g_life, g_loops=work.g_loops, gwp_loops=work.gwp_loops)
+
+        with contextlib.redirect_stdout(sys.stderr):  # its synthesizer prints every step's losses
+            result = _drive_pool(code, work, teacher_path, student_name, seed, work.warmup, make)
+        return result
+
+
 class DAFLCase(Case):
     """DAFL: DAFL-train.py's generator and its iteration's statements run as they are, on dfkd's
     BatchNorm-free LeNet-5 teacher and LeNet-5-half student (teacher/lenet5-nobn-digits)."""
@@ -853,6 +951,20 @@ CASES: dict[str, Case] = {
                "the solver regenerates its batch with gradients at every student step, so each student "
                "backward runs through the generator too (gradients the generator's step zeroes first); dfkd "
                "regenerates it detached")),
+    "nayer": NayerCase(
+        reference="nayer", config="datafree/nayer-digits", work=NayerWork(),
+        shims=COMMON_SHIMS + POOL_SHIMS + (
+            "the class embeddings are N(0, 1) draws, as dfkd's are: the code reads CLIP text embeddings of "
+            "CIFAR's class names from a pickle, which digits have none of",
+            "its per-step prints of the losses go to stderr; xlsxwriter (imported by its fast_meta module, "
+            "unused here) is a stub module"),
+        notes=(POOL_NOTE,
+               "the script runs --g_loops 2 batches an iteration (10 in the warm-up); dfkd's synthesizer phase "
+               "makes one, so both sides here take one",
+               "NAYER re-initializes its generator at the warm-up's end too ((ep - warmup) % g_life == 0), so "
+               "with a warm-up that is not a multiple of g_life it re-initializes twice in a row each cycle",
+               "the reference's generator convolutions have no bias (each is followed by BatchNorm); dfkd's have "
+               "one")),
     "dafl": DAFLCase(
         reference="dafl", config="datafree/dafl-digits-paper", work=DAFLWork(),
         shims=(COMMON_SHIMS[3],
@@ -963,6 +1075,7 @@ def _stub_modules() -> None:
     visdom.Visdom = type("Visdom", (), {})
     sys.modules.setdefault("termcolor", termcolor)
     sys.modules.setdefault("visdom", visdom)
+    sys.modules.setdefault("xlsxwriter", types.ModuleType("xlsxwriter"))  # NAYER's fast_meta imports it, unused
     sys.modules.setdefault("torchvision.models.utils", moved)
 
 

@@ -465,6 +465,27 @@ def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_
         assert_refused(monkeypatch, case, work, overrides, extra, "not DeepInversion as the reference runs it")
 
 
+def test_reference_nayer_case_maps_the_generators_life_and_refuses_what_dfkd_cannot_express(monkeypatch):
+    case = reference.CASES["nayer"]
+    work = reference.NayerWork(batch=20, epochs=6, g_steps=3, kd_steps=2, warmup=2, g_life=2, g_loops=1, gwp_loops=1)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "synthesis.reset_every=2" in overrides and "synthesis.inner.betas=[0.5, 0.999]" in overrides
+    assert "phases.0.losses={adv_kl: {weight: 1.33, agreement_mask: true, from_epoch: 2}, bn_stats: {weight: 10.0, " \
+           "momentum: 0.9}, onehot_ce: {weight: 0.5, target: labels}}" in overrides
+    # the script's two batches an iteration (ten in the warm-up): dfkd's phase makes one
+    with pytest.raises(SystemExit, match="would not do the reference's work: g_loops: 1 vs 2; gwp_loops: 1 vs 10"):
+        reference.check_equal_work(case, reference.NayerWork(), "teacher.pt")
+    assert "g_loops: 1 vs 2" in reference.shipped_differences(case, "teacher.pt")
+    with pytest.raises(SystemExit, match="warm-up must be a multiple of g_life"):
+        case.drive_reference(Path("."), reference.NayerWork(g_loops=1, gwp_loops=1, warmup=5), "teacher.pt",
+                             "lenet5_half", 0)
+    with pytest.raises(SystemExit, match="student_pad cannot be changed"):
+        case.drive_reference(Path("."), reference.NayerWork(g_loops=1, gwp_loops=1, student_pad="mean"), "teacher.pt",
+                             "lenet5_half", 0)
+    assert_refused(monkeypatch, case, work, overrides, "synthesis.keep=last",
+                   "not NAYER's synthesis as the reference runs it")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, extra, expect", [
     ("cmi", ["--set", "g_steps=2", "kd_steps=2", "bank=64", "negatives=8"], ["sorts the classes", "8-bit PNG"]),
@@ -472,6 +493,8 @@ def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_
     ("zskt", ["--set", "kd_steps=2"], ["ZeroShotKTSolver.run() is called as it is"]),
     ("dafl", [], ["its iteration's statements", "log10"]),
     ("deepinv", ["--set", "labels=random", "g_steps=3", "kd_steps=2"], ["never removes them", "keep: last"]),
+    ("nayer", ["--set", "g_steps=2", "kd_steps=2", "g_loops=1", "gwp_loops=1", "warmup=1", "g_life=1"],
+     ["CLIP text embeddings", "g_loops: 1 vs 2"]),
     ("dfq", [], ["differs from the reference's settings in: nothing", "student=teacher"]),
     ("fast", ["--set", "warmup=1", "g_steps=2", "kd_steps=2"], ["num_workers=0", "8-bit PNG"]),
 ])
