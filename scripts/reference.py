@@ -689,10 +689,10 @@ class NayerCase(Case):
                      "--gwp_loops are not expressible), and the reference's synthesis always crops with padding 4 "
                      "and flips, padding black, as the student's crop of a PNG does", g_loops=1, gwp_loops=1, crop=4,
                flip=True, pad="black", student_pad="black")
-        if work.warmup % work.g_life and work.g_life < work.epochs * work.iters:
-            raise SystemExit("reference.py: NAYER re-initializes its generator at the warm-up's end as well as every "
-                             "g_life batches; dfkd's reset_every counts from the start, so the warm-up must be a "
-                             "multiple of g_life (or g_life past the run's end)")
+        if any(k % work.g_life and (k - work.warmup) % work.g_life == 0 for k in range(work.epochs * work.iters)):
+            raise SystemExit("reference.py: NAYER re-initializes its generator every g_life batches counted from the "
+                             "warm-up's end as well as from the start; dfkd's reset_every counts from the start, so "
+                             "the warm-up must be a multiple of g_life")
 
         def make(teacher, student, generator, info, pool, replay, normalizer):
             import torch
