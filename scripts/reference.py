@@ -760,31 +760,38 @@ class DAFLCase(Case):
                         a=_weight(g_losses["activation_norm"]),
                         layer=_option(g_losses["activation_norm"], "layer", None) or "")
 
-    def drive_reference(self, code, work, teacher_path, student_name, seed):
+    @staticmethod
+    def out_feature(network, layer: str):
+        """``network`` in eval mode, called as DAFL-train.py calls its teacher: ``teacher(x,
+        out_feature=True)`` gives ``(logits, the output of layer flattened)``."""
+        from torch import nn
+
+        from dfkd.nets.taps import resolve_module
+
+        class OutFeature(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.network, self.feature = network, None
+                resolve_module(network, layer).register_forward_hook(
+                    lambda module, inputs, output: setattr(self, "feature", output.flatten(1)))
+
+            def forward(self, x, out_feature=False):
+                logits = self.network(x)
+                return (logits, self.feature) if out_feature else logits
+
+        return OutFeature().eval()
+
+    def program(self, code: Path, work: DAFLWork, shape: tuple[int, int, int]):
+        """DAFL-train.py's Generator and kdloss defined in a scope with the run's settings as its
+        ``opt``, and its iteration's statements compiled as a loop of ``iters`` iterations, which
+        runs in that scope once ``generator``, ``teacher``, ``net``, ``criterion`` and the two
+        optimizers are set there: ``(scope, loop)``."""
         import ast
         import types
 
         import torch
         import torch.nn.functional as F
         from torch import nn
-
-        _fixed(work, "DAFL-train.py builds a 128/64-channel generator with BatchNorm eps 0.8, takes one "
-                     "generator and one student step an iteration, and distils at T=1 with the teacher's "
-                     "relu3 features", ngf=64, bn_eps=0.8, g_steps=1, kd_steps=1, T=1.0, layer="relu3")
-        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed,
-                                                        self.student_kwargs)
-        from dfkd.nets.taps import resolve_module
-
-        class WithFeature(nn.Module):  # teacher(x, out_feature=True) -> (logits, relu3 flattened)
-            def __init__(self, network):
-                super().__init__()
-                self.network, self.feature = network, None
-                resolve_module(network, work.layer).register_forward_hook(
-                    lambda module, inputs, output: setattr(self, "feature", output.flatten(1)))
-
-            def forward(self, x, out_feature=False):
-                logits = self.network(x)
-                return (logits, self.feature) if out_feature else logits
 
         torch.Tensor.cuda = _module_cuda
         tree = ast.parse((Path(code) / self.script).read_text())
@@ -793,18 +800,29 @@ class DAFLCase(Case):
         epochs = next(n for n in tree.body if isinstance(n, ast.For) and "n_epochs" in ast.unparse(n.iter))
         iteration = next(n for n in epochs.body if isinstance(n, ast.For))  # for i in range(120): ...
         iteration.iter = ast.parse("range(iters)", mode="eval").body
-        channels, height, _ = info.shape
+        channels, height, _ = shape
         opt = types.SimpleNamespace(latent_dim=work.nz, img_size=height, channels=channels, n_epochs=work.epochs,
                                     batch_size=work.batch, oh=work.oh, ie=work.ie, a=work.a)
-        scope = {"nn": nn, "F": F, "torch": torch, "Variable": torch.autograd.Variable, "opt": opt}
+        scope = {"nn": nn, "F": F, "torch": torch, "Variable": torch.autograd.Variable, "opt": opt, "epoch": 0}
         exec(compile(ast.Module(body=definitions, type_ignores=[]), self.script, "exec"), scope)
+        return scope, compile(ast.Module(body=[iteration], type_ignores=[]), self.script, "exec")
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import torch
+        from torch import nn
+
+        _fixed(work, "DAFL-train.py builds a 128/64-channel generator with BatchNorm eps 0.8, takes one "
+                     "generator and one student step an iteration, and distils at T=1 with the teacher's "
+                     "relu3 features", ngf=64, bn_eps=0.8, g_steps=1, kd_steps=1, T=1.0, layer="relu3")
+        teacher, student, info, meta = _reference_setup(code, teacher_path, student_name, seed,
+                                                        self.student_kwargs)
+        scope, loop = self.program(code, work, info.shape)
         generator = scope["Generator"]()
-        scope.update(generator=generator, teacher=WithFeature(teacher.network).eval(), net=student,
+        scope.update(generator=generator, teacher=self.out_feature(teacher.network, work.layer), net=student,
                      criterion=nn.CrossEntropyLoss(), iters=work.iters,
                      optimizer_G=torch.optim.Adam(generator.parameters(), lr=work.lr_g),
                      optimizer_S=torch.optim.Adam(student.parameters(), lr=work.lr,
                                                   weight_decay=work.weight_decay))
-        loop = compile(ast.Module(body=[iteration], type_ignores=[]), self.script, "exec")
         start = time.perf_counter()
         for epoch in range(work.epochs):
             scope["epoch"] = epoch

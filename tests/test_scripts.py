@@ -449,6 +449,66 @@ def test_reference_dafl_case_converts_the_log10_entropy_weight_and_refuses_what_
                    "not DAFL's loop as the reference runs it")
 
 
+@pytest.mark.slow
+def test_reference_dafl_iterations_are_dafl_trains_statements_at_equal_weights_and_latents(
+        digits_teacher, tmp_path, monkeypatch):
+    """Two iterations of dfkd's dafl-digits-paper and of DAFL-train.py's own statements, from the same
+    generator and student weights and the same latents, with plain SGD on both sides so that the
+    weights compare the gradients: the same to float rounding."""
+    import copy
+
+    from dfkd.nets.arch import load_model
+
+    case, cache = reference.CASES["dafl"], Path(reference.DEFAULT_CACHE)
+    code = reference.checkout_folder("dafl", cache)
+    if not code.exists():
+        pytest.skip(f"DAFL's code is not in the cache ({code}): no fetch from GitHub in the tests")
+    work = reference.DAFLWork(batch=16, epochs=1, iters=2, lr=0.05, lr_g=0.05)
+    sgd = [f"players.{name}.optim.{key}" for name in ("student", "generator") for key in ("name=sgd", "momentum=0.0")]
+    engine = Engine(load_config(case.config, [f"teacher.checkpoint={digits_teacher[0]}", *case.overrides(work), *sgd,
+                                              f"output.root={tmp_path}", "output.tensorboard=false",
+                                              "runtime.progress=false", "output.quality_samples=0"]))
+    generator, student = engine.players.module("generator"), engine.players.module("student")
+    g0, s0 = copy.deepcopy(generator.state_dict()), copy.deepcopy(student.state_dict())
+    draws, randn = [torch.randn(16, 100) for _ in range(2)], torch.randn
+    latents = list(draws)
+
+    def replay_latents(*size, **kwargs):  # both sides draw (16, 100) latents once an iteration
+        shape = tuple(size[0]) if size and isinstance(size[0], (tuple, list)) else tuple(size)
+        return latents.pop(0).clone() if shape == (16, 100) else randn(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", replay_latents)
+    engine.fit()
+    assert not latents
+    monkeypatch.setattr(torch.Tensor, "cuda", torch.Tensor.cuda)  # the program makes it the identity
+    scope, loop = case.program(code, work, (1, 32, 32))
+    ours = {"project": "l1.0", "blocks.0": "conv_blocks0.0", "blocks.2": "conv_blocks1.0", "blocks.3": "conv_blocks1.1",
+            "blocks.6": "conv_blocks2.0", "blocks.7": "conv_blocks2.1", "to_image.0": "conv_blocks2.3",
+            "to_image.2": "conv_blocks2.5"}
+
+    def theirs(key):
+        prefix = next(k for k in ours if key.startswith(k + "."))
+        return ours[prefix] + key[len(prefix):]
+
+    their_generator = scope["Generator"]()
+    their_generator.load_state_dict({theirs(k): v for k, v in g0.items()})
+    their_student = copy.deepcopy(student)
+    their_student.load_state_dict(s0)
+    teacher, _ = load_model(str(digits_teacher[0]))
+    scope.update(generator=their_generator, teacher=case.out_feature(teacher, "relu3"), net=their_student,
+                 criterion=torch.nn.CrossEntropyLoss(), iters=2,
+                 optimizer_G=torch.optim.SGD(their_generator.parameters(), lr=0.05),
+                 optimizer_S=torch.optim.SGD(their_student.parameters(), lr=0.05))
+    latents.extend(draws)
+    exec(loop, scope)
+    assert not latents
+    for key, value in generator.state_dict().items():
+        torch.testing.assert_close(value, their_generator.state_dict()[theirs(key)], atol=2e-5, rtol=1e-4, msg=key)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, their_student.state_dict()[key], atol=2e-5, rtol=1e-4, msg=key)
+    assert (student.state_dict()["fc2.weight"] - s0["fc2.weight"]).abs().max() > 1e-4  # the student did move
+
+
 def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_fixes(monkeypatch):
     case = reference.CASES["deepinv"]
     work = reference.DeepInvWork(batch=16, epochs=2, g_steps=30, kd_steps=4, labels="random", adv=0.2)
