@@ -509,6 +509,84 @@ def test_reference_dafl_iterations_are_dafl_trains_statements_at_equal_weights_a
     assert (student.state_dict()["fc2.weight"] - s0["fc2.weight"]).abs().max() > 1e-4  # the student did move
 
 
+@pytest.mark.slow
+def test_reference_deepinv_batch_is_nvlabs_get_images_at_equal_noise_and_jitter(digits_teacher, tmp_path, monkeypatch):
+    """One batch of deepinv-digits-paper's synthesis and one of NVlabs' get_images(), from the same
+    noise, asking for the same classes, jittered by the same offsets, the pixels stepped by plain SGD
+    (Adam's first steps turn float-rounding differences of near-zero gradients into whole steps):
+    the same pixels."""
+    import random
+    import sys
+
+    from dfkd.nets.arch import load_model
+
+    case, cache = reference.CASES["deepinv"], Path(reference.DEFAULT_CACHE)
+    code = reference.checkout_folder("deepinversion", cache)
+    if not code.exists():
+        pytest.skip(f"NVlabs' DeepInversion is not in the cache ({code}): no fetch from GitHub in the tests")
+    steps, batch = 4, 256  # get_images' balanced classes are a list of 256
+    work = reference.DeepInvWork(epochs=1, g_steps=steps, kd_steps=1, adv=0.2, lr_g=2.0)
+    noise, randn, randint = torch.randn(batch, 1, 32, 32), torch.randn, torch.randint
+    offsets = [random.Random(0).randint(-2, 2) for _ in range(2 * steps)]
+    shifts = list(offsets)
+
+    def same_noise(*size, **kwargs):  # the first (256, C, 32, 32) draw of each side is `noise`
+        shape = tuple(size[0]) if size and isinstance(size[0], (tuple, list)) else tuple(size)
+        if shape in ((batch, 1, 32, 32), (batch, 3, 32, 32)):
+            return noise.clone().requires_grad_(kwargs.get("requires_grad", False))
+        return randn(*size, **kwargs)
+
+    def same_shifts(*args, **kwargs):  # dfkd's jitter: (dx, dy) from the shared offsets
+        if args == (-2, 3, (2,)):
+            return torch.tensor([shifts.pop(0), shifts.pop(0)])
+        return randint(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", same_noise)
+    monkeypatch.setattr(torch, "randint", same_shifts)
+    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: torch.arange(n))  # classes 0..9, 0..9, ..., 0..5
+    engine = Engine(load_config(case.config, [f"teacher.checkpoint={digits_teacher[0]}", *case.overrides(work),
+                                              "synthesis.inner.name=sgd", "synthesis.inner.momentum=0.0",
+                                              f"output.root={tmp_path}", "output.tensorboard=false",
+                                              "runtime.progress=false", "output.quality_samples=0"]))
+    student = engine.players.module("student")
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    ours = None
+
+    def keep(images, labels):
+        nonlocal ours
+        ours = images.clone()
+        return add(images=images, labels=labels)
+
+    add = engine.synth.pool.add
+    monkeypatch.setattr(engine.synth.pool, "add", lambda images, labels: keep(images, labels))
+    engine.fit()
+    assert ours is not None and not shifts
+    student.load_state_dict(student_before)  # the competition term reads the student as it was
+    for name, value in (("Module.cuda", lambda self, *a, **k: self),
+                        ("Tensor.to", lambda self, *a, **k: self if a == ("cuda",) else to(self, *a, **k))):
+        owner = torch.nn.Module if name.startswith("Module") else torch.Tensor
+        to = torch.Tensor.to
+        monkeypatch.setattr(owner, name.split(".")[1], value)
+    monkeypatch.syspath_prepend(str(code / "cifar10"))
+    monkeypatch.delitem(sys.modules, "deepinversion_cifar10", raising=False)
+    import deepinversion_cifar10 as nvlabs
+
+    monkeypatch.setattr(nvlabs, "debug_output", False)
+    shifts.extend(offsets)
+    monkeypatch.setattr(nvlabs.random, "randint", lambda low, high: shifts.pop(0))
+    monkeypatch.chdir(tmp_path)
+    Path("best_images").mkdir()
+    teacher, _ = load_model(str(digits_teacher[0]))
+    inputs = noise.clone().requires_grad_(True)
+    theirs = nvlabs.get_images(net=teacher.eval(), bs=batch, epochs=steps, idx=-1, net_student=student, prefix="",
+                               competitive_scale=work.adv, optimizer=torch.optim.SGD([inputs], lr=work.lr_g),
+                               inputs=inputs, bn_reg_scale=work.bn, var_scale=work.tv, random_labels=False,
+                               l2_coeff=0.0)
+    assert not shifts
+    assert (theirs - noise).abs().max() > 0.1  # the pixels moved
+    torch.testing.assert_close(ours, theirs.detach(), atol=1e-4, rtol=1e-4)
+
+
 def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_fixes(monkeypatch):
     case = reference.CASES["deepinv"]
     work = reference.DeepInvWork(batch=16, epochs=2, g_steps=30, kd_steps=4, labels="random", adv=0.2)
