@@ -1104,7 +1104,6 @@ def _module_cuda(self, *args, **kwargs):
 def _pool_shims() -> None:
     """What the pool-based synthesizers need on a CPU-only machine and one-channel images (POOL_SHIMS)."""
     import torch
-    from PIL import Image
 
     import datafree.utils._utils as utils
 
@@ -1113,7 +1112,13 @@ def _pool_shims() -> None:
     loader = torch.utils.data.DataLoader
     torch.utils.data.DataLoader = lambda *args, **kwargs: loader(*args, **{**kwargs, "num_workers": 0,
                                                                            "pin_memory": False})
-    write = utils.save_image_batch
+    utils.save_image_batch = greyscale_writer(utils.save_image_batch)
+
+
+def greyscale_writer(write):
+    """The benchmark's ``save_image_batch`` (``write``), saving unpacked one-channel batches as
+    greyscale PNGs, which PIL cannot make of (H, W, 1) arrays."""
+    from PIL import Image
 
     def save_image_batch(imgs, output, col=None, size=None, pack=True):
         if pack or imgs.shape[1] != 1:
@@ -1122,7 +1127,7 @@ def _pool_shims() -> None:
         for i, image in enumerate(pixels):
             Image.fromarray(image[0], mode="L").save(f"{output[:-len('.png')]}-{i}.png")
 
-    utils.save_image_batch = save_image_batch
+    return save_image_batch
 
 
 def _reference_setup(code: Path, teacher_path: str, student_name: str, seed: int, student_kwargs: dict | None = None):

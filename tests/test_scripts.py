@@ -587,6 +587,96 @@ def test_reference_deepinv_batch_is_nvlabs_get_images_at_equal_noise_and_jitter(
     torch.testing.assert_close(ours, theirs.detach(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_reference_nayer_batches_are_nayers_synthesizer_at_equal_weights(digits_teacher, tmp_path, monkeypatch):
+    """Two batches of nayer-digits' synthesis and two of NAYER's own synthesizer, from the same
+    generator, class embeddings and noisy layers, with its adversarial term on (a student that does
+    not move) and its BatchNorm momentum carried from the first batch to the second, the generator
+    stepped by plain SGD on both sides and the augmentation off: the same kept images."""
+    import sys
+
+    from dfkd.data.card import card_of, info_from_card
+    from dfkd.nets.arch import load_model
+
+    case, cache = reference.CASES["nayer"], Path(reference.DEFAULT_CACHE)
+    code = reference.checkout_folder("nayer", cache)
+    if not code.exists():
+        pytest.skip(f"NAYER's code is not in the cache ({code}): no fetch from GitHub in the tests")
+    batch, steps = 20, 3
+    work = reference.NayerWork(batch=batch, nz=16, noise_dim=32, ngf=8, g_steps=steps, kd_steps=1, epochs=2, lr=0.0,
+                               lr_g=0.01, warmup=0, g_life=100, g_loops=1, gwp_loops=1, crop=0, flip=False,
+                               student_crop=0, student_flip=False)
+    engine = Engine(load_config(case.config, [f"teacher.checkpoint={digits_teacher[0]}", *case.overrides(work),
+                                              "synthesis.inner.name=sgd", "synthesis.inner.momentum=0.0",
+                                              # a student without BatchNorm, whose lr 0 keeps it as it is
+                                              "players.student.net.kwargs.batchnorm=false",
+                                              f"output.root={tmp_path / 'dfkd'}", "output.tensorboard=false",
+                                              "runtime.progress=false", "output.quality_samples=0"]))
+    ours_generator = engine.synth.generator
+    _, meta = load_model(str(digits_teacher[0]))
+    info = info_from_card(card_of(meta), "digits")
+    with torch.no_grad():
+        for name in ("blocks.2.bias", "blocks.6.bias"):  # NAYER's convolutions before a BatchNorm have none
+            ours_generator.get_parameter(name).zero_()
+    start = {k: v.clone() for k, v in ours_generator.state_dict().items()}
+    noisy = [[(torch.randn(32, 16), torch.zeros(32)) for _ in ours_generator.noisy] for _ in range(2)]
+
+    def load_noise(layers, draw):
+        with torch.no_grad():
+            for layer, (weight, bias) in zip(layers, draw):
+                layer.weight.copy_(weight), layer.bias.copy_(bias)
+
+    draws = iter(noisy)
+    monkeypatch.setattr(ours_generator, "reset_noise", lambda: load_noise(ours_generator.noisy, next(draws)))
+    ours = []
+    add = engine.synth.pool.add
+    monkeypatch.setattr(engine.synth.pool, "add", lambda images, labels: (ours.append(images.clone()),
+                                                                          add(images=images, labels=labels)))
+    engine.fit()
+    assert len(ours) == 2
+
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
+    for name in [m for m in sys.modules if m == "datafree" or m.startswith("datafree.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(code))
+    reference._stub_modules()
+    import datafree.utils._utils as utils
+    from datafree.models.generator import NLGenerator
+    from datafree.synthesis import NAYER
+    from datafree.utils import Normalizer
+
+    mapping = {"embedding_norm": "n1", "noisy": "le1", "project": "l1.0", "blocks": "conv_blocks",
+               "to_image.0": "conv_blocks.9"}
+
+    def theirs(key):
+        prefix = next(k for k in mapping if key.startswith(k + "."))
+        return mapping[prefix] + key[len(prefix):]
+
+    generator = NLGenerator(ngf=8, img_size=32, nc=1, nl=10, label_emb=start["class_embeddings"], le_emb_size=32,
+                            le_size=16, sbz=batch)
+    generator.load_state_dict({theirs(k): v for k, v in start.items()
+                               if k != "class_embeddings" and k not in ("blocks.2.bias", "blocks.6.bias")})
+    draws = iter(noisy)
+    monkeypatch.setattr(NLGenerator, "re_init_le", lambda self: load_noise(self.le1, next(draws)))
+    monkeypatch.setattr(NLGenerator, "reinit", lambda self: self)  # its first batch's re-initialization: a fresh one
+    monkeypatch.setattr(utils, "save_image_batch", reference.greyscale_writer(utils.save_image_batch))
+    monkeypatch.setattr(torch.optim, "Adam", lambda groups, lr, betas: torch.optim.SGD(groups, lr=lr))
+    teacher, student = engine.teachers.first, engine.players.module("student")
+    normalizer = Normalizer(info.mean, info.std)
+    synthesizer = NAYER(teacher, student, generator, num_classes=10, img_size=(1, 32, 32), save_dir=str(tmp_path),
+                        normalizer=normalizer, synthesis_batch_size=batch, sample_batch_size=batch, g_steps=steps,
+                        warmup=0, lr_g=work.lr_g, adv=work.adv, bn=work.bn, oh=work.oh, bn_mmt=work.bn_mmt,
+                        g_life=100, g_loops=1, gwp_loops=1)
+    synthesizer.aug = normalizer  # its crop and flip off, as dfkd's are here
+    theirs_kept = [synthesizer.synthesize()[0]["synthetic"][0] for _ in range(2)]
+    for name in [m for m in sys.modules if m == "datafree" or m.startswith("datafree.")]:
+        sys.modules.pop(name)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
+    for mine, their in zip(ours, theirs_kept):
+        torch.testing.assert_close(mine * std + mean, their, atol=5e-4, rtol=1e-3)
+    assert (ours[1] - ours[0]).abs().max() > 0.1
+
+
 def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_fixes(monkeypatch):
     case = reference.CASES["deepinv"]
     work = reference.DeepInvWork(batch=16, epochs=2, g_steps=30, kd_steps=4, labels="random", adv=0.2)
