@@ -867,9 +867,30 @@ class DeepInvCase(Case):
         return DeepInvWork(**{**_student_work(config), "lr_g": synth.inner.lr, "bn": _weight(bn), "tv": _weight(tv),
                               "adv": _weight(adv), "jitter": augment.jitter, "labels": synth.labels})
 
-    def drive_reference(self, code, work, teacher_path, student_name, seed):
+    @staticmethod
+    def train_student(student, teacher, pool, optimizer, scheduler, work: DeepInvWork) -> None:
+        """One iteration's student steps (the script has none): each on ``work.batch`` images drawn
+        uniformly from the whole ``pool``, KL at T (batch mean, times T²); ``scheduler``, if
+        given, steps after each."""
         import torch
         import torch.nn.functional as F
+
+        student.train()
+        for _ in range(work.kd_steps):
+            batch = pool[torch.randint(len(pool), (work.batch,))]
+            with torch.no_grad():
+                t_out = teacher(batch)
+            s_out = student(batch)
+            loss = F.kl_div(F.log_softmax(s_out / work.T, dim=1), F.softmax(t_out / work.T, dim=1),
+                            reduction="batchmean") * work.T * work.T
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+
+    def drive_reference(self, code, work, teacher_path, student_name, seed):
+        import torch
 
         _fixed(work, "get_images() jitters by up to 2 pixels", jitter=2)
         if work.labels == "balanced" and work.batch != 256:
@@ -909,20 +930,8 @@ class DeepInvCase(Case):
                         bn_reg_scale=work.bn, var_scale=work.tv, random_labels=work.labels == "random",
                         l2_coeff=0.0)
                     pool.append(images.detach().clone())
-                    replay = torch.cat(pool)
-                    student.train()
-                    for _ in range(work.kd_steps):
-                        batch = replay[torch.randint(len(replay), (work.batch,))]
-                        with torch.no_grad():
-                            t_out = teacher(batch)
-                        s_out = student(batch)
-                        loss = F.kl_div(F.log_softmax(s_out / work.T, dim=1), F.softmax(t_out / work.T, dim=1),
-                                        reduction="batchmean") * work.T * work.T
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
-                        if per_step:
-                            scheduler.step()
+                    self.train_student(student, teacher, torch.cat(pool), optimizer,
+                                       scheduler if per_step else None, work)
                 if not per_step:
                     scheduler.step()
             seconds = time.perf_counter() - start

@@ -677,6 +677,41 @@ def test_reference_nayer_batches_are_nayers_synthesizer_at_equal_weights(digits_
     assert (ours[1] - ours[0]).abs().max() > 0.1
 
 
+@pytest.mark.slow
+def test_reference_deepinv_student_loop_is_dfkds_replay_at_equal_pool_and_draws(digits_teacher, tmp_path, monkeypatch):
+    """The reference side's student loop (NVlabs' script has none) and dfkd's student phase, from
+    the same student, on the same pool, drawing the same replay indices, the cosine stepped per
+    student step: the same student."""
+    case = reference.CASES["deepinv"]
+    work = reference.DeepInvWork(batch=32, labels="random", epochs=2, g_steps=2, kd_steps=3)
+    engine = Engine(load_config(case.config, [f"teacher.checkpoint={digits_teacher[0]}", *case.overrides(work),
+                                              f"output.root={tmp_path}", "output.tensorboard=false",
+                                              "runtime.progress=false", "output.quality_samples=0"]))
+    student = engine.players.module("student")
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    pool, draws = engine.synth.pool, []
+    added, add, random_index = [], pool.add, pool.random_index
+    monkeypatch.setattr(pool, "add", lambda images, labels: (added.append(images.clone()), add(images=images,
+                                                                                              labels=labels)))
+    monkeypatch.setattr(pool, "random_index", lambda n: draws.append(random_index(n)) or draws[-1])
+    engine.fit()
+    assert len(added) == 2 and len(draws) == 2 * 3
+    ours = {k: v.clone() for k, v in student.state_dict().items()}
+
+    student.load_state_dict(start)
+    optimizer = torch.optim.SGD(student.parameters(), work.lr, momentum=0.9, weight_decay=work.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 2 * 3, eta_min=work.lr_min)
+    replayed = iter(draws)
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda high, size, **kwargs: next(replayed) if tuple(size) == (32,)
+                        else randint(high, size, **kwargs))
+    for epoch in range(2):
+        case.train_student(student, engine.teachers.first, torch.cat(added[:epoch + 1]), optimizer, scheduler, work)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, ours[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert (ours["fc2.weight"] - start["fc2.weight"]).abs().max() > 1e-3
+
+
 def test_reference_deepinv_case_is_nvlabs_inversion_and_refuses_what_get_images_fixes(monkeypatch):
     case = reference.CASES["deepinv"]
     work = reference.DeepInvWork(batch=16, epochs=2, g_steps=30, kd_steps=4, labels="random", adv=0.2)
