@@ -45,9 +45,9 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
     "fast-datafree": ("https://github.com/zju-vipa/Fast-Datafree", "0dcecbc178b87048bedf730acb577045b3c0b57a"),
     "dfad": ("https://github.com/VainF/Data-Free-Adversarial-Distillation", "c161591aae4c13e53943dcb61c162876421aad7a"),
     "zskt": ("https://github.com/polo5/ZeroShotKnowledgeTransfer", "e24915d713672554800372c777c9014e3399e13b"),
-    # DAFL's code lives in the vendor's collection (Data-Efficient-Model-Compression/DAFL)
     "deepinversion": ("https://github.com/NVlabs/DeepInversion", "2413af1f97f6c73c4dcb47b6a44266aad458ff28"),
     "nayer": ("https://github.com/tmtuan1307/NAYER", "c6bedcd49ad7362ff3dc5697202d97e303919a05"),
+    # DAFL's code lives in the vendor's collection (Data-Efficient-Model-Compression/DAFL)
     "dafl": ("https://github.com/huawei-noah/Efficient-Computing", "225ddd2e6ca41915434557f7f49d395e4f801e3e"),
 }
 
@@ -869,25 +869,18 @@ class DeepInvCase(Case):
 
     @staticmethod
     def train_student(student, teacher, pool, optimizer, scheduler, work: DeepInvWork) -> None:
-        """One iteration's student steps (the script has none): each on ``work.batch`` images drawn
-        uniformly from the whole ``pool``, KL at T (batch mean, times T²); ``scheduler``, if
-        given, steps after each."""
+        """One iteration's student steps (the script has none): the benchmark's train(), each step
+        on ``work.batch`` images drawn uniformly from the whole ``pool``, KL at T (batch mean, times
+        T², the benchmark's KLDiv); ``scheduler``, if given, steps after each."""
         import torch
         import torch.nn.functional as F
 
-        student.train()
-        for _ in range(work.kd_steps):
-            batch = pool[torch.randint(len(pool), (work.batch,))]
-            with torch.no_grad():
-                t_out = teacher(batch)
-            s_out = student(batch)
-            loss = F.kl_div(F.log_softmax(s_out / work.T, dim=1), F.softmax(t_out / work.T, dim=1),
+        def kl(s_out, t_out):
+            return F.kl_div(F.log_softmax(s_out / work.T, dim=1), F.softmax(t_out / work.T, dim=1),
                             reduction="batchmean") * work.T * work.T
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+
+        _train_student(student, teacher, optimizer, kl, work.kd_steps,
+                       lambda: pool[torch.randint(len(pool), (work.batch,))], scheduler)
 
     def drive_reference(self, code, work, teacher_path, student_name, seed):
         import torch
@@ -1231,8 +1224,9 @@ def _reference_loop(synthesizer, sample, student, teacher, work: Work, warmup: i
             "s_per_iter": seconds / (work.epochs * work.iters)}
 
 
-def _train_student(student, teacher, optimizer, criterion, steps: int, sample) -> None:
-    """datafree_kd.py's train(): ``steps`` student steps, each on ``sample()``."""
+def _train_student(student, teacher, optimizer, criterion, steps: int, sample, scheduler=None) -> None:
+    """datafree_kd.py's train(): ``steps`` student steps, each on ``sample()``; ``scheduler``, if
+    given, steps after each (a per-step cosine)."""
     import torch
 
     student.train()
@@ -1244,6 +1238,8 @@ def _train_student(student, teacher, optimizer, criterion, steps: int, sample) -
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
 
 def _test_accuracy(student, meta, teacher_path: str, info) -> float:
