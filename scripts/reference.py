@@ -21,6 +21,10 @@ it run here is a shim of ours, listed in the output: the modules it imports that
 lacks or that newer torchvision moved, the teacher's ``return_features`` call, the device, the data
 it is evaluated on, and its training loop re-typed without the CIFAR evaluator, logger and
 checkpoints of its script.
+
+The knowledge-distillation terms on real data (``--case kd|dkd|at|fitnet|rkd|sp|pkt|crd``, beside
+mdistiller's distillers, with ``--epochs`` and ``--batch`` their budget) are the cases of
+``scripts/reference_kd.py``.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_kd import KD_CASES  # noqa: E402
 
 DEFAULT_CACHE = os.path.expanduser("~/.cache/dfkd/reference")
 REFERENCES = {  # name -> (where it is published, the commit measured)
@@ -49,6 +55,8 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
     "nayer": ("https://github.com/tmtuan1307/NAYER", "c6bedcd49ad7362ff3dc5697202d97e303919a05"),
     # DAFL's code lives in the vendor's collection (Data-Efficient-Model-Compression/DAFL)
     "dafl": ("https://github.com/huawei-noah/Efficient-Computing", "225ddd2e6ca41915434557f7f49d395e4f801e3e"),
+    # the knowledge-distillation terms on real data (scripts/reference_kd.py)
+    "mdistiller": ("https://github.com/megvii-research/mdistiller", "a08d46f10d6102bd6e3f258ca5ac880b020ea259"),
 }
 
 
@@ -297,6 +305,9 @@ class Case:
     def drive_reference(self, code: Path, work: Work, teacher: str, student: str, seed: int) -> dict:
         """The reference's loop on dfkd's teacher at ``work``: final accuracy, seconds per iteration."""
         raise NotImplementedError
+
+    def budget(self, work: Work) -> str:
+        return f"{work.epochs * work.iters} it x {work.kd_steps} student steps, batch {work.batch}"
 
 
 def _weight(entry) -> float:
@@ -1033,6 +1044,7 @@ CASES: dict[str, Case] = {
                "fast_cifar.sh re-initializes the generator's first layers at epoch 120 + warm-up "
                "(reset_l0); neither side does at these budgets")),
 }
+CASES.update(KD_CASES)
 
 
 # ---------------------------------------------------------------- equal work, both ways
@@ -1059,7 +1071,7 @@ def shipped_differences(case: Case, teacher: str) -> list[str]:
     from dfkd.core.config import load_config
 
     shipped = case.work_of(load_config(case.config, [f"teacher.checkpoint={teacher}"]))
-    budget = {"epochs": case.work.epochs, "iters": case.work.iters}
+    budget = {name: getattr(case.work, name) for name in ("epochs", "iters") if hasattr(case.work, name)}
     return differences(dataclasses.replace(shipped, **budget), case.work)
 
 
@@ -1295,12 +1307,13 @@ def table(rows: list[dict]) -> str:
             f"{statistics.mean(values):.3f}"
 
     first = rows[0]
-    work = first["work"]
+    case = CASES[first["case"]]
+    work = type(case.work)(**first["work"])
     return "\n".join([
         "| method | reference @ commit | budget | dfkd final | reference final | dfkd s/it | reference s/it | seeds |",
         "|---|---|---|---|---|---|---|---|",
-        f"| {first['case']} | {first['code']} @ {first['commit'][:7]} | {work['epochs'] * work['iters']} it x "
-        f"{work['kd_steps']} student steps, batch {work['batch']} | {stat('dfkd', 'final_acc')} | "
+        f"| {first['case']} | {first['code']} @ {first['commit'][:7]} | {case.budget(work)} | "
+        f"{stat('dfkd', 'final_acc')} | "
         f"{stat('reference', 'final_acc')} | {stat('dfkd', 's_per_iter')} | {stat('reference', 's_per_iter')} | "
         f"{', '.join(str(r['seed']) for r in rows)} |"])
 
@@ -1349,8 +1362,10 @@ def main(argv: list[str] | None = None) -> int:
                                                              args.seed_only)
         print(json.dumps(result))
         return 0
-    work = dataclasses.replace(case.work, **{k: v for k, v in (("epochs", args.epochs), ("iters", args.iters),
-                                                               ("batch", args.batch)) if v is not None},
+    budget = {k: v for k, v in (("epochs", args.epochs), ("iters", args.iters), ("batch", args.batch)) if v is not None}
+    if "iters" in budget and not hasattr(case.work, "iters"):
+        raise SystemExit(f"reference.py: --iters: case {args.case} runs whole epochs of its dataset (give --epochs)")
+    work = dataclasses.replace(case.work, **budget,
                                **settings(args.set, type(case.work)))
     overrides = check_equal_work(case, work, args.teacher)
     code = checkout(case.reference, Path(args.cache), args.source)

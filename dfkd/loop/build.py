@@ -357,7 +357,7 @@ def _build_sized_players(config: Config, phases: list[Phase], shape: _Shapes,
                                  f"with {use.source} {source}; give the term an 'adapter' player")
             module = create_discriminator(pc.net.name or "mlp", source, info.num_classes, **pc.net.kwargs)
         else:
-            module = create_adapter(source, shape(use.target))
+            module = create_adapter(source, shape(use.target), **pc.net.kwargs)
         judges[name] = (pc, module)
     return judges
 

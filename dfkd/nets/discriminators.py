@@ -121,15 +121,19 @@ def create_discriminator(name: str, in_shape: tuple[int, ...], num_classes: int,
 
 class Adapter(nn.Module):
     """Student feature map → teacher's shape: a 1×1 convolution with BatchNorm for the channels,
-    then bilinear resizing when the spatial sizes differ. A vector → vector adapter is linear."""
+    then bilinear resizing when the spatial sizes differ. A vector → vector adapter is linear.
+    ``relu``: a ReLU after the BatchNorm, as the hint regressor of FitNets' code, RepDistiller and
+    mdistiller (ConvReg) has, so that it regresses post-activation maps with non-negative outputs."""
 
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], relu: bool = False):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         if len(in_shape) == 3 and len(out_shape) == 3:
-            self.proj = nn.Sequential(nn.Conv2d(in_shape[0], out_shape[0], 1, bias=False), nn.BatchNorm2d(out_shape[0]))
+            self.proj = nn.Sequential(nn.Conv2d(in_shape[0], out_shape[0], 1, bias=False), nn.BatchNorm2d(out_shape[0]),
+                                      *([nn.ReLU()] if relu else []))
         elif len(in_shape) == 1 and len(out_shape) == 1:
-            self.proj = nn.Linear(in_shape[0], out_shape[0])
+            linear = nn.Linear(in_shape[0], out_shape[0])
+            self.proj = nn.Sequential(linear, nn.ReLU()) if relu else linear
         else:
             raise ShapeError(f"no adapter maps a student feature of shape {self.in_shape} onto the teacher's "
                              f"{self.out_shape}: tap layers of the same kind (both feature maps or both vectors)")
@@ -141,8 +145,11 @@ class Adapter(nn.Module):
         return x
 
 
-def create_adapter(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> nn.Module:
-    return Adapter(in_shape, out_shape)
+def create_adapter(in_shape: tuple[int, ...], out_shape: tuple[int, ...], **kwargs) -> nn.Module:
+    try:
+        return Adapter(in_shape, out_shape, **kwargs)
+    except TypeError as exc:  # an unknown keyword in net.kwargs
+        raise ConfigError(f"adapter: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------
