@@ -502,6 +502,7 @@ KD_CASES: dict[str, KDCase] = {
                    shims=SHIMS + ("CRD's sample indices and negatives, drawn by mdistiller's CIFAR100InstanceSample "
                                   "(exact mode), are drawn the same way beside dfkd's loader",
                                   "Tensor.cuda is the identity while ContrastMemory is built (its sampler calls it)"),
-                   notes=("dfkd's CRD heads step with their own SGD (momentum 0.9, weight decay 5e-4, no Nesterov) at "
-                          "the student's rate; mdistiller's with the student's optimizer",)),
+                   notes=("mdistiller scores each embedding against B x (1 + K) memory rows gathered one by one; dfkd "
+                          "scores it against the whole memory and picks the drawn rows: the same scores, faster "
+                          "where the memory is small",)),
 }

@@ -70,6 +70,46 @@ def test_crd_in_a_run_without_real_batches_is_a_one_line_error(tmp_path, digits_
         Engine(config)
 
 
+def test_crd_heads_train_in_the_students_optimizer_at_its_scheduled_rate(tmp_path, digits_teacher):
+    """CRD's code steps its embedding heads with the student's optimizer: its momentum, Nesterov
+    and weight decay, and the rate of its schedule, which a constant-rate optimizer of their own
+    (as dfkd had) does not follow."""
+    from dfkd.data.datasets import ImageTensorDataset
+    from dfkd.methods.losses.contrastive import ContrastiveRepresentation
+
+    train = load_dataset("digits", "train")
+    split = ImageTensorDataset(train.images[:64], train.labels[:64], train.info, "train")
+    engine = Engine(load_config("kd/crd-digits", [f"teacher.checkpoint={digits_teacher[0]}", f"output.root={tmp_path}",
+                                                  "train.epochs=2", "data.batch_size=32", "runtime.progress=false",
+                                                  "phases.0.losses.crd={weight: 0.8, negatives: 8}", *THIN]),
+                    write=False, train_split=split)
+    crd = next(t for t in engine.phases[0].terms if isinstance(t.term, ContrastiveRepresentation))
+    optimizer = engine.players["student"].optimizer
+    assert crd.optimizer is None and len(optimizer.param_groups) == 2
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in crd.term.parameters()}
+    assert optimizer.param_groups[1]["nesterov"] and optimizer.param_groups[1]["weight_decay"] == 5e-4
+    head = crd.term.embed_student.weight.detach().clone()
+    engine.fit()
+    assert not torch.equal(head, crd.term.embed_student.weight)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    assert rates[0] == rates[1] < 0.05 * 0.01  # the cosine's end, for the heads as for the student
+
+
+def test_a_run_whose_crd_heads_train_with_the_student_resumes_with_them(tmp_path, digits_teacher):
+    from dfkd.data.datasets import ImageTensorDataset
+
+    train = load_dataset("digits", "train")
+    split = ImageTensorDataset(train.images[:64], train.labels[:64], train.info, "train")
+    common = [f"teacher.checkpoint={digits_teacher[0]}", f"output.root={tmp_path}", "data.batch_size=32",
+              "runtime.progress=false", "output.tensorboard=false", "phases.0.losses.crd={weight: 0.8, negatives: 8}"]
+    done = Engine(load_config("kd/crd-digits", [*common, "train.epochs=2"]), train_split=split).fit()
+    resumed = Engine(load_config("kd/crd-digits", [*common, "train.epochs=3"]),
+                     resume=f"{done['run_dir']}/ckpt/last.pt", train_split=split)
+    groups = resumed.players["student"].optimizer.param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(0.05 * 0.25)  # step 4 of 6 of the cosine
+    assert resumed.fit()["steps"] == 6
+
+
 # ---------------------------------------------------------------- self-distillation (BYOT)
 def test_exits_attach_by_hooks_and_leave_the_networks_output_alone():
     torch.manual_seed(0)

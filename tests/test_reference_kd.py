@@ -34,7 +34,7 @@ def test_kd_cases_read_every_setting_back_and_refuse_a_differing_one(monkeypatch
     assert "phases.0.losses.attention.pairs=[[relu2,relu2]]" in reference.check_equal_work(case, work, "teacher.pt")
     # the thin student of the knowledge table, and mdistiller's regressor: not what kd/hint ships
     assert reference.shipped_differences(reference.CASES["fitnet"], "teacher.pt") == [
-        "width: 0.5 vs 0.125", "regressor_relu: False vs True"]
+        "width: 0.5 vs 0.125"]
     # a regressor stepped by its own schedule is not mdistiller's, which steps it with the student
     fitnet = reference.CASES["fitnet"]
     overrides = type(fitnet).overrides
@@ -124,3 +124,44 @@ def test_kd_case_runs_beside_dfkd_at_a_tiny_budget(case, digits_teacher, tmp_pat
     assert row["work"]["data"] == "digits" and row["commit"] == reference.REFERENCES["mdistiller"][1]
     for side in ("dfkd", "reference"):
         assert 0 <= row[side]["final_acc"] <= 100 and row[side]["s_per_iter"] > 0
+
+
+def test_crd_case_steps_are_mdistillers_at_equal_heads_memories_and_negatives(digits_teacher, tmp_path, monkeypatch):
+    """CRD with the same student, embedding heads, memories and negative draws on both sides: two
+    epochs of two batches end at the same student and heads as mdistiller's ContrastMemory and
+    ContrastLoss, stepped in one optimizer with the student (dfkd's heads once had an SGD of their
+    own, without the student's Nesterov momentum or schedule: their weights then part)."""
+    from dfkd.methods.losses.contrastive import ContrastiveRepresentation
+
+    code, case, teacher = mdistiller_code(), reference.CASES["crd"], str(digits_teacher[0])
+    work, split = dataclasses.replace(case.work, data="digits", batch=32, epochs=2, negatives=16), _split(64)
+    drawn, sample = [], ContrastiveRepresentation.sample_negatives
+    monkeypatch.setattr(ContrastiveRepresentation, "sample_negatives",
+                        lambda self, labels: drawn.append(sample(self, labels)) or drawn[-1])
+    engine = Engine(load_config(case.config, [f"teacher.checkpoint={teacher}", *case.overrides(work), "seed=0",
+                                              f"output.root={tmp_path}", "output.tensorboard=false",
+                                              "runtime.progress=false", "output.quality_samples=0"]),
+                    write=False, train_split=split)
+    student = engine.players.module("student")
+    crd = next(t.term for t in engine.phases[0].terms if isinstance(t.term, ContrastiveRepresentation))
+    before = copy.deepcopy(student.state_dict())
+    heads = {"embed_s.linear": copy.deepcopy(crd.embed_student.state_dict()),
+             "embed_t.linear": copy.deepcopy(crd.embed_teacher.state_dict())}
+    memories = crd.memory_student.clone(), crd.memory_teacher.clone()
+    engine.fit()
+    assert len(drawn) == 4
+
+    distiller, theirs, optimizer, scheduler, loader, _, _ = reference_kd.mdistiller_setup(
+        case, code, work, teacher, 0, train=split, init=before)
+    for name, state in heads.items():
+        distiller.get_submodule(name).load_state_dict(state)
+    distiller.contrast.memory_v1.copy_(memories[0]), distiller.contrast.memory_v2.copy_(memories[1])
+    replay = list(drawn)
+    monkeypatch.setattr(type(case), "inputs", lambda self, work, distiller, loader, labels: {
+        "index": loader.last_index, "contrastive_index": torch.cat([loader.last_index[:, None], replay.pop(0)], 1)})
+    reference_kd.mdistiller_train(case, work, distiller, optimizer, scheduler, loader)
+    assert not replay
+    for key, value in student.state_dict().items():
+        assert torch.allclose(value.float(), theirs.state_dict()[key].float(), atol=2e-5), key
+    assert torch.allclose(crd.embed_student.weight, distiller.embed_s.linear.weight, atol=2e-5)
+    assert torch.allclose(crd.memory_teacher, distiller.contrast.memory_v2, atol=2e-5)

@@ -189,7 +189,7 @@ def build_run(config: Config, train_split: ImageTensorDataset | None = None) -> 
     synth = create_synthesizer(config.synthesis, info, runtime)
     if synth is not None and not config.data.eval and len(teachers):  # no labeled image: measure on held-out samples
         synth.hold_out(config.data.agreement_samples)
-    _build_terms(config, phases, sizes, runtime.device)
+    _build_terms(config, phases, players, sizes, runtime.device)
     if eval_name not in players or players[eval_name].kind != "model":
         raise ConfigError(f"train.eval_player '{eval_name}' is not a model player")
     return Run(config, runtime, info, modality, student_shape, teachers, phases, real, labeled, test_loader,
@@ -375,16 +375,31 @@ def _wrap_for_ddp(players: Players, device: torch.device) -> None:
         player.ddp = DistributedDataParallel(player.module, device_ids=ids)
 
 
-def _build_terms(config: Config, phases: list[Phase], shape: _Shapes, device: torch.device) -> None:
+def _build_terms(config: Config, phases: list[Phase], players: Players, shape: _Shapes,
+                 device: torch.device) -> None:
     """Loss terms on the device, sized (``build``) from the networks they read; those with
     trainable parameters (e.g. the contrastive projection head) get an optimizer of their own
-    (Adam at the phase's learning rate unless the term says otherwise), stepped with their phase."""
+    (Adam at the phase's learning rate unless the term says otherwise), stepped with their phase,
+    or join their phase player's optimizer as a parameter group (``trains_with_player``)."""
     for phase in phases:
         for term in phase.terms:
             term.term.build(shape)
             term.term.to(device)
             params = [p for p in term.term.parameters() if p.requires_grad]
-            if params:
+            if params and term.term.trains_with_player and phase.player != SYNTHESIZER:
+                # the group takes the optimizer's defaults (rate, momentum, decay), and _apply_lr
+                # schedules every group: the term's weights train as the player's own
+                players[phase.player].optimizer.add_param_group({"params": params})
+                if world_size() > 1:  # not inside the DDP wrapper: averaged across ranks as DDP would
+                    for p in params:
+                        p.register_hook(_rank_mean)
+            elif params:
                 lr = (config.synthesis.inner.lr if phase.player == SYNTHESIZER
                       else config.players[phase.player].optim.lr)
                 term.optimizer = term.term.make_optimizer(params, lr)
+
+
+def _rank_mean(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad)
+    return grad / world_size()

@@ -88,11 +88,14 @@ class Player:
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.module).load_state_dict(state["model"])
         trained = [p for p in self.module.parameters() if p.requires_grad]
-        held = [p for group in self.optimizer.param_groups for p in group["params"]]
+        held = self.optimizer.param_groups[0]["params"]  # the others: loss terms' weights trained with it
         if len(trained) != len(held) or any(a is not b for a, b in zip(trained, held)):
             # the load replaced parameter objects (brevitas rebuilds its quantizers when loading):
             # the optimizer must step the model's parameters, not the ones it was built with
+            joined = [group["params"] for group in self.optimizer.param_groups[1:]]
             self.optimizer = build_optimizer(trained, self.cfg.optim)
+            for params in joined:
+                self.optimizer.add_param_group({"params": params})
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optim"])

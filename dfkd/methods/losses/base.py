@@ -77,10 +77,12 @@ class Term(nn.Module):
     - ``end_batch()``: called when a batch is done, for terms with statistics across batches.
 
     Its state (buffers, parameters, extra state) is saved with the run; parameters that take
-    gradients get an optimizer of their own, stepped with the term's phase.
+    gradients get an optimizer of their own, stepped with the term's phase, or, with
+    ``trains_with_player``, join the optimizer of the phase's player (its settings and schedule).
     """
 
     needs: tuple[str, ...] = ()
+    trains_with_player: bool = False
 
     @classmethod
     def parameters_of(cls) -> dict[str, inspect.Parameter]:

@@ -141,8 +141,11 @@ class ContrastiveRepresentation(Term):
     fixed at the first step; likewise each teacher embedding against the student memory; the loss
     is the NCE of both. Then each sample's memory rows move to its new embeddings (momentum
     ``momentum``, L2-normalized). CRD weights it 0.8 (dim 128, 16384 negatives, T 0.07, momentum
-    0.5). Its embeddings train with SGD (momentum 0.9, weight decay 5e-4) at the phase's learning
-    rate, as CRD trains them with the student. It needs the samples' indices: real-data batches."""
+    0.5). Its embeddings train with the student: they join the student's optimizer (its rate,
+    momentum, weight decay and schedule), as CRD's code and mdistiller put them in one optimizer. It
+    needs the samples' indices: real-data batches."""
+
+    trains_with_player = True
 
     def __init__(self, layers: list[str] = (EMBEDDING, EMBEDDING), dim: int = 128, negatives: int = 16384,
                  T: float = 0.07, momentum: float = 0.5):
@@ -177,9 +180,6 @@ class ContrastiveRepresentation(Term):
         self.memory_student = (torch.rand(len(labels), self.dim, device=device) * 2 - 1) * bound
         self.memory_teacher = (torch.rand(len(labels), self.dim, device=device) * 2 - 1) * bound
         self.labels, self._others = labels.to(device), None
-
-    def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
-        return build_optimizer(params, OptimConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4))
 
     def sample_negatives(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, negatives) indices of training samples of other classes than each row's, uniformly."""
