@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_kd import KD_CASES  # noqa: E402
+from reference_quant import QUANT_CASES  # noqa: E402
 
 DEFAULT_CACHE = os.path.expanduser("~/.cache/dfkd/reference")
 REFERENCES = {  # name -> (where it is published, the commit measured)
@@ -57,6 +58,8 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
     "dafl": ("https://github.com/huawei-noah/Efficient-Computing", "225ddd2e6ca41915434557f7f49d395e4f801e3e"),
     # the knowledge-distillation terms on real data (scripts/reference_kd.py)
     "mdistiller": ("https://github.com/megvii-research/mdistiller", "a08d46f10d6102bd6e3f258ca5ac880b020ea259"),
+    # the quantized students (scripts/reference_quant.py)
+    "gdfq": ("https://github.com/xushoukai/GDFQ", "a93210e7309527cdd0ac2763d2a6928a8a767838"),
 }
 
 
@@ -1045,6 +1048,7 @@ CASES: dict[str, Case] = {
                "(reset_l0); neither side does at these budgets")),
 }
 CASES.update(KD_CASES)
+CASES.update(QUANT_CASES)
 
 
 # ---------------------------------------------------------------- equal work, both ways
