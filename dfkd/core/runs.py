@@ -48,6 +48,13 @@ def world_size() -> int:
     return _environment_int("WORLD_SIZE", 1, 1)
 
 
+def mean_across_ranks(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient averaged over the processes of a torchrun job, as DDP averages its modules'."""
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad)
+    return grad / world_size()
+
+
 def is_main_process() -> bool:
     return rank() == 0
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dfkd.core import checkpoint as ckpt_io
-from dfkd.core.runs import is_main_process, rank, world_size
+from dfkd.core.runs import is_main_process, mean_across_ranks, rank, world_size
 from dfkd.core.schema import SYNTHESIZER, Config, PhaseConfig, PlayerConfig
 from dfkd.data.batch import Batch
 from dfkd.data.card import run_info
@@ -392,14 +392,8 @@ def _build_terms(config: Config, phases: list[Phase], players: Players, shape: _
                 players[phase.player].optimizer.add_param_group({"params": params})
                 if world_size() > 1:  # not inside the DDP wrapper: averaged across ranks as DDP would
                     for p in params:
-                        p.register_hook(_rank_mean)
+                        p.register_hook(mean_across_ranks)
             elif params:
                 lr = (config.synthesis.inner.lr if phase.player == SYNTHESIZER
                       else config.players[phase.player].optim.lr)
                 term.optimizer = term.term.make_optimizer(params, lr)
-
-
-def _rank_mean(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    torch.distributed.all_reduce(grad)
-    return grad / world_size()
