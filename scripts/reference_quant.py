@@ -83,7 +83,11 @@ class GDFQCase:
         """GDFQ's milestones are epochs of the whole run; dfkd's student schedule spans the epochs it
         trains in (after the warm-up), so the same epochs are other fractions of it."""
         span = work.epochs - work.warmup
-        return [(m * work.epochs - work.warmup) / span for m in _fractions(work.milestones)]
+        milestones = [(m * work.epochs - work.warmup) / span for m in _fractions(work.milestones)]
+        if not all(0 < m < 1 for m in milestones):
+            raise SystemExit(f"reference.py: milestones {work.milestones} of {work.epochs} epochs fall at or before "
+                             f"the warm-up's end (epoch {work.warmup}), where the student has not started")
+        return milestones
 
     def overrides(self, work: GDFQWork) -> list[str]:
         student, generator = "players.student", "players.generator"

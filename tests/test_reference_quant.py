@@ -49,3 +49,10 @@ def test_gdfq_runs_beside_dfkd_at_a_tiny_budget(digits_teacher, tmp_path, capsys
     assert row["work"]["batch"] == 8 and row["commit"] == reference.REFERENCES["gdfq"][1]
     for side in ("dfkd", "reference"):
         assert 0 <= row[side]["final_acc"] <= 100 and row[side]["s_per_iter"] > 0
+
+
+def test_gdfq_case_refuses_milestones_before_the_students_first_epoch():
+    case = reference.CASES["gdfq"]
+    with pytest.raises(SystemExit, match=r"milestones 0.25,0.5,0.75 of 4 epochs fall at or before the warm-up's end "
+                                         r"\(epoch 1\)"):
+        reference.check_equal_work(case, dataclasses.replace(case.work, epochs=4, warmup=1), "teacher.pt")
