@@ -45,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_kd import KD_CASES  # noqa: E402
+from reference_kd import term_option as _option  # noqa: E402
+from reference_kd import term_weight as _weight  # noqa: E402
 from reference_quant import QUANT_CASES  # noqa: E402
 
 DEFAULT_CACHE = os.path.expanduser("~/.cache/dfkd/reference")
@@ -311,14 +313,6 @@ class Case:
 
     def budget(self, work: Work) -> str:
         return f"{work.epochs * work.iters} it x {work.kd_steps} student steps, batch {work.batch}"
-
-
-def _weight(entry) -> float:
-    return float(entry["weight"] if isinstance(entry, dict) else entry)
-
-
-def _option(entry, key: str, default):
-    return entry.get(key, default) if isinstance(entry, dict) else default
 
 
 def _student_overrides(work: Work) -> list[str]:
@@ -619,6 +613,7 @@ class ZSKTCase(Case):
         import models.generator
         import solver
         import utils.loaders
+
         from dfkd.nets.taps import resolve_module
 
         layers = work.at_layers.split(",")
@@ -1121,9 +1116,8 @@ def _module_cuda(self, *args, **kwargs):
 
 def _pool_shims() -> None:
     """What the pool-based synthesizers need on a CPU-only machine and one-channel images (POOL_SHIMS)."""
-    import torch
-
     import datafree.utils._utils as utils
+    import torch
 
     torch.nn.Module.cuda = _module_cuda
     torch.Tensor.cuda = _module_cuda

@@ -116,11 +116,12 @@ def _loss(config, name: str):
     return config.phases[0].losses.get(name)
 
 
-def _weight(entry) -> float:
+def term_weight(entry) -> float:
+    """A loss entry's weight: its number, its dict's ``weight`` (1 if unsaid), 0 when absent."""
     return float(entry.get("weight", 1.0) if isinstance(entry, dict) else entry) if entry is not None else 0.0
 
 
-def _option(entry, key: str, default):
+def term_option(entry, key: str, default):
     return entry.get(key, default) if isinstance(entry, dict) else default
 
 
@@ -156,7 +157,7 @@ class KDCase:
                       lr_min=sched.min_lr if sched.name == "cosine" and sched.interval == "step" else float("nan"),
                       width=float(kwargs.get("width", 1.0)) if student.net.name == "lenet5" else
                       0.5 if student.net.name in ("lenet5_half", "lenet5-half") else float("nan"),
-                      ce=_weight(_loss(config, "ce")))
+                      ce=term_weight(_loss(config, "ce")))
         return type(self.work)(**common, **self.method_work(config))
 
     def method_work(self, config) -> dict:
@@ -195,7 +196,7 @@ class KDCaseKD(KDCase):
 
     def method_work(self, config) -> dict:
         kd = _loss(config, "kd_kl")
-        return dict(kd=_weight(kd), T=float(_option(kd, "T", 1.0)))
+        return dict(kd=term_weight(kd), T=float(term_option(kd, "T", 1.0)))
 
     def cfg(self, work: KDWorkKD) -> SimpleNamespace:
         return ns(KD=ns(TEMPERATURE=work.T, LOSS=ns(CE_WEIGHT=work.ce, KD_WEIGHT=work.kd)))
@@ -209,9 +210,9 @@ class DKDCase(KDCase):
     def method_work(self, config) -> dict:
         dkd = _loss(config, "dkd")
         # a weighted dkd entry would scale both parts: refused by reading it as another alpha and beta
-        scale = _weight(dkd)
-        return dict(alpha=scale * _option(dkd, "alpha", 1.0), beta=scale * _option(dkd, "beta", 8.0),
-                    T=float(_option(dkd, "T", 4.0)), warmup=int(_option(dkd, "warmup", 20)))
+        scale = term_weight(dkd)
+        return dict(alpha=scale * term_option(dkd, "alpha", 1.0), beta=scale * term_option(dkd, "beta", 8.0),
+                    T=float(term_option(dkd, "T", 4.0)), warmup=int(term_option(dkd, "warmup", 20)))
 
     def cfg(self, work: DKDWork) -> SimpleNamespace:
         return ns(DKD=ns(CE_WEIGHT=work.ce, ALPHA=work.alpha, BETA=work.beta, T=work.T, WARMUP=work.warmup))
@@ -225,9 +226,9 @@ class ATCase(KDCase):
 
     def method_work(self, config) -> dict:
         at = _loss(config, "attention")
-        pairs = _option(at, "pairs", [])
+        pairs = term_option(at, "pairs", [])
         same = all(s == t for s, t in pairs)
-        return dict(at=_weight(at), p=float(_option(at, "p", 2)),
+        return dict(at=term_weight(at), p=float(term_option(at, "p", 2)),
                     layers=",".join(s for s, _ in pairs) if same else f"unpaired {pairs}")
 
     def taps(self, work: ATWork) -> list[str]:
@@ -253,7 +254,7 @@ class FitNetCase(KDCase):
         student = config.players["student"]
         # the regressor trains with the student in mdistiller: one optimizer, one schedule
         same_steps = (adapter.optim, adapter.sched) == (student.optim, student.sched)
-        return dict(hint=_weight(hint) if same_steps else float("nan"), layer=_option(hint, "layer", None),
+        return dict(hint=term_weight(hint) if same_steps else float("nan"), layer=term_option(hint, "layer", None),
                     regressor_relu=bool((adapter.net.kwargs or {}).get("relu", False)))
 
     def taps(self, work: FitNetWork) -> list[str]:
@@ -269,7 +270,7 @@ class RKDCase(KDCase):
                 f"phases.0.losses.rkd_angle={work.angle}"]
 
     def method_work(self, config) -> dict:
-        return dict(distance=_weight(_loss(config, "rkd_distance")), angle=_weight(_loss(config, "rkd_angle")))
+        return dict(distance=term_weight(_loss(config, "rkd_distance")), angle=term_weight(_loss(config, "rkd_angle")))
 
     def cfg(self, work: RKDWork) -> SimpleNamespace:
         return ns(RKD=ns(DISTANCE_WEIGHT=work.distance, ANGLE_WEIGHT=work.angle, PDIST=ns(EPSILON=1e-12, SQUARED=False),
@@ -283,8 +284,8 @@ class SPCase(KDCase):
 
     def method_work(self, config) -> dict:
         sp = _loss(config, "sp")
-        student, teacher = _option(sp, "layers", [EMBEDDING, EMBEDDING])
-        return dict(sp=_weight(sp), layer=student if student == teacher else f"unpaired {student}, {teacher}")
+        student, teacher = term_option(sp, "layers", [EMBEDDING, EMBEDDING])
+        return dict(sp=term_weight(sp), layer=student if student == teacher else f"unpaired {student}, {teacher}")
 
     def taps(self, work: SPWork) -> list[str]:
         return [work.layer]  # feats[-1]
@@ -298,7 +299,7 @@ class PKTCase(KDCase):
         return [f"phases.0.losses.ce={work.ce}", f"phases.0.losses.pkt={work.pkt}"]
 
     def method_work(self, config) -> dict:
-        return dict(pkt=_weight(_loss(config, "pkt")))
+        return dict(pkt=term_weight(_loss(config, "pkt")))
 
     def cfg(self, work: PKTWork) -> SimpleNamespace:
         return ns(PKT=ns(LOSS=ns(CE_WEIGHT=work.ce, FEAT_WEIGHT=work.pkt)))
@@ -312,9 +313,9 @@ class CRDCase(KDCase):
 
     def method_work(self, config) -> dict:
         crd = _loss(config, "crd")
-        return dict(crd=_weight(crd), dim=int(_option(crd, "dim", 128)),
-                    negatives=int(_option(crd, "negatives", 16384)),
-                    nce_T=float(_option(crd, "T", 0.07)), nce_momentum=float(_option(crd, "momentum", 0.5)))
+        return dict(crd=term_weight(crd), dim=int(term_option(crd, "dim", 128)),
+                    negatives=int(term_option(crd, "negatives", 16384)),
+                    nce_T=float(term_option(crd, "T", 0.07)), nce_momentum=float(term_option(crd, "momentum", 0.5)))
 
     def cfg(self, work: CRDWork) -> SimpleNamespace:
         return ns(CRD=ns(FEAT=ns(DIM=work.dim, STUDENT_DIM=None, TEACHER_DIM=None),
