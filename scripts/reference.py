@@ -62,6 +62,7 @@ REFERENCES = {  # name -> (where it is published, the commit measured)
     "mdistiller": ("https://github.com/megvii-research/mdistiller", "a08d46f10d6102bd6e3f258ca5ac880b020ea259"),
     # the quantized students (scripts/reference_quant.py)
     "gdfq": ("https://github.com/xushoukai/GDFQ", "a93210e7309527cdd0ac2763d2a6928a8a767838"),
+    "qimera": ("https://github.com/iamkanghyunchoi/qimera", "2f48cbaf1d0dbaf893ca6369681e801af16e4fef"),
 }
 
 

@@ -1,7 +1,7 @@
-"""The quantized-student cases of ``scripts/reference.py``: GDFQ's code beside dfkd's
-``quant/gdfq-*-paper`` config at equal work.
+"""The quantized-student cases of ``scripts/reference.py``: GDFQ's and Qimera's code beside dfkd's
+``quant/gdfq-*-paper`` and ``quant/qimera-*-paper`` configs at equal work.
 
-    python scripts/reference.py --case gdfq --teacher T.pt [--seeds 0 1 2] [--epochs 8] [--batch 128]
+    python scripts/reference.py --case gdfq|qimera --teacher T.pt [--seeds 0 1 2] [--epochs 8] [--batch 128]
         [--set FIELD=VALUE ...]
 
 GDFQ trains a label-conditional generator against the full-precision teacher (cross-entropy on the
@@ -11,6 +11,10 @@ eval mode and idle through the warm-up epochs. The reference side builds main.py
 and quantizes dfkd's teacher with main.py's ``quantize_model`` (ZeroQ's layers), then calls
 trainer.py's ``Trainer.train(epoch)`` as it is, epoch after epoch, with main.py's ``run()``'s
 activation-range schedule around it; its CIFAR loaders, logger, test and checkpoints are not run.
+
+Qimera's code is GDFQ's with superposed classes: with probability ``mix_prob`` a batch asks for
+``mix_classes`` random classes a sample, mixed by softmax(N(0, 1)) weights that are also its soft
+label. The reference side drives Qimera's main.py and trainer.py the same way.
 """
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ GDFQ_SHIMS = (
     "and a QuantAct after each ReLU)",
     "evaluated once, after training, on the test split through dfkd's evaluator (the script tests CIFAR each epoch)",
 )
+QIMERA_SHIMS = GDFQ_SHIMS[:3] + (
+    "the trainer's log line compares the teacher's argmax with a mixed batch's (batch, 2) labels, which numpy "
+    "before 1.25 answered with False (the logged accuracy 0) and numpy now refuses: it is answered False again",
+    "the teacher and the student are called as Qimera calls them, model(x) -> logits; the student is main.py's "
+    "quantize_model of dfkd's teacher (ZeroQ's layers, as GDFQ's)",
+    GDFQ_SHIMS[4],
+)
 GDFQ_NOTES = (
     "GDFQ quantizes each ReLU's output with a range kept as a moving average (beta 0.9, divided by 1 - beta^t "
     "at every step, so it compounds) through the first 4 epochs, then fixed; dfkd (brevitas) quantizes each "
@@ -39,6 +50,12 @@ GDFQ_NOTES = (
     "batches, then fixed",
     "GDFQ keeps biases in float; dfkd quantizes them to 32 bits at the input scale x the weight scale",
     "GDFQ's iterations per epoch (200) and the epochs its activation ranges move (4) are fixed in its code",
+)
+QIMERA_NOTES = tuple(note.replace("GDFQ", "Qimera") for note in GDFQ_NOTES) + (
+    "Qimera draws a latent for each class a sample mixes; dfkd draws one a sample, shared by its classes",
+    "Qimera standardizes a mixed batch's starts (embedding + latent) over the whole batch and the latent "
+    "dimensions, one mean for each mixed slot (its single-class batches: each sample over its latent "
+    "dimensions); dfkd standardizes each sample's start for each class over its latent dimensions, mixed or not",
 )
 
 
@@ -63,6 +80,16 @@ class GDFQWork:
     # fixed in GDFQ's code, read back from dfkd's config: its generator, its student's start and BatchNorms
     generator: str = "conditional, ngf 64, BatchNorm eps 0.8, tanh + BatchNorm output"
     student: str = "min/max quantizer, initialized from the teacher, BatchNorm in eval mode"
+
+
+@dataclass(frozen=True)
+class QimeraWork(GDFQWork):
+    """What both sides of the Qimera case are given (Qimera's CIFAR-10 script, run_cifar10_4bit.sh)."""
+    nz: int = 64
+    mix_prob: float = 0.4     # --multi_label_prob
+    mix_classes: int = 2      # --multi_label_num
+    noise_scale: float = 1.0  # --noise_scale
+    generator: str = "superposed, random embeddings, no mapping, ngf 64, BatchNorm eps 0.8, tanh + BatchNorm output"
 
 
 def _fractions(text: str) -> list[float]:
@@ -139,6 +166,31 @@ class GDFQCase:
         return gdfq_run(code, work, teacher, seed)
 
 
+class QimeraCase(GDFQCase):
+    """Qimera: dfkd's ``quant/qimera-<data>-paper`` beside iamkanghyunchoi/qimera's main.py and trainer.py."""
+
+    def overrides(self, work: QimeraWork) -> list[str]:
+        return [*super().overrides(work), f"synthesis.mix_prob={work.mix_prob}",
+                f"synthesis.mix_classes={work.mix_classes}",
+                f"players.generator.net.kwargs.noise_scale={work.noise_scale}"]
+
+    def work_of(self, config) -> QimeraWork:
+        generator = config.players["generator"].net
+        g = generator.kwargs
+        g_arch = (f"{'superposed' if generator.name == 'qimera' else generator.name}, random embeddings, "
+                  f"{'a mapping' if g.get('mapping') else 'no mapping'}, ngf {g.get('ngf', 64)}, BatchNorm eps "
+                  f"{g.get('bn_eps', 1e-5):g}, "
+                  + ("tanh + BatchNorm output" if g.get("output", "bn") == "bn" else f"{g.get('output')} output"))
+        fields = {**vars(super().work_of(config)), "generator": g_arch}
+        return QimeraWork(**fields, mix_prob=config.synthesis.mix_prob, mix_classes=config.synthesis.mix_classes,
+                          noise_scale=float(g.get("noise_scale", 1.0)))
+
+    def drive_reference(self, code: Path, work: QimeraWork, teacher: str, student: str, seed: int) -> dict:
+        # run_cifar10_4bit.sh's flags: --randemb (no teacher weights as embeddings), no --no_DM (so no mapping)
+        return gdfq_run(code, work, teacher, seed, no_DM=True, noise_scale=work.noise_scale, intermediate_dim=100,
+                        multi_label_prob=work.mix_prob, multi_label_num=work.mix_classes)
+
+
 def _stub_for_gdfq() -> None:
     import torch
 
@@ -172,9 +224,41 @@ class _Called:
         return GDFQModel()
 
 
-def gdfq_setup(code: Path, work: GDFQWork, teacher_path: str, seed: int):
-    """GDFQ's generator, quantized student and trainer on dfkd's teacher: ``(design, trainer, student,
-    info, meta)``, ``design`` the main.py ExperimentDesign methods' holder."""
+def _old_equality():
+    import numpy as np
+
+    class OldEquality(np.ndarray):
+        """An array whose ``==`` with an array of another shape is False, as numpy < 1.25 answered."""
+
+        def __eq__(self, other):
+            try:
+                return np.asarray(self) == other
+            except ValueError:
+                return False
+
+    return OldEquality
+
+
+def _import_fresh(code: Path, *names: str) -> list[types.ModuleType]:
+    """``names`` imported from ``code``: GDFQ and Qimera share module names (main, trainer, utils, ...),
+    so one imported before from the other's folder is dropped first."""
+    import importlib
+
+    shared = ("main", "trainer", "utils", "options", "dataloader", "quantization_utils", "conditional_batchnorm",
+              "pytorchcv")
+    for name in [n for n in sys.modules if n.split(".")[0] in shared]:
+        del sys.modules[name]
+    sys.path.insert(0, str(code))
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(code))
+
+
+def gdfq_setup(code: Path, work: GDFQWork, teacher_path: str, seed: int, **extra):
+    """GDFQ's (or Qimera's) generator, quantized student and trainer on dfkd's teacher: ``(design,
+    trainer, student, info, meta)``, ``design`` the main.py ExperimentDesign methods' holder;
+    ``extra``: settings of Qimera's options."""
     import random
 
     import numpy as np
@@ -183,11 +267,10 @@ def gdfq_setup(code: Path, work: GDFQWork, teacher_path: str, seed: int):
     from dfkd.data.card import card_of, info_from_card
     from dfkd.nets.arch import load_model
 
-    sys.path.insert(0, str(code))
     _stub_for_gdfq()
-    import main as gdfq_main  # GDFQ's main.py and utils/, on the path just above  # isort: skip
-    import utils as gdfq_utils  # isort: skip
-
+    gdfq_main, gdfq_utils, gdfq_trainer = _import_fresh(code, "main", "utils", "trainer")
+    old = _old_equality()
+    gdfq_trainer.np = SimpleNamespace(mean=np.mean, argmax=lambda a, axis=None: np.argmax(a, axis).view(old))
     gdfq_utils.data_parallel = lambda model, ngpus, gpu0=0: model
     gdfq_utils.compute_singlecrop = lambda outputs, labels, loss, **kwargs: (0.0, float(loss.detach()), 0.0)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -201,7 +284,7 @@ def gdfq_setup(code: Path, work: GDFQWork, teacher_path: str, seed: int):
                                batchSize=work.batch, nGPU=1, GPU=0, momentum=0.9, weightDecay=work.weight_decay,
                                lr_S=work.lr, lr_G=work.lr_g, b1=0.5, b2=0.999, nEpochs=work.epochs,
                                warmup_epochs=work.warmup, temperature=work.T, alpha=1.0, qw=work.weights,
-                               qa=work.acts, dataset=meta.get("dataset"))
+                               qa=work.acts, dataset=meta.get("dataset"), **extra)
     generator = gdfq_main.Generator(options=settings)
     design = SimpleNamespace(settings=settings)
     design.quantize_model = lambda model: gdfq_main.ExperimentDesign.quantize_model(design, model)
@@ -228,15 +311,15 @@ def gdfq_train(design, trainer, quantized, work: GDFQWork) -> None:
         design.freeze_model(quantized)
 
 
-def gdfq_run(code: Path, work: GDFQWork, teacher_path: str, seed: int) -> dict:
+def gdfq_run(code: Path, work: GDFQWork, teacher_path: str, seed: int, **extra) -> dict:
     from dfkd.data.datasets import load_dataset
     from dfkd.data.loader import TensorLoader
     from dfkd.loop.evaluation import evaluate
 
     if work.bn != 0.1 or work.iters != 200:
-        raise SystemExit("reference.py: GDFQ's trainer fixes the BN-statistics weight (0.1) and the iterations "
-                         "per epoch (200): bn, iters cannot be changed")
-    design, trainer, quantized, info, meta = gdfq_setup(code, work, teacher_path, seed)
+        raise SystemExit(f"reference.py: {'Qimera' if extra else 'GDFQ'}'s trainer fixes the BN-statistics weight "
+                         "(0.1) and the iterations per epoch (200): bn, iters cannot be changed")
+    design, trainer, quantized, info, meta = gdfq_setup(code, work, teacher_path, seed, **extra)
     start = time.perf_counter()
     gdfq_train(design, trainer, quantized, work)
     seconds = time.perf_counter() - start
@@ -247,4 +330,6 @@ def gdfq_run(code: Path, work: GDFQWork, teacher_path: str, seed: int) -> dict:
 QUANT_CASES = {
     "gdfq": GDFQCase(reference="gdfq", config="quant/gdfq-fmnist-paper", work=GDFQWork(), shims=GDFQ_SHIMS,
                      notes=GDFQ_NOTES),
+    "qimera": QimeraCase(reference="qimera", config="quant/qimera-fmnist-paper", work=QimeraWork(),
+                         shims=QIMERA_SHIMS, notes=QIMERA_NOTES),
 }

@@ -56,3 +56,93 @@ def test_gdfq_case_refuses_milestones_before_the_students_first_epoch():
     with pytest.raises(SystemExit, match=r"milestones 0.25,0.5,0.75 of 4 epochs fall at or before the warm-up's end "
                                          r"\(epoch 1\)"):
         reference.check_equal_work(case, dataclasses.replace(case.work, epochs=4, warmup=1), "teacher.pt")
+
+
+def test_qimera_case_reads_back_its_mixing_and_refuses_a_differing_one(monkeypatch):
+    case = reference.CASES["qimera"]
+    assert reference.shipped_differences(case, "teacher.pt") == []
+    work = dataclasses.replace(case.work, epochs=8, warmup=1, batch=32, mix_prob=0.5, mix_classes=3)
+    overrides = reference.check_equal_work(case, work, "teacher.pt")
+    assert "synthesis.mix_prob=0.5" in overrides and "synthesis.mix_classes=3" in overrides
+    overrides_of = type(case).overrides
+    for extra, wrong in (["synthesis.mix_prob=0.2"], "mix_prob: 0.2 vs 0.5"), \
+                        (["players.generator.net.kwargs.mapping=true"], "generator: 'superposed, random embeddings, "
+                                                                        "a mapping"), \
+                        (["players.generator.net.kwargs.noise_scale=2.0"], "noise_scale: 2.0 vs 1.0"):
+        monkeypatch.setattr(type(case), "overrides",
+                            lambda self, work, extra=extra: [*overrides_of(self, work), *extra])
+        with pytest.raises(SystemExit, match="would not do the reference's work: .*" + wrong):
+            reference.check_equal_work(case, work, "teacher.pt")
+
+
+def _qimera_generator_beside_dfkds():
+    """Qimera's Generator (as run_cifar10_4bit.sh builds it) and dfkd's ``qimera`` generator of
+    ``quant/qimera-fmnist-paper`` with the same weights, on 28x28 grey images."""
+    from pathlib import Path
+
+    import torch
+
+    from generators import create_generator
+
+    code = reference.checkout_folder("qimera", Path(reference.DEFAULT_CACHE))
+    if not code.exists():
+        pytest.skip("Qimera's code is not in the cache: no fetch from GitHub in the tests")
+    reference_quant._stub_for_gdfq()
+    (qimera_main,) = reference_quant._import_fresh(code, "main")
+    settings = type("Settings", (), dict(nClasses=10, latent_dim=64, no_DM=True, noise_scale=1.0, intermediate_dim=100,
+                                         img_size=28, channels=1))()
+    torch.manual_seed(0)
+    theirs = qimera_main.Generator(options=settings)
+    ours = create_generator("qimera", 64, (1, 28, 28), 10, ngf=64, bn_eps=0.8)
+    mine = [t for name, t in ours.state_dict().items() if not name.startswith("embedding")]
+    their = [t for name, t in theirs.state_dict().items() if not name.startswith("label_emb")]
+    assert [t.shape for t in mine] == [t.shape for t in their]
+    with torch.no_grad():
+        for a, b in zip(mine, their):
+            a.copy_(b)
+        ours.embedding.weight.copy_(theirs.label_emb.weight)
+    return theirs.train(), ours.train()
+
+
+def test_qimera_generator_makes_qimeras_images_from_single_classes():
+    import torch
+
+    theirs, ours = _qimera_generator_beside_dfkds()
+    z, y = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
+    assert torch.allclose(ours(z, y), theirs(z, y), atol=1e-5)
+
+
+def test_qimera_generator_standardizes_a_mixed_sample_alone_where_qimeras_code_uses_the_batch():
+    """The divergence the case lists: with one latent shared by a sample's two classes, Qimera's code
+    standardizes each mixed slot over the batch and the latent, dfkd each sample; on a batch whose
+    samples share one start the two agree (the batch is then one sample's statistics)."""
+    import torch
+
+    theirs, ours = _qimera_generator_beside_dfkds()
+    g = torch.Generator().manual_seed(2)
+    z, labels = torch.randn(16, 64, generator=g), torch.randint(0, 10, (16, 2), generator=g)
+    weights = torch.softmax(torch.randn(16, 2, generator=g), 1)
+    soft = torch.zeros(16, 10).scatter_add_(1, labels, weights)
+    shared = z.unsqueeze(1).expand(16, 2, 64).contiguous()
+    assert not torch.allclose(ours(z, soft), theirs(shared, labels, weights), atol=1e-3)
+    one = torch.zeros(16, 10).scatter_add_(1, labels[:1].expand(16, 2), weights[:1].expand(16, 2))
+    same = z[:1].expand(16, 64)
+    assert torch.allclose(ours(same, one), theirs(same.unsqueeze(1).expand(16, 2, 64).contiguous(),
+                                                  labels[:1].expand(16, 2), weights[:1].expand(16, 2)), atol=1e-4)
+
+
+def test_qimera_runs_beside_dfkd_at_a_tiny_budget(digits_teacher, tmp_path, capsys):
+    from pathlib import Path
+
+    if not reference.checkout_folder("qimera", Path(reference.DEFAULT_CACHE)).exists():
+        pytest.skip("Qimera's code is not in the cache: no fetch from GitHub in the tests")
+    assert reference.main(["--case", "qimera", "--teacher", str(digits_teacher[0]), "--seeds", "0", "--epochs", "1",
+                           "--batch", "8", "--set", "data=digits", "warmup=0", "mix_prob=1.0",
+                           "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "one latent a sample" in out or "dfkd draws one a sample" in out
+    assert "differs from the reference's settings in: nothing" in out
+    row = json.loads((tmp_path / "out" / "qimera.jsonl").read_text())
+    assert row["work"]["mix_prob"] == 1.0 and row["commit"] == reference.REFERENCES["qimera"][1]
+    for side in ("dfkd", "reference"):
+        assert 0 <= row[side]["final_acc"] <= 100 and row[side]["s_per_iter"] > 0
