@@ -46,9 +46,10 @@ QIMERA_SHIMS = GDFQ_SHIMS[:3] + (
 GDFQ_NOTES = (
     "GDFQ quantizes each ReLU's output with a range kept as a moving average (beta 0.9, divided by 1 - beta^t "
     "at every step, so it compounds) through the first 4 epochs, then fixed; dfkd (brevitas) quantizes each "
-    "quantized layer's input, its range the mean of the batch minima and maxima over the first stats_steps "
-    "batches, then fixed",
-    "GDFQ keeps biases in float; dfkd quantizes them to 32 bits at the input scale x the weight scale",
+    "quantized layer's input but the first (the image stays float, as in GDFQ's code: quantize_input false), "
+    "its range the mean of the batch minima and maxima over the first stats_steps batches, then fixed",
+    "GDFQ keeps biases in float; dfkd quantizes them to 32 bits at the input scale x the weight scale (but the "
+    "first layer's, whose input is float)",
     "GDFQ's iterations per epoch (200) and the epochs its activation ranges move (4) are fixed in its code",
 )
 QIMERA_NOTES = tuple(note.replace("GDFQ", "Qimera") for note in GDFQ_NOTES) + (
@@ -79,7 +80,7 @@ class GDFQWork:
     acts: int = 4
     # fixed in GDFQ's code, read back from dfkd's config: its generator, its student's start and BatchNorms
     generator: str = "conditional, ngf 64, BatchNorm eps 0.8, tanh + BatchNorm output"
-    student: str = "min/max quantizer, initialized from the teacher, BatchNorm in eval mode"
+    student: str = "min/max quantizer, float input, initialized from the teacher, BatchNorm in eval mode"
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class GDFQCase:
         g_arch = (f"{generator.net.name}, ngf {g.get('ngf', 64)}, BatchNorm eps {g.get('bn_eps', 1e-5):g}, "
                   + ("tanh + BatchNorm output" if g.get("output", "bn") == "bn" else f"{g.get('output')} output"))
         s_arch = (f"{quant.quantizer.replace('minmax', 'min/max')} quantizer, "
+                  f"{'quantized' if quant.quantize_input else 'float'} input, "
                   f"{'initialized from the teacher' if quant.init == 'teacher' else quant.init}, "
                   f"BatchNorm {'in eval mode' if quant.freeze_bn else 'training'}") if quant else "not quantized"
         return GDFQWork(generator=g_arch, student=s_arch, data=config.data.name, batch=config.synthesis.batch_size,

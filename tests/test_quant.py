@@ -16,8 +16,8 @@ from dfkd.core.config import load_config
 from dfkd.loop.engine import Engine
 from dfkd.nets.arch import load_model
 from dfkd.nets.models import create_model
-from dfkd.nets.quant import (_progress_fields, calibrate, fold_batchnorm, is_quantized, model_bytes, quantize,
-                             quantized_layers)
+from dfkd.nets.quant import (_progress_fields, calibrate, fold_batchnorm, is_quantized, model_bytes, quant_summary,
+                             quantize, quantized_layers)
 from dfkd.tools.export import export_onnx
 from dfkd_base.errors import CheckpointError, ConfigError
 
@@ -55,6 +55,24 @@ def test_keep_first_last_holds_the_end_layers_at_their_own_bit_width():
     model = lenet(weights=2, acts=2, keep_first_last=8)
     bits = {p: (int(m.weight_quant.bit_width()), int(m.input_quant.bit_width())) for p, m in quantized_layers(model)}
     assert bits == {"conv1": (8, 8), "conv2": (2, 2), "conv3": (2, 2), "fc1": (2, 2), "fc2": (8, 8)}
+
+
+def test_quantize_input_false_leaves_the_image_and_the_first_layers_bias_float():
+    """ZeroQ's, GDFQ's and Qimera's code quantize activations after the ReLUs only: their first
+    convolution sees the float image. Two images one 4-bit step apart in a few pixels give the first
+    layer the same quantized input, but different outputs once its input stays float."""
+    model = lenet(quantizer="minmax", quantize_input=False).eval()
+    first = model.conv1
+    assert not first.input_quant.is_quant_enabled and not first.bias_quant.is_quant_enabled
+    assert all(m.input_quant.is_quant_enabled for p, m in quantized_layers(model) if p != "conv1")
+    x = torch.randn(2, *DIGITS)
+    nudged = x.clone()
+    nudged[:, :, :4, :4] += 1e-3
+    assert not torch.equal(first(x), first(nudged))
+    quantized = lenet(quantizer="minmax").eval()
+    quantized(x)  # its input range, from this batch
+    assert torch.equal(quantized.conv1(x), quantized.conv1(nudged))
+    assert quant_summary(model.quant) == "W4A4 minmax, float input"
 
 
 def test_lsq_weights_start_at_max_abs_over_the_largest_level():

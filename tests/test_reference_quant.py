@@ -19,9 +19,11 @@ def test_gdfq_case_reads_back_every_setting_and_refuses_a_differing_one(monkeypa
     assert any("milestones: [0.3333333333333333]" in o for o in overrides if o.startswith("players.student.sched"))
     overrides_of = type(case).overrides
     for extra, wrong in (["players.generator.net.kwargs.ngf=32"], "generator: 'conditional, ngf 32"), \
-                        (["players.student.quant.freeze_bn=false"], "student: 'min/max quantizer, initialized from "
-                                                                    "the teacher, BatchNorm training'"), \
-                        (["players.student.sched.gamma=0.5"], "milestones: 'student 0.5' vs '0.5'"):
+                        (["players.student.quant.freeze_bn=false"], "student: 'min/max quantizer, float input, "
+                                                                    "initialized from the teacher, BatchNorm training'"), \
+                        (["players.student.sched.gamma=0.5"], "milestones: 'student 0.5' vs '0.5'"), \
+                        (["players.student.quant.quantize_input=true"], "student: 'min/max quantizer, quantized "
+                                                                        "input"):
         monkeypatch.setattr(type(case), "overrides",
                             lambda self, work, extra=extra: [*overrides_of(self, work), *extra])
         with pytest.raises(SystemExit, match="would not do the reference's work: .*" + wrong.replace("(", r"\(")):

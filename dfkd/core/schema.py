@@ -107,6 +107,7 @@ class QuantConfig:
     quantizer: Literal["lsq", "pact", "minmax"] = "lsq" # learned steps, learned clip, or min/max ranges
     per_channel: bool = True            # a weight step per output channel
     keep_first_last: Optional[int] = None  # bits of the first and last weighted layers (None: as the rest)
+    quantize_input: bool = True         # false: the network's input (the first weighted layer's) stays float
     init: Literal["scratch", "teacher"] = "scratch"  # teacher: a quantized copy of the (first) teacher
     fold_bn: bool = False               # fold each conv's BatchNorm into it before quantizing
     freeze_bn: bool = False             # BatchNorm layers normalize with their running statistics while training

@@ -23,6 +23,9 @@ Quantizers (``quant.quantizer``):
 Biases are kept at 32 bits with scale = input scale × weight scale, as integer inference engines
 need. ``keep_first_last`` holds the first and last weighted layers (and their inputs) at that
 many bits, the usual convention for 2- and 4-bit networks.
+``quantize_input: false`` leaves the network's input, the first weighted layer's, in float (and
+that layer's bias, which has no input step to be an integer of): ZeroQ's, GDFQ's and Qimera's
+code quantize activations after the ReLUs only, so their first convolution sees the float image.
 
 brevitas keeps the progress of its statistics (how many batches a range has seen, whether a
 weight step was initialized) in plain attributes, not in the state dict; :func:`_track_progress`
@@ -257,6 +260,8 @@ def quantize(model: nn.Module, quant: dict[str, Any], input_shape: tuple[int, ..
                       input_quant=_act_quant(quant["quantizer"], bits[1], signed.get(path, True),
                                              quant["stats_steps"], quant["clip_init"]),
                       bias_quant=bq.Int32Bias if float_layer.bias is not None else None)
+        if path == layers[0] and not quant.get("quantize_input", True):
+            kwargs.update(input_quant=None, bias_quant=None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if isinstance(float_layer, nn.Conv2d):
@@ -333,6 +338,8 @@ def quant_summary(quant: dict[str, Any] | None) -> str:
     if not quant:
         return "float32"
     ends = f", first/last {quant['keep_first_last']}-bit" if quant.get("keep_first_last") else ""
+    if not quant.get("quantize_input", True):
+        ends += ", float input"
     return f"W{quant['weights']}A{quant['acts']} {quant['quantizer']}{ends}"
 
 
@@ -360,7 +367,7 @@ def quant_inspection(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, float
         qw = layer.quant_weight()
         scalars[f"quant/weight_step/{path}"] = float(qw.scale.float().mean())
         histograms[f"quant/weight_error/{path}"] = (qw.value - layer.weight).detach().flatten()
-        if path in seen:
+        if path in seen and layer.input_quant.is_quant_enabled:
             inp, out = seen[path]
             scale = layer.input_quant.scale()
             zero = layer.input_quant.zero_point()
