@@ -93,6 +93,12 @@ class QimeraWork(GDFQWork):
     generator: str = "superposed, random embeddings, no mapping, ngf 64, BatchNorm eps 0.8, tanh + BatchNorm output"
 
 
+def _generator_body(kwargs) -> str:
+    """The part of the generator both codes fix, as the work names it, from dfkd's generator kwargs."""
+    output = "tanh + BatchNorm" if kwargs.get("output", "bn") == "bn" else kwargs.get("output")
+    return f"ngf {kwargs.get('ngf', 64)}, BatchNorm eps {kwargs.get('bn_eps', 1e-5):g}, {output} output"
+
+
 def _fractions(text: str) -> list[float]:
     return [float(m) for m in text.split(",")]
 
@@ -148,8 +154,7 @@ class GDFQCase:
         quant = student.quant
         optim_ok = student.optim.name == "sgd" and student.optim.momentum == 0.9 and student.optim.nesterov
         g = generator.net.kwargs
-        g_arch = (f"{generator.net.name}, ngf {g.get('ngf', 64)}, BatchNorm eps {g.get('bn_eps', 1e-5):g}, "
-                  + ("tanh + BatchNorm output" if g.get("output", "bn") == "bn" else f"{g.get('output')} output"))
+        g_arch = f"{generator.net.name}, {_generator_body(g)}"
         s_arch = (f"{quant.quantizer.replace('minmax', 'min/max')} quantizer, "
                   f"{'quantized' if quant.quantize_input else 'float'} input, "
                   f"{'initialized from the teacher' if quant.init == 'teacher' else quant.init}, "
@@ -180,9 +185,7 @@ class QimeraCase(GDFQCase):
         generator = config.players["generator"].net
         g = generator.kwargs
         g_arch = (f"{'superposed' if generator.name == 'qimera' else generator.name}, random embeddings, "
-                  f"{'a mapping' if g.get('mapping') else 'no mapping'}, ngf {g.get('ngf', 64)}, BatchNorm eps "
-                  f"{g.get('bn_eps', 1e-5):g}, "
-                  + ("tanh + BatchNorm output" if g.get("output", "bn") == "bn" else f"{g.get('output')} output"))
+                  f"{'a mapping' if g.get('mapping') else 'no mapping'}, {_generator_body(g)}")
         fields = {**vars(super().work_of(config)), "generator": g_arch}
         return QimeraWork(**fields, mix_prob=config.synthesis.mix_prob, mix_classes=config.synthesis.mix_classes,
                           noise_scale=float(g.get("noise_scale", 1.0)))
