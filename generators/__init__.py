@@ -182,12 +182,13 @@ class ConditionalGenerator(DCGANGenerator):
 class SuperposedGenerator(DCGANGenerator):
     """Qimera's generator (Choi et al., NeurIPS 2021): each class has a learned embedding; a sample
     of class ``y`` starts from embedding(y) + ``noise_scale``·z, standardized over its latent
-    dimensions, so the decoder sees inputs on one scale. ``y`` may also be a row of class
-    probabilities (superposed classes, see ``synthesis.mix_prob``): the sample then starts from
-    the probability-weighted sum of each class's standardized input, a point between the classes
+    dimensions, so the decoder sees inputs on one scale. A superposed request (``synthesis.mix_prob``)
+    gives ``y`` as slots ``(N, K, classes)``, each a weighted one-hot row, and ``z`` as ``(N, K, nz)``,
+    a latent a slot: each slot starts from its class's embedding + ``noise_scale``·its latent,
+    standardized over the batch and the latent dimensions (Qimera's code runs one BatchNorm over the
+    stacked slots), and the sample starts from the slots' weighted sum, a point between its classes
     that supports the teacher's decision boundaries. ``mapping``: a linear layer after the mix
-    (Qimera's disentanglement mapping, off in its CIFAR scripts); Qimera draws one z per mixed class,
-    here the sample's z is shared by its classes.
+    (Qimera's disentanglement mapping, off in its CIFAR scripts).
     """
 
     conditional = True
@@ -200,16 +201,23 @@ class SuperposedGenerator(DCGANGenerator):
         self.mapping = nn.Linear(nz, nz) if mapping else nn.Identity()
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
-            raise ValueError("SuperposedGenerator needs class labels: y of shape (N,) or class weights (N, classes)")
-        self._check_latent(z)
+        if y is None or y.dim() not in (1, 3):
+            raise ValueError("SuperposedGenerator needs class labels: y of shape (N,), or superposed slots "
+                             f"(N, K, classes), got {None if y is None else tuple(y.shape)}")
         if y.dim() == 1:
+            self._check_latent(z)
             start = self.embedding(y) + self.noise_scale * z
             start = (start - start.mean(1, keepdim=True)) / (start.var(1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-        else:  # every class's standardized start, weighted by the sample's class probabilities
-            every = self.embedding.weight.unsqueeze(0) + self.noise_scale * z.unsqueeze(1)   # (N, classes, nz)
-            every = (every - every.mean(2, keepdim=True)) / (every.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
-            start = (y.to(every.dtype).unsqueeze(2) * every).sum(1)
+        else:
+            if z.shape != (*y.shape[:2], self.nz):
+                raise ShapeError(f"SuperposedGenerator expects z of shape (N, K, {self.nz}) for slots y of shape "
+                                 f"{tuple(y.shape)}, got {tuple(z.shape)}")
+            slots = self.embedding(y.argmax(2)) + self.noise_scale * z            # (N, K, nz)
+            # one mean and variance a slot, over the batch and the latent: Qimera's BatchNorm1d of the
+            # transposed (nz, K, N) stack, where a single-class batch's (nz, N) gives one a sample
+            slots = (slots - slots.mean((0, 2), keepdim=True)) / (
+                slots.var((0, 2), unbiased=False, keepdim=True) + 1e-5).sqrt()
+            start = (y.sum(2).to(slots.dtype).unsqueeze(2) * slots).sum(1)
         return self._decode(self.mapping(start))
 
 

@@ -52,12 +52,7 @@ GDFQ_NOTES = (
     "first layer's, whose input is float)",
     "GDFQ's iterations per epoch (200) and the epochs its activation ranges move (4) are fixed in its code",
 )
-QIMERA_NOTES = tuple(note.replace("GDFQ", "Qimera") for note in GDFQ_NOTES) + (
-    "Qimera draws a latent for each class a sample mixes; dfkd draws one a sample, shared by its classes",
-    "Qimera standardizes a mixed batch's starts (embedding + latent) over the whole batch and the latent "
-    "dimensions, one mean for each mixed slot (its single-class batches: each sample over its latent "
-    "dimensions); dfkd standardizes each sample's start for each class over its latent dimensions, mixed or not",
-)
+QIMERA_NOTES = tuple(note.replace("GDFQ", "Qimera") for note in GDFQ_NOTES)
 
 
 @dataclass(frozen=True)

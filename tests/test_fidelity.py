@@ -331,7 +331,7 @@ def test_mad_student_batches_hold_samples_of_the_generator_and_of_its_average(te
     engine.players.active = {"student"}
     zs = [torch.randn(8, 100), torch.randn(8, 100)]
     draws = iter(zs)
-    engine.synth.latents = lambda generator, n: next(draws)
+    engine.synth.latents = lambda generator, n, labels=None: next(draws)
     batch = engine.next_batch(student_phase)
     assert batch.images.shape[0] == 16 and batch.labels.shape == (16,)
     with torch.no_grad():  # the first half is the generator's, the second its average's, from their own latents

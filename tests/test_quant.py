@@ -19,7 +19,7 @@ from dfkd.nets.models import create_model
 from dfkd.nets.quant import (_progress_fields, calibrate, fold_batchnorm, is_quantized, model_bytes, quant_summary,
                              quantize, quantized_layers)
 from dfkd.tools.export import export_onnx
-from dfkd_base.errors import CheckpointError, ConfigError
+from dfkd_base.errors import CheckpointError, ConfigError, ShapeError
 
 SETTINGS = dict(weights=4, acts=4, quantizer="lsq", per_channel=True, keep_first_last=None, init="scratch",
                 fold_bn=False, freeze_bn=False, stats_steps=3, clip_init=10.0, calibrate=0)
@@ -298,30 +298,40 @@ def test_onnx_export_refuses_more_than_8_bits(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_qimera_generator_takes_class_weights_and_a_one_hot_row_is_its_class():
+def test_qimera_generator_standardizes_each_superposed_slot_over_the_batch():
     from generators import create_generator
 
     torch.manual_seed(0)
     g = create_generator("qimera", img_shape=DIGITS, num_classes=10, nz=16, ngf=4)
-    z, y = torch.randn(6, 16), torch.tensor([0, 3, 3, 9, 1, 5])
-    assert torch.allclose(g(z, y), g(z, F.one_hot(y, 10).float()), atol=1e-5)
-    mixed = torch.zeros(6, 10)
-    mixed[:, 2], mixed[:, 7] = 0.25, 0.75
-    halfway = g(z, mixed)
-    assert halfway.shape == (6, *DIGITS) and not torch.allclose(halfway, g(z, torch.full((6,), 7)))
+    z, classes = torch.randn(6, 2, 16), torch.tensor([[0, 3], [3, 3], [9, 1], [1, 5], [2, 7], [4, 4]])
+    weights = torch.softmax(torch.randn(6, 2), 1)
+    slots = F.one_hot(classes, 10).float() * weights.unsqueeze(2)
+    starts = g.embedding(classes) + z                                   # noise_scale 1
+    by_hand = torch.stack([(s - s.mean()) / (s.var(unbiased=False) + 1e-5).sqrt() for s in starts.unbind(1)], 1)
+    with torch.no_grad():
+        assert torch.allclose(g(z, slots), g._decode((weights.unsqueeze(2) * by_hand).sum(1)), atol=1e-5)
+    with pytest.raises(ShapeError, match=r"expects z of shape \(N, K, 16\) for slots y of shape \(6, 2, 10\), got \(6, 16\)"):
+        g(z[:, 0], slots)
+    with pytest.raises(ValueError, match=r"y of shape \(N,\), or superposed slots \(N, K, classes\), got \(6, 10\)"):
+        g(z[:, 0], slots.sum(1))
 
 
 def test_superposed_batches_carry_soft_labels_of_mixed_classes(digits_teacher):
     from dfkd.data.datasets import dataset_info
     from dfkd.loop.runtime import Runtime
-    from dfkd.methods.synthesis.base import Synthesizer
+    from dfkd.methods.synthesis import create_synthesizer
 
     config = load_config("quant/qimera-digits", ["synthesis.mix_prob=1.0", "synthesis.mix_classes=3"])
-    synth = Synthesizer(config.synthesis, dataset_info("digits"), Runtime(config.runtime))
-    labels = synth.sample_labels(64)
-    assert labels.shape == (64, 10) and labels.dtype == torch.float32
-    assert torch.allclose(labels.sum(1), torch.ones(64))
-    assert int((labels > 0).sum(1).max()) <= 3 and int((labels > 0).sum(1).min()) >= 1
+    info = dataset_info("digits")
+    synth = create_synthesizer(config.synthesis, info, Runtime(config.runtime))
+    slots = synth.sample_labels(64)
+    assert slots.shape == (64, 3, 10) and slots.dtype == torch.float32
+    assert ((slots > 0).sum(2) == 1).all()  # one class a slot
+    generator = synth.build_generator(config.players["generator"].net, info)
+    batch = synth.fresh(generator, train_generator=False)
+    assert batch.labels.shape == (config.synthesis.batch_size, 10)  # the batch carries the soft label
+    assert torch.allclose(batch.labels.sum(1), torch.ones(len(batch.labels)))
+    assert synth.drawn[0].shape == (config.synthesis.batch_size, 3, 64)  # a latent a slot
     config.synthesis.mix_prob = 0.0
     assert synth.sample_labels(8).dtype == torch.long  # hard labels when no batch is superposed
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfkd.core.optim import build_optimizer
@@ -37,6 +38,12 @@ class PerBatchOptions(SynthesisConfig):
 
 
 HELD_OUT_SHARE = 16  # one sample in this many of each kept batch is held out, when a run holds any out
+
+
+def soft_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """What a batch carries for the classes asked for: superposed slots ``(n, slots, classes)``
+    summed to each sample's soft label ``(n, classes)``; class indices and None as they are."""
+    return labels.sum(1) if labels is not None and labels.dim() == 3 else labels
 
 
 def default_generator() -> NetConfig:
@@ -87,15 +94,17 @@ class Synthesizer:
 
     def sample_labels(self, n: int) -> torch.Tensor | None:
         """The classes to ask for: ``(n,)`` indices; or, for a batch superposed with probability
-        ``mix_prob`` (Qimera), ``(n, classes)`` weights: each sample mixes ``mix_classes`` random
-        classes (repeats allowed) with softmax(N(0, 1)) weights, its soft label."""
+        ``mix_prob`` (Qimera), ``(n, mix_classes, classes)`` slots: slot j of sample i asks for one
+        random class (repeats allowed) with a softmax(N(0, 1)) weight, a weighted one-hot row; the
+        sample's soft label is the sum of its slots (:func:`soft_labels`). The generator takes the
+        slots (a latent each, as Qimera draws them), the batch and its losses the soft label."""
         if self.cfg.labels == "none":
             return None
         if self.cfg.mix_prob and float(torch.rand(())) < self.cfg.mix_prob:
             k = self.cfg.mix_classes
             classes = torch.randint(self.num_classes, (n, k), device=self.device)
             weights = torch.softmax(torch.randn(n, k, device=self.device), dim=1)
-            return torch.zeros(n, self.num_classes, device=self.device).scatter_add_(1, classes, weights)
+            return F.one_hot(classes, self.num_classes).to(weights.dtype) * weights.unsqueeze(2)
         if self.cfg.labels == "balanced":  # every class equally often, in random order
             return (torch.arange(n, device=self.device) % self.num_classes)[torch.randperm(n, device=self.device)]
         return torch.randint(self.num_classes, (n,), device=self.device)
@@ -105,8 +114,10 @@ class Synthesizer:
         CPU synthesis: the last convolution to few channels runs several times faster there)."""
         return self.runtime.prepare(build_generator(net, info, self.device))
 
-    def latents(self, generator: nn.Module, n: int) -> torch.Tensor:
-        return torch.randn(n, generator.nz, device=self.device)
+    def latents(self, generator: nn.Module, n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """N(0, 1) latents: ``(n, nz)``, or ``(n, slots, nz)`` for superposed ``labels``, one a slot."""
+        slots = (labels.shape[1],) if labels is not None and labels.dim() == 3 else ()
+        return torch.randn(n, *slots, generator.nz, device=self.device)
 
     def keep(self, batch: Batch) -> None:
         """Put ``batch`` in the pool for replay (nothing without a pool); with a held-out store, its
@@ -191,7 +202,7 @@ class PerBatchSynthesizer(Synthesizer):
         for _ in range(steps):
             with self.runtime.autocast():
                 images = make().float()
-            loss = run_step(Batch(self.augment(images), labels, "synthetic", plain=images))
+            loss = run_step(Batch(self.augment(images), soft_labels(labels), "synthetic", plain=images))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.gradients_ready()
@@ -206,5 +217,5 @@ class PerBatchSynthesizer(Synthesizer):
                 self.kept()
                 on_keep()
         self.finish()
-        self.last = Batch(best, labels, "synthetic")
+        self.last = Batch(best, soft_labels(labels), "synthetic")
         self.keep(self.last)

@@ -11,7 +11,7 @@ from dfkd.core.checkpoint import unwrap
 from dfkd.core.registries import SYNTHESIZERS
 from dfkd.core.schema import PlayerConfig, SynthesisConfig
 from dfkd.data.batch import Batch
-from dfkd.methods.synthesis.base import Synthesizer
+from dfkd.methods.synthesis.base import Synthesizer, soft_labels
 from dfkd_base.errors import ConfigError
 
 HELD_OUT_SEED = 1 << 31  # the seed of held-out samples, which no training draw takes
@@ -67,12 +67,12 @@ class GeneratorSynthesizer(Synthesizer):
         net = unwrap(generator)  # the network's attributes, not the DDP wrapper's
         if getattr(net, "conditional", False) and labels is None:
             labels = torch.randint(self.num_classes, (n,), device=self.device)
-        z = self.latents(net, n)
+        z = self.latents(net, n, labels)
         self.drawn, self._regenerated = (z, labels), None
         with torch.set_grad_enabled(train_generator), self.runtime.autocast():
             images = generator(z, labels).float()
-        self.last = Batch(images.detach(), labels, "synthetic")
-        return Batch(self.augment(images), labels, "synthetic") if train_generator else self.last
+        self.last = Batch(images.detach(), soft_labels(labels), "synthetic")
+        return Batch(self.augment(images), self.last.labels, "synthetic") if train_generator else self.last
 
     @torch.no_grad()
     def held_out(self, generator: nn.Module | None = None) -> torch.Tensor | None:
@@ -91,7 +91,7 @@ class GeneratorSynthesizer(Synthesizer):
             if getattr(net, "conditional", False) and labels is None:
                 labels = torch.randint(self.num_classes, (n,), device=self.device)
             with self.runtime.autocast():
-                images = generator(self.latents(net, n), labels).float()
+                images = generator(self.latents(net, n, labels), labels).float()
         net.load_state_dict(buffers, strict=False)
         return images
 
@@ -105,8 +105,8 @@ class GeneratorSynthesizer(Synthesizer):
             labels = self.sample_labels(self.cfg.batch_size)
             if getattr(average, "conditional", False) and labels is None:
                 labels = torch.randint(self.num_classes, (self.cfg.batch_size,), device=self.device)
-            halves.append(average(self.latents(average, self.cfg.batch_size), labels).float())
-        labels = None if labels is None else torch.cat([first_labels, labels])
+            halves.append(average(self.latents(average, self.cfg.batch_size, labels), labels).float())
+        labels = None if labels is None else torch.cat([first_labels, soft_labels(labels)])
         self.last = Batch(torch.cat(halves), labels, "synthetic")
         return self.last
 
@@ -123,6 +123,6 @@ class GeneratorSynthesizer(Synthesizer):
         z, labels = self.drawn
         with self.runtime.autocast():
             images = generator(z, labels).float()
-        self.last = Batch(images, labels, "synthetic")
+        self.last = Batch(images, soft_labels(labels), "synthetic")
         self._regenerated = (version, self.last)
         return self.last, True

@@ -56,7 +56,7 @@ class ReinitGenerator(PerBatchSynthesizer):
 
     def generator_variables(self, generator: nn.Module, n, labels):
         """The generator's weights and fresh latents (at ``latent_lr``), optimized together."""
-        z = self.latents(generator, n).requires_grad_(True)
+        z = self.latents(generator, n, labels).requires_grad_(True)
         params = [{"params": list(generator.parameters())},
                   {"params": [z], "lr": self.cfg.latent_lr or self.cfg.inner.lr}]
         return params, lambda: generator(z, labels)

@@ -73,7 +73,7 @@ class FeatureExchangeSynthesis(PerBatchSynthesizer):
         return hook
 
     def variables(self, n, labels):
-        z = self.latents(self.generator, n)
+        z = self.latents(self.generator, n, labels)
 
         def make() -> torch.Tensor:
             self._capturing = True
