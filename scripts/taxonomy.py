@@ -2,7 +2,7 @@
 
     python scripts/taxonomy.py [--datasets digits fmnist] [--methods student kd ...] [--seeds 0 1 2]
         [--width 0.125] [--teacher-digits PATH] [--teacher-fmnist PATH] [--out runs/taxonomy]
-        [--set KEY=VALUE ...] [--skip-done] [--table-only]
+        [--stretch F] [--set KEY=VALUE ...] [--skip-done] [--table-only]
 
 Teacher LeNet-5 (``teacher/lenet5-<dataset>``, trained at seed 0 unless given); student LeNet-5 at
 ``--width`` of its channels (default 1/8: a real capacity gap), except FSP, whose matrices compare
@@ -20,6 +20,10 @@ ensemble beside), TAKD and DGKD (the thin student; the assistant beside). Data-f
 same thin student with no real image: ``dfq`` (``datafree/dfq-<dataset>``) and ``dfq+pkt``
 (``datafree/dfq+pkt-<dataset>``, the same with PKT's relation term on the synthetic batches);
 on Fashion-MNIST at 2000 iterations, a third of dfq-fmnist's 6000, to fit the table's time.
+
+``--stretch F`` runs each config's schedule F times as long: its epochs, each phase's epoch bounds
+(FitNets' hint stage keeps its share) and each term's ramp (DKD's warm-up), the rate's schedule
+following the new length; ``--set`` overrides still come last.
 """
 from __future__ import annotations
 
@@ -102,13 +106,32 @@ def chain_summary(state: dict) -> dict:
     return row
 
 
+def stretched(config: str, overrides: list[str], factor: float) -> list[str]:
+    """Overrides that make ``config`` (with ``overrides``) run the same schedule ``factor`` times as long:
+    its epochs, each phase's epoch bounds and each term's ramp (``warmup``, in epochs), so a staged
+    method keeps its stages' shares (a patient schedule, Beyer et al. 2022)."""
+    c = load_config(config, overrides)
+    out = [f"train.epochs={round(c.train.epochs * factor)}"]
+    for i, phase in enumerate(c.phases):
+        if phase.epochs is not None:
+            out.append(f"phases.{i}.epochs=[{round(phase.epochs[0] * factor)},{round(phase.epochs[1] * factor)}]")
+        for term, kwargs in phase.losses.items():
+            if isinstance(kwargs, dict) and "warmup" in kwargs:
+                out.append(f"phases.{i}.losses.{term}.warmup={round(kwargs['warmup'] * factor)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--width", type=float, default=0.125, help="the student's LeNet-5 width")
+    p.add_argument("--stretch", type=float, default=1.0,
+                   help="run each config's schedule this many times as long (epochs, stage bounds, ramps)")
     table_arguments(p, "runs/taxonomy")
     args = p.parse_args(argv)
+    if args.stretch != 1.0 and set(args.methods) & set(CHAINS):
+        p.error(f"--stretch takes single-run methods; a chain's stages ({', '.join(CHAINS)}) have budgets of their own")
     root, results, rows = read_results(args.out)
     if not args.table_only:
         root.mkdir(parents=True, exist_ok=True)
@@ -133,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                         budget = DATAFREE_BUDGET.get(dataset, []) if method in DATAFREE else []
                         print(f"taxonomy: {config} seed {seed}", file=sys.stderr)
                         overrides = [f"teacher.checkpoint={teacher}", f"output.root={root}", f"seed={seed}",
-                                     f"runtime.num_threads={args.threads}", *width, *budget, *args.set]
-                        row = Engine(load_config(config, overrides)).fit()
+                                     f"runtime.num_threads={args.threads}", *width, *budget]
+                        if args.stretch != 1.0:
+                            overrides += stretched(config, [*overrides, *args.set], args.stretch)
+                        row = Engine(load_config(config, [*overrides, *args.set])).fit()
                     row = {"dataset": dataset, "method": method, "config": config, "student": student, **row,
-                           "teacher": teacher, "overrides": args.set}
+                           "teacher": teacher, "overrides": args.set, "stretch": args.stretch}
                     append_row(results, rows, row)
     return write_table(root, render(rows))
 

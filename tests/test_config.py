@@ -155,3 +155,15 @@ def test_origin_tracks_each_key(base_and_child):
     assert origin["data.name"].endswith("base.yaml")
     assert origin["data.batch_size"].endswith("child.yaml")
     assert origin["seed"] == "command line"
+
+
+def test_epochs_that_no_phase_runs_in_are_refused():
+    """Raising train.epochs past a staged config's last stage would train nothing in the added epochs."""
+    with pytest.raises(ConfigError, match=r"train.epochs is 24, but no phase runs in epochs 8-23: set the phases' "
+                                          r"epochs \(phases.N.epochs\) to cover them"):
+        load_config("kd/fitnets-fmnist", ["train.epochs=24"])
+    with pytest.raises(ConfigError, match=r"no phase runs in epochs 2-3, 6-7"):
+        load_config("kd/fitnets-fmnist", ["phases.0.epochs=[0,2]", "phases.1.epochs=[4,6]"])
+    stretched = load_config("kd/fitnets-fmnist", ["train.epochs=24", "phases.0.epochs=[0,6]", "phases.1.epochs=[6,24]"])
+    assert [p.epochs for p in stretched.phases] == [[0, 6], [6, 24]]
+    assert load_config("kd/kd-fmnist", ["train.epochs=24"]).train.epochs == 24  # a phase without bounds runs always

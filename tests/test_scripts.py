@@ -263,6 +263,18 @@ def test_taxonomy_table_has_the_thin_student_fsp_at_full_width_and_the_published
     assert "taxonomy:" not in capsys.readouterr().err
 
 
+def test_taxonomy_stretch_lengthens_every_stage_and_ramp_by_the_factor(capsys):
+    taxonomy = load_script("taxonomy")
+    assert taxonomy.stretched("kd/kd-fmnist", [], 3) == ["train.epochs=24"]
+    assert taxonomy.stretched("kd/fitnets-fmnist", [], 3) == ["train.epochs=24", "phases.0.epochs=[0,6]",
+                                                              "phases.1.epochs=[6,24]"]
+    assert taxonomy.stretched("kd/dkd-fmnist", [], 3) == ["train.epochs=24", "phases.0.losses.dkd.warmup=6"]
+    assert taxonomy.stretched("datafree/dfq-fmnist", ["train.epochs=40"], 0.5)[0] == "train.epochs=20"
+    with pytest.raises(SystemExit):
+        taxonomy.main(["--methods", "kd", "takd", "--stretch", "2", "--table-only"])
+    assert "--stretch takes single-run methods" in capsys.readouterr().err
+
+
 def test_quant_table_puts_bits_down_methods_across_and_names_the_best_data_free_method(tmp_path):
     quant_table = load_script("quant_table")
 

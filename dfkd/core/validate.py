@@ -26,6 +26,17 @@ def _kinds(has) -> str:
     return " or ".join(", ".join(names).rsplit(", ", 1)) if len(names) > 1 else f"'{names[0]}'" if names else "none"
 
 
+def _spans(epochs: list[int]) -> str:
+    """Sorted epochs as runs: [8, 9, 10, 12] -> '8-10, 12'."""
+    runs: list[list[int]] = []
+    for e in epochs:
+        if runs and e == runs[-1][1] + 1:
+            runs[-1][1] = e
+        else:
+            runs.append([e, e])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 class _Validator:
     def __init__(self, origin: dict[str, str], default_origin: str):
         self.origin = origin
@@ -180,6 +191,12 @@ def check_config(config: Config, validator: _Validator | None = None) -> None:
             v.fail(f"phases.{i}.mixup", f"phases.{i}.mixup must be >= 0 (a Beta(α, α) parameter), got {phase.mixup}")
         if phase.batch == "pool" and not syn.pool_size:
             v.fail(f"phases.{i}.batch", f"phases.{i}.batch 'pool' needs synthesis.pool_size > 0")
+    idle = [e for e in range(config.train.epochs) if config.phases and all(
+        p.epochs is not None and not p.epochs[0] <= e < p.epochs[1] for p in config.phases)]
+    if idle:  # e.g. train.epochs raised without the stages' bounds: those epochs would train nothing
+        v.fail("train.epochs", f"train.epochs is {config.train.epochs}, but no phase runs in epoch"
+                               f"{'s' if len(idle) > 1 else ''} {_spans(idle)}: set the phases' epochs "
+                               f"(phases.N.epochs) to cover them")
     if kind is not None:
         syn.check(config, v.fail)  # the kind's own constraints
     if not 0 <= syn.mix_prob <= 1 or syn.mix_classes < 2:
