@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     root, results, rows = read_results(args.out)
     if not args.table_only:
         root.mkdir(parents=True, exist_ok=True)
-        done = {(r["dataset"], r["method"], r["seed"]) for r in rows} if args.skip_done else set()
+        # a row of another --stretch is another run: not done (the table shows each row's latest run)
+        done = {(r["dataset"], r["method"], r["seed"]) for r in rows
+                if r.get("stretch", 1.0) == args.stretch} if args.skip_done else set()
         teachers = Teachers(args, root)
         for dataset in args.datasets:
             teacher = teachers(dataset, batchnorm=True)

@@ -261,6 +261,8 @@ def test_taxonomy_table_has_the_thin_student_fsp_at_full_width_and_the_published
     capsys.readouterr()
     assert taxonomy.main([*args, "--skip-done"]) == 0  # nothing left to run
     assert "taxonomy:" not in capsys.readouterr().err
+    assert taxonomy.main([*args[:4], "--seeds", "0", *args[8:], "--skip-done", "--stretch", "2"]) == 0  # another schedule
+    assert "taxonomy: kd/student-digits seed 0" in capsys.readouterr().err
 
 
 def test_taxonomy_stretch_lengthens_every_stage_and_ramp_by_the_factor(capsys):
